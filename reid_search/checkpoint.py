@@ -1,0 +1,146 @@
+"""Checkpoints that carry their model description, preprocessing and config.
+
+A checkpoint is a plain dict saved with ``torch.save`` and read with
+``torch.load(weights_only=True)``::
+
+    {"format": "reid-search/1",
+     "model": state_dict,
+     "meta": {"arch", "num_classes", "last_stride", "neck", "feat_dim",
+              "preprocess": {...}, "fingerprint"},
+     "config": {... resolved training config ...},
+     "train_state": {... optimizers, scheduler, RNG, epoch ...}}   # optional
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from reid_search.atomic import atomic_write_bytes
+from reid_search.errors import ModelError
+from reid_search.model import ReIDNet, build_model, fingerprint_state
+from reid_search.transforms import Preprocess
+
+log = logging.getLogger(__name__)
+
+FORMAT = "reid-search/1"
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Everything needed to rebuild a model and feed it."""
+
+    arch: str
+    num_classes: int
+    last_stride: int
+    neck: str
+    feat_dim: int
+    preprocess: Preprocess
+    fingerprint: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form."""
+        return {
+            "arch": self.arch, "num_classes": self.num_classes, "last_stride": self.last_stride,
+            "neck": self.neck, "feat_dim": self.feat_dim, "preprocess": self.preprocess.to_dict(),
+            "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelMeta":
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            str(d["arch"]), int(d["num_classes"]), int(d["last_stride"]), str(d["neck"]),
+            int(d["feat_dim"]), Preprocess.from_dict(d["preprocess"]), str(d["fingerprint"]),
+        )
+
+
+def embedding_fingerprint(model: ReIDNet) -> str:
+    """Hash of the weights that define the embedding (the classifier does not)."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+    return fingerprint_state(state)
+
+
+def model_meta(model: ReIDNet, preprocess: Preprocess) -> ModelMeta:
+    """Describe ``model`` for a checkpoint."""
+    return ModelMeta(
+        model.arch, model.num_classes, model.last_stride, model.neck_type, model.feat_dim,
+        preprocess, embedding_fingerprint(model),
+    )
+
+
+def _unwrap(model: torch.nn.Module) -> ReIDNet:
+    inner = getattr(model, "module", model)  # DDP / compiled wrappers
+    inner = getattr(inner, "_orig_mod", inner)
+    if not isinstance(inner, ReIDNet):
+        raise TypeError(f"expected a ReIDNet, got {type(inner).__name__}")
+    return inner
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: torch.nn.Module,
+    preprocess: Preprocess,
+    *,
+    config: Mapping[str, Any] | None = None,
+    train_state: Mapping[str, Any] | None = None,
+) -> ModelMeta:
+    """Save ``model`` (and optionally the training state) atomically; return its meta."""
+    net = _unwrap(model)
+    meta = model_meta(net, preprocess)
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "meta": meta.to_dict(),
+        "config": dict(config or {}),
+    }
+    if train_state is not None:
+        payload["train_state"] = dict(train_state)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    log.info("saved checkpoint %s (fingerprint %s)", path, meta.fingerprint)
+    return meta
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load the raw checkpoint dict with ``weights_only=True``.
+
+    Raises:
+        ModelError: missing, unreadable or not a reid-search checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"no model at {path}: run `reid-search train` or pass --model CHECKPOINT")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot read {path} as a checkpoint ({type(exc).__name__}: {exc}); is it a reid-search .pt file?") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ModelError(f"{path} is not a reid-search checkpoint (format {FORMAT}); train one with `reid-search train`")
+    return ckpt
+
+
+def load_model(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> tuple[ReIDNet, ModelMeta, dict[str, Any]]:
+    """Rebuild the model of a checkpoint in eval mode.
+
+    Returns ``(model, meta, config)``.
+
+    Raises:
+        ModelError: see :func:`read_checkpoint`, or weights that do not fit the described model.
+    """
+    ckpt = read_checkpoint(path)
+    meta = ModelMeta.from_dict(ckpt["meta"])
+    model = build_model(meta.arch, meta.num_classes, meta.last_stride, meta.neck, "none")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise ModelError(f"{path}: weights do not match the model they describe ({str(exc).splitlines()[0]})") from None
+    model.eval().to(device)
+    return model, meta, dict(ckpt.get("config", {}))

@@ -1,0 +1,71 @@
+"""Shared fixtures: the read-only ../shared data, tiny checkpoints, tiny Market folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from reid_search.checkpoint import save_checkpoint
+from reid_search.model import build_model
+from reid_search.transforms import Preprocess
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, or skip the test when this clone has none."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} not present (../shared is only beside the development checkout)")
+    return p
+
+
+# Small inputs keep CPU tests fast; the checkpoint carries them, as a real one does.
+TINY_PRE = Preprocess(height=64, width=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A freshly initialised resnet18 BNNeck checkpoint with 64×32 inputs."""
+    import torch
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, model, TINY_PRE)
+    return path
+
+
+def write_crop(path: Path, seed: int, size: tuple[int, int] = (64, 128), mode: str = "RGB") -> Path:
+    """A random-noise-plus-blocks JPEG/PNG crop; different seeds give different images."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    arr[: size[1] // 2] = rng.integers(0, 255, 3, dtype=np.uint8)
+    img = Image.fromarray(arr).convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+@pytest.fixture()
+def market_dir(tmp_path: Path) -> Path:
+    """A tiny Market-layout root: 4 train ids, 3 test ids over 2 cameras, one junk, one distractor."""
+    root = tmp_path / "market"
+    seed = 0
+    for pid in range(1, 5):
+        for cam in (1, 2):
+            for k in range(2):
+                seed += 1
+                write_crop(root / "bounding_box_train" / f"{pid:04d}_c{cam}s1_{k:06d}_00.jpg", seed)
+    for pid in range(5, 8):
+        seed += 1
+        write_crop(root / "query" / f"{pid:04d}_c1s1_000000_00.jpg", seed)
+        for k in range(2):
+            seed += 1
+            write_crop(root / "bounding_box_test" / f"{pid:04d}_c2s1_{k + 1:06d}_00.jpg", seed)
+    write_crop(root / "bounding_box_test" / "-1_c1s1_000009_00.jpg", 999)
+    write_crop(root / "bounding_box_test" / "0000_c2s1_000010_00.jpg", 998)
+    return root

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reid_search.extract import ImageLoadError, extract_features, iter_features, load_extractor, load_image
+from tests.conftest import write_crop
+
+
+@pytest.fixture()
+def crops(tmp_path: Path) -> list[Path]:
+    return [write_crop(tmp_path / f"{i:04d}_c1s1_000000_00.jpg", i) for i in range(11)]
+
+
+def test_batched_equals_one_by_one(tiny_ckpt: Path, crops: list[Path]) -> None:
+    ex = load_extractor(tiny_ckpt, device="cpu")
+    batched, kept, failures = extract_features(crops, ex, batch_size=4, num_workers=2)
+    assert kept == list(range(11)) and failures == []
+    singles = np.concatenate([extract_features([p], ex, batch_size=1, num_workers=0)[0] for p in crops])
+    assert batched.shape == (11, 512) and batched.dtype == np.float32
+    np.testing.assert_allclose(batched, singles, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+    assert np.abs(batched[0] - batched[1]).max() > 1e-3, "different images, different features"
+
+
+def test_streaming_yields_bounded_batches(tiny_ckpt: Path, crops: list[Path]) -> None:
+    ex = load_extractor(tiny_ckpt, device="cpu")
+    seen: list[int] = []
+    sizes = [len(b.indices) for b in iter_features(crops, ex, batch_size=3, num_workers=0, progress=seen.append)]
+    assert sizes == [3, 3, 3, 2] and seen == sizes
+
+
+def test_flip_tta_changes_features_and_fingerprint(tiny_ckpt: Path, crops: list[Path]) -> None:
+    plain = load_extractor(tiny_ckpt, device="cpu")
+    flip = load_extractor(tiny_ckpt, device="cpu", flip=True)
+    assert flip.fingerprint == plain.fingerprint + "+flip"
+    a = extract_features(crops[:2], plain, num_workers=0)[0]
+    b = extract_features(crops[:2], flip, num_workers=0)[0]
+    assert np.abs(a - b).max() > 1e-4
+    # flip TTA of a flipped image equals flip TTA of the image
+    flipped = crops[0].with_name("flipped.png")
+    Image.open(crops[0]).transpose(Image.FLIP_LEFT_RIGHT).save(flipped)
+    c = extract_features([crops[0]], flip, num_workers=0)[0]
+    d = extract_features([flipped], flip, num_workers=0)[0]
+    # JPEG→PNG of the decoded pixels is lossless, so only float rounding differs
+    np.testing.assert_allclose(c, d, atol=1e-4)
+
+
+def test_bad_images_are_reported_not_fatal(tiny_ckpt: Path, tmp_path: Path) -> None:
+    good = write_crop(tmp_path / "good.jpg", 1)
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.jpg"
+    text.write_text("hello")
+    trunc = tmp_path / "trunc.jpg"
+    trunc.write_bytes(good.read_bytes()[:300])
+    broken = tmp_path / "broken.jpg"
+    os.symlink(tmp_path / "nowhere.jpg", broken)
+    ex = load_extractor(tiny_ckpt, device="cpu")
+    feats, kept, failures = extract_features([empty, good, text, trunc, broken], ex, num_workers=0)
+    assert kept == [1] and feats.shape == (1, 512)
+    assert {i: r for i, r, _ in failures} == {0: "empty", 2: "not-an-image", 3: "corrupt", 4: "missing"}
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P", "I;16"])
+def test_modes_load_as_rgb(tmp_path: Path, mode: str) -> None:
+    src = write_crop(tmp_path / "src.png", 3)
+    img = Image.open(src)
+    img = img.convert("I;16") if mode == "I;16" else img.convert(mode)
+    path = tmp_path / ("x.tif" if mode in ("CMYK", "I;16") else "x.png")
+    img.save(path)
+    out = load_image(path)
+    assert out.mode == "RGB" and out.size == (64, 128)
+
+
+def test_transparent_pixels_become_grey(tmp_path: Path) -> None:
+    Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(tmp_path / "a.png")
+    assert load_image(tmp_path / "a.png").getpixel((0, 0)) == (124, 116, 104)
+
+
+def test_decompression_bomb_guard(tmp_path: Path) -> None:
+    Image.new("L", (3000, 3000)).save(tmp_path / "big.png")
+    with pytest.raises(ImageLoadError) as info:
+        load_image(tmp_path / "big.png", max_pixels=1_000_000)
+    assert info.value.reason == "too-large"
+    assert load_image(tmp_path / "big.png").size == (3000, 3000)
+
+
+def test_extractor_uses_checkpoint_preprocessing(tiny_ckpt: Path) -> None:
+    ex = load_extractor(tiny_ckpt, device="cpu")
+    assert (ex.preprocess.height, ex.preprocess.width) == (64, 32)
+    out = ex.embed(torch.randn(3, 3, 64, 32))
+    assert out.shape == (3, 512)
