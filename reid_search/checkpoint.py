@@ -43,13 +43,14 @@ class ModelMeta:
     feat_dim: int
     preprocess: Preprocess
     fingerprint: str
+    neck_feat: str = "after"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form."""
         return {
             "arch": self.arch, "num_classes": self.num_classes, "last_stride": self.last_stride,
             "neck": self.neck, "feat_dim": self.feat_dim, "preprocess": self.preprocess.to_dict(),
-            "fingerprint": self.fingerprint,
+            "fingerprint": self.fingerprint, "neck_feat": self.neck_feat,
         }
 
     @classmethod
@@ -58,20 +59,22 @@ class ModelMeta:
         return cls(
             str(d["arch"]), int(d["num_classes"]), int(d["last_stride"]), str(d["neck"]),
             int(d["feat_dim"]), Preprocess.from_dict(d["preprocess"]), str(d["fingerprint"]),
+            str(d.get("neck_feat", "after")),
         )
 
 
 def embedding_fingerprint(model: ReIDNet) -> str:
     """Hash of the weights that define the embedding (the classifier does not)."""
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
-    return fingerprint_state(state)
+    # The pre-BN feature is another embedding of the same weights.
+    return fingerprint_state(state) + ("-prebn" if model.neck_feat == "before" else "")
 
 
 def model_meta(model: ReIDNet, preprocess: Preprocess) -> ModelMeta:
     """Describe ``model`` for a checkpoint."""
     return ModelMeta(
         model.arch, model.num_classes, model.last_stride, model.neck_type, model.feat_dim,
-        preprocess, embedding_fingerprint(model),
+        preprocess, embedding_fingerprint(model), model.neck_feat,
     )
 
 
@@ -137,7 +140,7 @@ def load_model(path: str | os.PathLike[str], device: torch.device | str = "cpu")
     """
     ckpt = read_checkpoint(path)
     meta = ModelMeta.from_dict(ckpt["meta"])
-    model = build_model(meta.arch, meta.num_classes, meta.last_stride, meta.neck, "none")
+    model = build_model(meta.arch, meta.num_classes, meta.last_stride, meta.neck, "none", meta.neck_feat)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:

@@ -94,8 +94,11 @@ class ReIDNet(nn.Module):
         last_stride: int = 1,
         neck: str = "bnneck",
         pretrained: str = "none",
+        neck_feat: str = "after",
     ) -> None:
         super().__init__()
+        if neck_feat not in ("after", "before"):
+            raise ModelError(f"neck_feat must be 'after' or 'before', not {neck_feat!r}")
         if arch not in BACKBONES:
             raise ModelError(f"unknown architecture {arch!r}; choose one of {', '.join(BACKBONES)}")
         if neck not in NECKS:
@@ -106,7 +109,7 @@ class ReIDNet(nn.Module):
         resnet = ctor(weights=None)
         _load_backbone_weights(resnet, arch, pretrained)
         _set_last_stride(resnet, last_stride)
-        self.arch, self.neck_type, self.last_stride = arch, neck, last_stride
+        self.arch, self.neck_type, self.last_stride, self.neck_feat = arch, neck, last_stride, neck_feat
         self.feat_dim, self.num_classes = feat_dim, num_classes
         self.backbone = nn.Sequential(
             resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
@@ -136,7 +139,7 @@ class ReIDNet(nn.Module):
         feat = self.forward_features(x)
         neck = self.bottleneck(feat)
         if not self.training:
-            return neck
+            return neck if self.neck_feat == "after" else feat
         if self.classifier is None:
             raise ModelError("this model has no classifier (num_classes=0); it can only extract features")
         return self.classifier(neck), feat
@@ -148,6 +151,7 @@ def build_model(
     last_stride: int = 1,
     neck: str = "bnneck",
     pretrained: str | os.PathLike[str] = "none",
+    neck_feat: str = "after",
 ) -> ReIDNet:
     """Build a ReID network by backbone name.
 
@@ -157,11 +161,12 @@ def build_model(
         last_stride: 1 (the trick: 16×8 maps for 256×128 inputs) or 2 (torchvision's default).
         neck: "bnneck" or "none".
         pretrained: "imagenet", "none" or the path of a torchvision state dict.
+        neck_feat: retrieval feature "after" the BNNeck (the paper's choice) or "before" it.
 
     Raises:
         ModelError: unknown name/neck, unreadable weights, or ImageNet weights unreachable.
     """
-    return ReIDNet(name, num_classes, last_stride, neck, str(pretrained))
+    return ReIDNet(name, num_classes, last_stride, neck, str(pretrained), neck_feat)
 
 
 def fingerprint_state(state: Mapping[str, torch.Tensor]) -> str:

@@ -1,0 +1,485 @@
+"""The training loop of the strong baseline: a few plain functions.
+
+``main(cfg, data_root, out_dir)`` builds everything from a :class:`TrainConfig`,
+then alternates :func:`train_one_epoch` and (every ``eval_period`` epochs)
+:func:`evaluate`, saving ``latest.pt`` each epoch, ``epoch_N.pt`` every
+``save_period`` and ``model.pt`` at the end. One step function serves fp32,
+bf16 and fp16 (with a gradient scaler). Under ``torchrun`` it trains with
+DistributedDataParallel: the P×K sampler hands each rank disjoint identities
+of one global batch and triplet mining sees the gathered global batch.
+
+Learning rate and DDP: ``num_identities`` (P) is global, so the global batch
+stays P×K whatever the world size and the paper's lr applies unchanged. If you
+raise P to use more GPUs, scale lr linearly with the global batch
+(lr = 3.5e-4 × P×K / 64) and keep the warmup.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from reid_search.checkpoint import read_checkpoint, save_checkpoint
+from reid_search.data import ImageRecord, MarketDataset, load_market, training_labels
+from reid_search.errors import DataError, ModelError
+from reid_search.extract import ImageLoadError, TorchExtractor, extract_features, load_image
+from reid_search.metrics import evaluate as evaluate_ranking
+from reid_search.model import ReIDNet, build_model
+from reid_search.transforms import AugmentConfig, Preprocess, build_train_transform
+from trainer.config import TrainConfig, compatibility_problems, config_from_dict, config_to_dict
+from trainer.losses import ReIDLoss, center_grad_rescale_, gather_for_triplet
+from trainer.sampler import RandomIdentitySampler
+from trainer.schedule import build_scheduler
+
+log = logging.getLogger(__name__)
+
+# Called with (epoch, total_steps) at the start of an epoch; returns a
+# per-step callback taking the step's stats dict, and a close function.
+ProgressFactory = Callable[[int, int], tuple[Callable[[dict[str, float]], None], Callable[[], None]]]
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in a (possibly single-process) job."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes files and logs."""
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group when launched by ``torchrun`` (NCCL on GPU, gloo on CPU)."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device != "cpu"
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    if torch.cuda.is_available() and device != "cpu":
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+# ---------------------------------------------------------------- data
+
+
+class TrainSet(Dataset):
+    """Training crops with labels; an unreadable image is replaced by another of the same identity."""
+
+    def __init__(self, records: Sequence[ImageRecord], labels: Sequence[int], transform: Callable) -> None:
+        self.records, self.labels, self.transform = list(records), list(labels), transform
+        by_label: dict[int, list[int]] = {}
+        for i, lab in enumerate(self.labels):
+            by_label.setdefault(lab, []).append(i)
+        self.by_label = by_label
+        self.bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        lab = self.labels[i]
+        candidates = [i] + [j for j in self.by_label[lab] if j != i]
+        for j in candidates:
+            if j in self.bad:
+                continue
+            try:
+                return self.transform(load_image(self.records[j].path)), lab
+            except ImageLoadError as exc:
+                self.bad.add(j)
+                log.warning("skipping unreadable training image %s (%s)", self.records[j].path, exc.detail)
+        # Every image of this identity is unusable: fall back to any readable one.
+        for j in range(len(self.records)):
+            if j not in self.bad:
+                try:
+                    return self.transform(load_image(self.records[j].path)), self.labels[j]
+                except ImageLoadError:
+                    self.bad.add(j)
+        raise DataError("no readable training image left; check the dataset")
+
+
+def preprocess_of(cfg: TrainConfig) -> Preprocess:
+    """The input contract the trained model will carry."""
+    return Preprocess(cfg.height, cfg.width, tuple(cfg.mean), tuple(cfg.std))  # type: ignore[arg-type]
+
+
+def build_train_loader(ds: MarketDataset, cfg: TrainConfig, info: DistInfo) -> tuple[DataLoader, RandomIdentitySampler, int]:
+    """P×K loader over the training split; returns (loader, sampler, num_classes).
+
+    Raises:
+        DataError: no trainable images, fewer identities than a batch needs, …
+    """
+    records, labels, pid2label = training_labels(ds.train)
+    num_classes = len(pid2label)
+    if num_classes < 2:
+        raise DataError(f"{ds.root / 'bounding_box_train'} has {num_classes} identity; training needs at least 2")
+    p = cfg.num_identities
+    if num_classes < p:
+        raise DataError(
+            f"the training set has {num_classes} identities but a batch takes num_identities={p}; "
+            f"pass -o num_identities={num_classes - num_classes % info.world or num_classes} or add identities"
+        )
+    try:
+        sampler = RandomIdentitySampler(labels, p, cfg.num_instances, cfg.seed, info.world, info.rank)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    aug = AugmentConfig(flip_p=cfg.flip_p, pad=cfg.pad, random_erasing_p=cfg.random_erasing_p)
+    dataset = TrainSet(records, labels, build_train_transform(preprocess_of(cfg), aug))
+    workers = min(cfg.num_workers, max(0, (os.cpu_count() or 1) - 1))
+    loader = DataLoader(
+        dataset, batch_size=sampler.local_batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=torch.cuda.is_available(), drop_last=False, persistent_workers=False,
+    )
+    return loader, sampler, num_classes
+
+
+# ---------------------------------------------------------------- model + optim
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None = fp32). ``auto`` is bf16 on GPUs that have it, fp16 on older ones, fp32 on CPU."""
+    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
+        return None
+    if cfg.amp == "bf16" or (cfg.amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam/AdamW/SGD with the paper's per-parameter weight decay and bias lr factor."""
+    groups = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_bias = name.endswith("bias")
+        groups.append({
+            "params": [p],
+            "lr": cfg.lr * (cfg.bias_lr_factor if is_bias else 1.0),
+            "weight_decay": cfg.weight_decay_bias if is_bias else cfg.weight_decay,
+        })
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.Adam(groups, lr=cfg.lr)
+
+
+@dataclass
+class TrainState:
+    """Everything one step needs and a checkpoint saves."""
+
+    model: nn.Module
+    criterion: ReIDLoss
+    optimizer: torch.optim.Optimizer
+    center_optimizer: torch.optim.Optimizer | None
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    dtype: torch.dtype | None
+    cfg: TrainConfig
+    info: DistInfo
+
+
+def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One optimisation step, the same code for fp32, bf16 and fp16."""
+    cfg, device = state.cfg, state.device
+    images = images.to(device, non_blocking=True)
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = labels.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=state.dtype or torch.float32, enabled=state.dtype is not None):
+        logits, feats = state.model(images)
+    # Losses in fp32: the triplet distances and the centre terms are sensitive.
+    logits, feats = logits.float(), feats.float()
+    gfeats = glabels = None
+    if state.info.world > 1 and cfg.uses_triplet:
+        gfeats, glabels = gather_for_triplet(feats, labels)
+    loss, parts = state.criterion(logits, feats, labels, global_features=gfeats, global_labels=glabels)
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.center_optimizer is not None:
+        state.center_optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    state.scaler.step(state.optimizer)
+    if state.center_optimizer is not None:
+        assert state.criterion.center is not None
+        if state.info.world > 1:  # centres live outside DDP: average their gradients by hand
+            for p in state.criterion.center.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(state.info.world)
+        # Undo the loss weight so the centres move at center_lr (Luo et al. §4.5).
+        center_grad_rescale_(state.criterion.center, cfg.center_loss_weight)
+        state.scaler.step(state.center_optimizer)
+    state.scaler.update()
+    return parts
+
+
+def train_one_epoch(
+    state: TrainState, loader: DataLoader, sampler: RandomIdentitySampler, epoch: int,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+    """Run one epoch; returns the epoch's mean loss parts, accuracy, lr and images/s."""
+    state.model.train()
+    sampler.set_epoch(epoch)
+    steps = len(loader) if state.cfg.max_steps_per_epoch is None else min(len(loader), state.cfg.max_steps_per_epoch)
+    lr = state.optimizer.param_groups[0]["lr"]
+    sums: dict[str, float] = {}
+    seen, t0 = 0, time.perf_counter()
+    for step, (images, labels) in enumerate(loader):
+        if step >= steps:
+            break
+        parts = train_step(state, images, labels)
+        vals = {k: float(v) for k, v in parts.items()}
+        if not math.isfinite(vals["loss"]):
+            raise FloatingPointError(f"loss became {vals['loss']} at epoch {epoch + 1} step {step + 1}; lower lr or use -o amp=off")
+        for k, v in vals.items():
+            sums[k] = sums.get(k, 0.0) + v
+        seen += images.shape[0] * state.info.world
+        vals.update(lr=lr, img_s=seen / max(time.perf_counter() - t0, 1e-9))
+        if on_step is not None:
+            on_step(vals)
+        if state.info.is_main and (step + 1) % state.cfg.log_period == 0:
+            log.info("epoch %d step %d/%d %s", epoch + 1, step + 1, steps, _fmt(vals))
+    n = max(1, min(steps, step + 1)) if steps else 1
+    out = {k: v / n for k, v in sums.items()}
+    out.update(lr=lr, img_s=seen / max(time.perf_counter() - t0, 1e-9), steps=float(n))
+    return out
+
+
+def _fmt(vals: dict[str, float]) -> str:
+    keys = ("loss", "id", "triplet", "center", "acc", "lr", "img_s")
+    return " ".join(f"{k}={vals[k]:.4g}" for k in keys if k in vals)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: ReIDNet, query: Sequence[ImageRecord], gallery: Sequence[ImageRecord], pre: Preprocess,
+    device: torch.device, batch_size: int = 128,
+) -> dict[str, float]:
+    """R1/R5/R10/mAP/mINP of ``model`` on a query/gallery split (Market protocol, the engine's metric code)."""
+    was_training = model.training
+    model.eval()
+    ex = TorchExtractor(model, pre, "eval", device)
+    qf, qk, _ = extract_features([r.path for r in query], ex, batch_size)
+    gf, gk, _ = extract_features([r.path for r in gallery], ex, batch_size)
+    model.train(was_training)
+    q = [query[i] for i in qk]
+    g = [gallery[i] for i in gk]
+    dist_ = 2.0 - 2.0 * (qf @ gf.T)  # squared Euclidean on unit vectors
+    res = evaluate_ranking(
+        dist_, np.array([r.pid for r in q]), np.array([r.pid for r in g]),
+        np.array([r.camid for r in q]), np.array([r.camid for r in g]),
+    )
+    cmc = res["cmc"]
+    return {"rank1": float(cmc[0]), "rank5": float(cmc[min(4, len(cmc) - 1)]),
+            "rank10": float(cmc[min(9, len(cmc) - 1)]), "mAP": float(res["mAP"]), "mINP": float(res["mINP"])}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _unwrap(model: nn.Module) -> ReIDNet:
+    return getattr(model, "module", model)  # type: ignore[return-value]
+
+
+def save_training(path: Path, state: TrainState, epoch: int, sampler: RandomIdentitySampler, metrics: dict | None = None) -> None:
+    """Checkpoint after ``epoch`` epochs: model, both optimizers, scheduler, scaler, sampler, RNG."""
+    train_state = {
+        "epoch": epoch,
+        "optimizer": state.optimizer.state_dict(),
+        "center_optimizer": state.center_optimizer.state_dict() if state.center_optimizer else None,
+        "center": state.criterion.center.state_dict() if state.criterion.center is not None else None,
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "sampler": sampler.state_dict(),
+        "rng": _rng_state(),
+        "metrics": metrics or {},
+    }
+    save_checkpoint(path, _unwrap(state.model), preprocess_of(state.cfg), config=config_to_dict(state.cfg), train_state=train_state)
+
+
+def load_training(path: Path, state: TrainState, sampler: RandomIdentitySampler) -> int:
+    """Restore a :func:`save_training` checkpoint into ``state``; returns the epochs already done.
+
+    Raises:
+        ModelError: the checkpoint was trained with an incompatible config.
+    """
+    ckpt = read_checkpoint(path)
+    if "train_state" not in ckpt:
+        raise ModelError(f"{path} holds no training state (a final model?); resume from latest.pt")
+    problems = compatibility_problems(config_from_dict(ckpt["config"]), state.cfg)
+    if problems:
+        raise ModelError(f"cannot resume {path}: " + "; ".join(problems) + "; start a new run with --output DIR")
+    ts = ckpt["train_state"]
+    try:
+        _unwrap(state.model).load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise ModelError(f"cannot resume {path}: the model differs ({str(exc).splitlines()[0]}); is it the same dataset?") from None
+    state.optimizer.load_state_dict(ts["optimizer"])
+    if state.center_optimizer is not None and ts["center_optimizer"] is not None:
+        state.center_optimizer.load_state_dict(ts["center_optimizer"])
+        state.criterion.center.load_state_dict(ts["center"])  # type: ignore[union-attr]
+    state.scheduler.load_state_dict(ts["scheduler"])
+    state.scaler.load_state_dict(ts["scaler"])
+    sampler.load_state_dict(ts["sampler"])
+    _set_rng_state(ts["rng"])
+    return int(ts["epoch"])
+
+
+# ---------------------------------------------------------------- main
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the run left its model, and its last evaluation."""
+
+    out_dir: Path
+    model_path: Path
+    epochs: int
+    metrics: dict[str, float]
+    history: tuple[dict[str, float], ...]
+
+
+def _attach_file_log(out_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(out_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logging.getLogger("trainer").addHandler(handler)
+    logging.getLogger("trainer").setLevel(logging.INFO)
+    return handler
+
+
+def main(
+    cfg: TrainConfig,
+    data_root: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    progress: ProgressFactory | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train ``cfg`` on the Market-layout ``data_root``, writing into ``out_dir``.
+
+    Raises:
+        DataError: bad dataset (missing, one identity, too few identities for P).
+        ModelError: resume without a checkpoint, or with an incompatible config.
+    """
+    info = init_distributed(device)
+    dev = torch.device("cpu") if device == "cpu" else (
+        torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu"))
+    out = Path(out_dir)
+    latest = out / "latest.pt"
+    if resume and not latest.is_file():
+        raise ModelError(f"nothing to resume: {latest} does not exist; drop --resume to start a new run")
+    if not resume and latest.is_file():
+        raise ModelError(f"{out} already holds a run; pass --resume to continue it or --output DIR for a new one")
+    ds = load_market(data_root, need_train=True, need_eval=False)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    loader, sampler, num_classes = build_train_loader(ds, cfg, info)
+    model = build_model(cfg.arch, num_classes, cfg.last_stride, cfg.neck, cfg.pretrained, cfg.neck_feat).to(dev)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = ReIDLoss(cfg, num_classes, model.feat_dim).to(dev)
+    optimizer = build_optimizer(model, cfg)
+    center_opt = torch.optim.SGD(criterion.center.parameters(), lr=cfg.center_lr) if criterion.center is not None else None
+    dtype = amp_dtype(cfg, dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+    wrapped: nn.Module = model
+    if info.world > 1:
+        if dev.type == "cuda":
+            wrapped = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=[dev.index] if dev.type == "cuda" else None)
+    state = TrainState(wrapped, criterion, optimizer, center_opt, build_scheduler(optimizer, cfg), scaler, dev, dtype, cfg, info)
+    handler = None
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        handler = _attach_file_log(out)
+        from reid_search.atomic import atomic_write_json
+
+        atomic_write_json(out / "config.json", config_to_dict(cfg))
+    start = load_training(latest, state, sampler) if resume else 0
+    has_eval = bool(ds.query) and bool(ds.gallery)
+    if info.is_main:
+        log.info("training %s on %s: %d images, %d ids, %d epochs (from %d), batch %d, device %s, amp %s, world %d",
+                 cfg.recipe, ds.root, len(loader.dataset), num_classes, cfg.epochs, start, cfg.batch_size,  # type: ignore[arg-type]
+                 dev, dtype, info.world)
+    metrics: dict[str, float] = {}
+    history: list[dict[str, float]] = []
+    try:
+        for epoch in range(start, cfg.epochs):
+            steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+            on_step, close = progress(epoch, steps) if (progress and info.is_main) else (None, lambda: None)
+            try:
+                stats = train_one_epoch(state, loader, sampler, epoch, on_step)
+            finally:
+                close()
+            state.scheduler.step()
+            done = epoch + 1
+            if info.is_main:
+                log.info("epoch %d/%d done: %s", done, cfg.epochs, _fmt(stats))
+            if has_eval and (done % cfg.eval_period == 0 or done == cfg.epochs) and info.is_main:
+                metrics = evaluate(model, ds.query, ds.gallery, preprocess_of(cfg), dev, cfg.eval_batch_size)
+                log.info("epoch %d eval: R1 %.2f%% R5 %.2f%% R10 %.2f%% mAP %.2f%% mINP %.2f%%", done,
+                         100 * metrics["rank1"], 100 * metrics["rank5"], 100 * metrics["rank10"],
+                         100 * metrics["mAP"], 100 * metrics["mINP"])
+                stats = {**stats, **metrics}
+            history.append({"epoch": float(done), **stats})
+            if info.is_main:
+                save_training(latest, state, done, sampler, metrics)
+                if done % cfg.save_period == 0:
+                    save_training(out / f"epoch_{done}.pt", state, done, sampler, metrics)
+                if on_epoch is not None:
+                    on_epoch(done, stats)
+        final = out / "model.pt"
+        if info.is_main:
+            save_checkpoint(final, model, preprocess_of(cfg), config=config_to_dict(cfg))
+            log.info("final model: %s", final)
+        if info.world > 1:
+            dist.barrier()
+    finally:
+        if handler is not None:
+            logging.getLogger("trainer").removeHandler(handler)
+            handler.close()
+    return TrainResult(out, final, cfg.epochs, metrics, tuple(history))
