@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from reid_search.atomic import atomic_write_json
 from reid_search.checkpoint import read_checkpoint, save_checkpoint
 from reid_search.data import ImageRecord, MarketDataset, load_market, training_labels
 from reid_search.errors import DataError, ModelError
@@ -57,6 +58,7 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this call initialised the process group, so it tears it down
 
     @property
     def is_main(self) -> bool:
@@ -68,10 +70,11 @@ def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group when launched by ``torchrun`` (NCCL on GPU, gloo on CPU)."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
         return DistInfo()
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         use_cuda = torch.cuda.is_available() and device != "cpu"
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), owns)
     if torch.cuda.is_available() and device != "cpu":
         torch.cuda.set_device(info.local_rank)
     return info
@@ -163,17 +166,16 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam/AdamW/SGD with the paper's per-parameter weight decay and bias lr factor."""
-    groups = []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_bias = name.endswith("bias")
-        groups.append({
-            "params": [p],
-            "lr": cfg.lr * (cfg.bias_lr_factor if is_bias else 1.0),
-            "weight_decay": cfg.weight_decay_bias if is_bias else cfg.weight_decay,
-        })
+    """Adam/AdamW/SGD with the paper's weight decay and lr factor for biases.
+
+    Two parameter groups (weights, biases) rather than one per tensor: the
+    multi-tensor (foreach) kernels batch whole groups.
+    """
+    weights = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith("bias")]
+    biases = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")]
+    groups = [{"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    if biases:
+        groups.append({"params": biases, "lr": cfg.lr * cfg.bias_lr_factor, "weight_decay": cfg.weight_decay_bias})
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.optimizer == "adamw":
@@ -263,6 +265,13 @@ def train_one_epoch(
     return out
 
 
+def _memory_format(model: nn.Module) -> torch.memory_format:
+    for p in model.parameters():
+        if p.dim() == 4:
+            return torch.channels_last if not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return torch.contiguous_format
+
+
 def _fmt(vals: dict[str, float]) -> str:
     keys = ("loss", "id", "triplet", "center", "acc", "lr", "img_s")
     return " ".join(f"{k}={vals[k]:.4g}" for k in keys if k in vals)
@@ -273,12 +282,22 @@ def evaluate(
     model: ReIDNet, query: Sequence[ImageRecord], gallery: Sequence[ImageRecord], pre: Preprocess,
     device: torch.device, batch_size: int = 128,
 ) -> dict[str, float]:
-    """R1/R5/R10/mAP/mINP of ``model`` on a query/gallery split (Market protocol, the engine's metric code)."""
+    """R1/R5/R10/mAP/mINP of ``model`` on a query/gallery split (Market protocol, the engine's metric code).
+
+    Leaves the model as it found it (train/eval mode, memory format) and the
+    global RNG untouched, so evaluating mid-run does not change the training
+    that follows (a resumed run must match an uninterrupted one).
+    """
     was_training = model.training
-    model.eval()
-    ex = TorchExtractor(model, pre, "eval", device)
-    qf, qk, _ = extract_features([r.path for r in query], ex, batch_size)
-    gf, gk, _ = extract_features([r.path for r in gallery], ex, batch_size)
+    fmt = _memory_format(model)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    # The extractor's DataLoader draws its base seed from the global RNG.
+    with torch.random.fork_rng(devices=devices):
+        ex = TorchExtractor(model, pre, "eval", device)
+        qf, qk, _ = extract_features([r.path for r in query], ex, batch_size)
+        gf, gk, _ = extract_features([r.path for r in gallery], ex, batch_size)
+    # TorchExtractor converts the weights to channels_last in place.
+    model.to(memory_format=fmt)
     model.train(was_training)
     q = [query[i] for i in qk]
     g = [gallery[i] for i in gk]
@@ -337,18 +356,42 @@ def save_training(path: Path, state: TrainState, epoch: int, sampler: RandomIden
     save_checkpoint(path, _unwrap(state.model), preprocess_of(state.cfg), config=config_to_dict(state.cfg), train_state=train_state)
 
 
-def load_training(path: Path, state: TrainState, sampler: RandomIdentitySampler) -> int:
-    """Restore a :func:`save_training` checkpoint into ``state``; returns the epochs already done.
+def read_resumable(path: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """Read a :func:`save_training` checkpoint and check that ``cfg`` may continue it.
+
+    Another recipe, architecture, input size, normalisation or optimiser is
+    refused; a longer schedule (``epochs``), other periods or workers are not.
 
     Raises:
-        ModelError: the checkpoint was trained with an incompatible config.
+        ModelError: unreadable, no training state, or an incompatible config.
     """
     ckpt = read_checkpoint(path)
     if "train_state" not in ckpt:
         raise ModelError(f"{path} holds no training state (a final model?); resume from latest.pt")
-    problems = compatibility_problems(config_from_dict(ckpt["config"]), state.cfg)
+    old = config_from_dict(ckpt["config"])
+    problems = compatibility_problems(old, cfg)
+    if old.recipe != cfg.recipe:
+        problems.insert(0, f"recipe: checkpoint has {old.recipe!r}, requested {cfg.recipe!r}")
     if problems:
-        raise ModelError(f"cannot resume {path}: " + "; ".join(problems) + "; start a new run with --output DIR")
+        raise ModelError(
+            f"cannot resume {path}: " + "; ".join(problems)
+            + f"; resume with the run's settings ({path.parent / 'config.json'}) or start a new run with --output DIR"
+        )
+    return ckpt
+
+
+def load_training(
+    path: Path, state: TrainState, sampler: RandomIdentitySampler, ckpt: dict[str, Any] | None = None
+) -> int:
+    """Restore the :func:`save_training` checkpoint at ``path`` into ``state``; returns the epochs already done.
+
+    ``ckpt`` is that file as :func:`read_resumable` already read it (saves a second read).
+
+    Raises:
+        ModelError: see :func:`read_resumable`, or weights of another model (another dataset).
+    """
+    if ckpt is None:
+        ckpt = read_resumable(path, state.cfg)
     ts = ckpt["train_state"]
     try:
         _unwrap(state.model).load_state_dict(ckpt["model"])
@@ -377,6 +420,7 @@ class TrainResult:
     epochs: int
     metrics: dict[str, float]
     history: tuple[dict[str, float], ...]
+    is_main: bool = True  # False on the DDP ranks that wrote nothing
 
 
 def _attach_file_log(out_dir: Path) -> logging.Handler:
@@ -400,23 +444,48 @@ def main(
 ) -> TrainResult:
     """Train ``cfg`` on the Market-layout ``data_root``, writing into ``out_dir``.
 
+    Under ``torchrun`` every rank calls this; rank 0 alone writes files and
+    evaluates, and the process group is torn down on return if this call set it up.
+
     Raises:
         DataError: bad dataset (missing, one identity, too few identities for P).
-        ModelError: resume without a checkpoint, or with an incompatible config.
+        ModelError: ``out_dir`` already holds a run (and not ``resume``), resume
+            without a checkpoint, or with an incompatible config.
     """
     info = init_distributed(device)
+    try:
+        return _train(cfg, Path(data_root), Path(out_dir), info, resume, device, progress, on_epoch)
+    finally:
+        if info.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _rank_seed(seed: int, rank: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _train(
+    cfg: TrainConfig, data_root: Path, out: Path, info: DistInfo, resume: bool, device: str,
+    progress: ProgressFactory | None, on_epoch: Callable[[int, dict[str, float]], None] | None,
+) -> TrainResult:
     dev = torch.device("cpu") if device == "cpu" else (
         torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu"))
-    out = Path(out_dir)
     latest = out / "latest.pt"
     if resume and not latest.is_file():
         raise ModelError(f"nothing to resume: {latest} does not exist; drop --resume to start a new run")
     if not resume and latest.is_file():
         raise ModelError(f"{out} already holds a run; pass --resume to continue it or --output DIR for a new one")
+    # Refuse an incompatible resume before building anything or touching the run folder.
+    ckpt = read_resumable(latest, cfg) if resume else None
     ds = load_market(data_root, need_train=True, need_eval=False)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
+    # Same seed on every rank: identical initial weights and centres (DDP only broadcasts the model).
+    _seed_everything(cfg.seed)
     loader, sampler, num_classes = build_train_loader(ds, cfg, info)
     model = build_model(cfg.arch, num_classes, cfg.last_stride, cfg.neck, cfg.pretrained, cfg.neck_feat).to(dev)
     if cfg.channels_last:
@@ -431,23 +500,31 @@ def main(
         if dev.type == "cuda":
             wrapped = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=[dev.index] if dev.type == "cuda" else None)
+        # From here on each rank draws its own augmentations (and DataLoader worker seeds).
+        _seed_everything(_rank_seed(cfg.seed, info.rank, 0))
     state = TrainState(wrapped, criterion, optimizer, center_opt, build_scheduler(optimizer, cfg), scaler, dev, dtype, cfg, info)
-    handler = None
+    start = 0
+    if ckpt is not None:
+        start = load_training(latest, state, sampler, ckpt)
+        del ckpt
+        if info.rank > 0:
+            # latest.pt holds rank 0's RNG; the other ranks re-derive theirs.
+            _seed_everything(_rank_seed(cfg.seed, info.rank, start))
+    handler, trainer_log = None, logging.getLogger("trainer")
+    old_level = trainer_log.level
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         handler = _attach_file_log(out)
-        from reid_search.atomic import atomic_write_json
-
         atomic_write_json(out / "config.json", config_to_dict(cfg))
-    start = load_training(latest, state, sampler) if resume else 0
     has_eval = bool(ds.query) and bool(ds.gallery)
-    if info.is_main:
-        log.info("training %s on %s: %d images, %d ids, %d epochs (from %d), batch %d, device %s, amp %s, world %d",
-                 cfg.recipe, ds.root, len(loader.dataset), num_classes, cfg.epochs, start, cfg.batch_size,  # type: ignore[arg-type]
-                 dev, dtype, info.world)
     metrics: dict[str, float] = {}
     history: list[dict[str, float]] = []
+    final = out / "model.pt"
     try:
+        if info.is_main:
+            log.info("training %s on %s: %d images, %d ids, %d epochs (from %d), batch %d, device %s, amp %s, world %d",
+                     cfg.recipe, ds.root, len(loader.dataset), num_classes, cfg.epochs, start, cfg.batch_size,  # type: ignore[arg-type]
+                     dev, dtype, info.world)
         for epoch in range(start, cfg.epochs):
             steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
             on_step, close = progress(epoch, steps) if (progress and info.is_main) else (None, lambda: None)
@@ -472,7 +549,6 @@ def main(
                     save_training(out / f"epoch_{done}.pt", state, done, sampler, metrics)
                 if on_epoch is not None:
                     on_epoch(done, stats)
-        final = out / "model.pt"
         if info.is_main:
             save_checkpoint(final, model, preprocess_of(cfg), config=config_to_dict(cfg))
             log.info("final model: %s", final)
@@ -480,6 +556,7 @@ def main(
             dist.barrier()
     finally:
         if handler is not None:
-            logging.getLogger("trainer").removeHandler(handler)
+            trainer_log.removeHandler(handler)
+            trainer_log.setLevel(old_level)
             handler.close()
-    return TrainResult(out, final, cfg.epochs, metrics, tuple(history))
+    return TrainResult(out, final, cfg.epochs, metrics, tuple(history), info.is_main)

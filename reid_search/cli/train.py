@@ -1,0 +1,153 @@
+"""``reid-search train``: the strong-baseline recipe, resumable."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import click
+from click.core import ParameterSource
+from tqdm import tqdm
+
+from reid_search.cli._common import App, pass_app
+from reid_search.errors import ReidSearchError
+
+
+@click.command()
+@click.option("--data", "data_root", type=click.Path(path_type=Path), required=False,
+              help="Market-1501-layout root (bounding_box_train/, query/, bounding_box_test/).")
+@click.option("--recipe", default="softmax_triplet_with_center", show_default=True,
+              help="baseline, softmax_triplet or softmax_triplet_with_center.")
+@click.option("-o", "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config field (repeatable), e.g. -o epochs=2 -o warmup=false.")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run folder [default: WORKSPACE/runs/RECIPE].")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in the output folder from latest.pt, with its saved config (-o still applies).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--print-config", is_flag=True, help="Print the resolved config as JSON and exit.")
+@pass_app
+def train(app: App, data_root: Path | None, recipe: str, overrides: tuple[str, ...], output: Path | None,
+          resume: bool, device: str, print_config: bool) -> None:
+    """Train the BNNeck ResNet feature extractor and make it the workspace's model.
+
+    Writes train.log, config.json, latest.pt (every epoch), epoch_N.pt (every
+    save_period) and model.pt into the run folder. Multi-GPU: launch the same
+    command with `torchrun --nproc_per_node N -m reid_search train ...`.
+
+    \b
+    Examples:
+      reid-search train --data Market-1501 --recipe softmax_triplet_with_center
+      reid-search train --data data/synth -o epochs=4 -o arch=resnet18 -o eval_period=2
+      reid-search train --data Market-1501 --resume -o epochs=160
+      reid-search train --recipe baseline --print-config
+    """
+    from trainer.config import ConfigError, config_to_dict, resolve_config
+
+    out = output or app.workspace.runs_dir / recipe
+    recipe_given = click.get_current_context().get_parameter_source("recipe") is not ParameterSource.DEFAULT
+    try:
+        # A resume continues the run's own config; -o changes it (e.g. more epochs).
+        cfg = _resume_config(out, recipe if recipe_given else None, overrides) if resume else None
+        if cfg is None:
+            cfg = resolve_config(recipe, list(overrides))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if print_config:
+        click.echo(json.dumps(config_to_dict(cfg), indent=2))
+        return
+    if data_root is None:
+        raise click.ClickException("pass --data ROOT, a Market-1501-layout folder (or make one with `reid-search make-synthetic`)")
+    from trainer.train import main as train_main
+
+    bar: list[tqdm] = []
+
+    def progress(epoch: int, steps: int):
+        b = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it", disable=app.quiet, dynamic_ncols=True)
+        bar[:] = [b]
+
+        def step(vals: dict[str, float]) -> None:
+            post = {k: f"{vals[k]:.3g}" for k in ("loss", "id", "triplet", "center", "acc") if k in vals}
+            post["lr"] = f"{vals['lr']:.2e}"
+            post["img/s"] = f"{vals['img_s']:.1f}"
+            b.set_postfix(post, refresh=False)
+            b.update(1)
+
+        return step, b.close
+
+    def on_epoch(done: int, stats: dict[str, float]) -> None:
+        if "mAP" in stats:
+            click.echo(f"epoch {done}: R1 {100 * stats['rank1']:.2f}%  R5 {100 * stats['rank5']:.2f}%  "
+                       f"R10 {100 * stats['rank10']:.2f}%  mAP {100 * stats['mAP']:.2f}%  mINP {100 * stats['mINP']:.2f}%")
+
+    try:
+        with _console_log(app.quiet):
+            result = train_main(cfg, data_root, out, resume=resume, device=device, progress=progress, on_epoch=on_epoch)
+    except FloatingPointError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not result.is_main:  # other torchrun ranks: rank 0 reports
+        return
+    app.workspace.set_model(result.model_path)
+    click.echo(f"model: {result.model_path} (workspace {app.workspace.root} now uses it)")
+    click.echo(f"log:   {result.out_dir / 'train.log'}")
+
+
+def _resume_config(out: Path, recipe: str | None, overrides: tuple[str, ...]):
+    """The run's saved config with ``overrides`` on top; None when ``out`` holds no config.json.
+
+    Raises:
+        ConfigError: an unreadable config.json, or ``recipe`` differs from the run's.
+    """
+    from trainer.config import ConfigError, resolve_config
+
+    path = out / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        saved_recipe = saved.pop("recipe")
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        raise ConfigError(f"cannot read the run's config {path} ({exc}); start a new run with --output DIR") from None
+    if recipe is not None and recipe != saved_recipe:
+        raise ConfigError(
+            f"cannot resume {out} with --recipe {recipe}: it was trained with recipe {saved_recipe!r}; "
+            f"drop --recipe, or start a new run with --output DIR"
+        )
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        saved[key.strip()] = value
+    return resolve_config(saved_recipe, saved)
+
+
+class _TqdmHandler(logging.Handler):
+    """Prints log records above the progress bars instead of through them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must not raise
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _console_log(quiet: bool) -> Iterator[None]:
+    """While training, the trainer's records go to train.log (at INFO) and to the console at the
+    verbosity of -v (warnings by default), printed above the bars."""
+    tlog = logging.getLogger("trainer")
+    level = logging.getLogger().getEffectiveLevel()
+    handler = _TqdmHandler(level=max(level, logging.WARNING) if quiet else level)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    propagate = tlog.propagate
+    tlog.addHandler(handler)
+    tlog.propagate = False
+    try:
+        yield
+    finally:
+        tlog.removeHandler(handler)
+        tlog.propagate = propagate
