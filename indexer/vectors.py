@@ -1,0 +1,606 @@
+"""The FAISS side of a gallery: index types, training, id-mapped search, files.
+
+Every index searches by inner product on L2-normalised features, so the
+returned scores are cosine similarities; the squared Euclidean distance of
+unit vectors is ``2 - 2 * sim`` and ranks identically. FAISS ids are the
+``images.id`` primary keys of the metadata DB.
+
+Index types (``IndexSpec.kind``):
+
+``flat``
+    Exact search (``IndexIDMap2(IndexFlatIP)``): 4·dim bytes per image.
+``ivf``
+    Inverted file with full vectors (``IndexIVFFlat``, ids stored in the lists).
+    Scores are exact; only the candidate set is approximate.
+``ivfpq``
+    Two stages: an inverted file with 4-bit fast-scan PQ codes
+    (``IndexIVFPQFastScan``, ``pq_m`` sub-quantizers) proposes
+    ``k_factor · k`` candidates, which are re-scored with scalar-quantized
+    copies of the vectors (``refine_bits`` per dimension,
+    ``IndexIDMap2(IndexScalarQuantizer)``). About
+    ``pq_m/2 + dim·refine_bits/8 + 50`` bytes per image: ~1.1 GB per million
+    2048-d features at the defaults. Scores are approximate (decoded codes).
+``hnsw``
+    Graph search over full vectors (``IndexIDMap2(IndexHNSWFlat)``); needs
+    no training, but removing images rebuilds the graph.
+
+``ivf`` and ``ivfpq`` need training. Until the gallery holds ``min_train``
+vectors (and at least 39 per list), they keep an exact flat index and report
+``trained = False``; :meth:`VectorIndex.rebuild_reason` tells the owner when to
+rebuild (train) from the full vectors, and again when the gallery has grown
+16-fold since training (the automatic ``nlist`` ∝ √n would then be 4× larger).
+
+Search runs on all GPUs (sharded) when faiss has GPU support and sees a GPU,
+else on the CPU; the choice is made at the first search and logged once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import faiss
+import numpy as np
+
+from reid_search.atomic import atomic_write
+from reid_search.errors import GalleryError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("flat", "ivf", "ivfpq", "hnsw")
+
+# Which IndexSpec fields each kind understands (besides ``kind``).
+PARAMS_BY_KIND: dict[str, tuple[str, ...]] = {
+    "flat": (),
+    "ivf": ("nlist", "nprobe", "min_train"),
+    "ivfpq": ("nlist", "nprobe", "pq_m", "refine_bits", "k_factor", "min_train"),
+    "hnsw": ("hnsw_m", "ef_construction", "ef_search"),
+}
+# Changing these needs no rebuild: they only steer the search.
+SEARCH_PARAMS = frozenset({"nprobe", "k_factor", "ef_search"})
+
+FILE_MAGIC = b"reid-search faiss index v1\n"
+GROWTH_RETRAIN = 16  # retrain ivf/ivfpq (automatic nlist) once the gallery is this many times larger
+REFINE_CODES = {4: "SQ4", 6: "SQ6", 8: "SQ8"}  # bits per dimension -> faiss scalar quantizer
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """How the gallery's FAISS index is built and searched; 0 means "automatic".
+
+    Attributes:
+        kind: ``flat``, ``ivf``, ``ivfpq`` or ``hnsw``.
+        nlist: inverted lists; auto ≈ √n rounded to a power of two, ≥ 39 vectors per list.
+        nprobe: lists visited per query; auto = max(16, nlist/16) for ivf, max(32, nlist/8) for ivfpq.
+        pq_m: 4-bit sub-quantizers of the ivfpq first stage; auto = dim/16 (at least 8).
+        refine_bits: bits per dimension of the ivfpq re-scoring codes (4, 6 or 8);
+            auto = 8 up to 512 dimensions, else 4.
+        k_factor: ivfpq candidates per result; auto = 16.
+        hnsw_m: graph degree of hnsw.
+        ef_construction: hnsw build beam width.
+        ef_search: hnsw search beam width; auto = max(128, 2k).
+        min_train: ivf/ivfpq stay exact (flat) below this many vectors.
+    """
+
+    kind: str = "flat"
+    nlist: int = 0
+    nprobe: int = 0
+    pq_m: int = 0
+    refine_bits: int = 0
+    k_factor: int = 0
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 0
+    min_train: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise GalleryError(f"unknown index type {self.kind!r}; choose one of {', '.join(KINDS)}")
+        for f in fields(self):
+            if f.name == "kind":
+                continue
+            if int(getattr(self, f.name)) < 0:
+                raise GalleryError(f"index parameter {f.name} must be ≥ 0, not {getattr(self, f.name)}")
+            if f.name not in PARAMS_BY_KIND[self.kind]:  # canonical form: other kinds' knobs at defaults
+                object.__setattr__(self, f.name, f.default)
+
+    def params(self) -> dict[str, int]:
+        """The parameters of this kind that differ from the defaults."""
+        default = IndexSpec(self.kind)
+        return {k: getattr(self, k) for k in PARAMS_BY_KIND[self.kind] if getattr(self, k) != getattr(default, k)}
+
+    def to_json(self) -> str:
+        """Compact form stored in the DB and in index files."""
+        return json.dumps({"kind": self.kind, **self.params()}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "IndexSpec":
+        """Inverse of :meth:`to_json`."""
+        d = json.loads(text)
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
+
+    def build_key(self) -> tuple[Any, ...]:
+        """The parameters that shape the index; a change means a rebuild."""
+        return (self.kind,) + tuple(
+            (k, getattr(self, k)) for k in PARAMS_BY_KIND[self.kind] if k not in SEARCH_PARAMS
+        )
+
+    def describe(self) -> str:
+        """E.g. ``ivfpq (nlist=1024)``."""
+        p = self.params()
+        return self.kind + (" (" + ", ".join(f"{k}={v}" for k, v in p.items()) + ")" if p else "")
+
+
+def parse_index_spec(kind: str, params: Iterable[str] = (), base: IndexSpec | None = None) -> IndexSpec:
+    """Build a spec from ``--index-type`` and ``--index-param KEY=VALUE`` strings.
+
+    ``base`` (the gallery's current spec) supplies parameters not given when the kind is unchanged.
+
+    Raises:
+        GalleryError: unknown kind, unknown key for this kind, or a non-integer value.
+    """
+    values: dict[str, int] = dict(base.params()) if base is not None and base.kind == kind else {}
+    allowed = PARAMS_BY_KIND.get(kind)
+    if allowed is None:
+        raise GalleryError(f"unknown index type {kind!r}; choose one of {', '.join(KINDS)}")
+    for item in params:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in allowed:
+            valid = ", ".join(allowed) or "none"
+            raise GalleryError(f"--index-param {item!r}: {kind} takes KEY=VALUE with KEY one of: {valid}")
+        try:
+            values[key] = int(value)
+        except ValueError:
+            raise GalleryError(f"--index-param {item!r}: the value must be an integer (0 = automatic)") from None
+    return IndexSpec(kind, **values)
+
+
+# ---- automatic parameters (pure functions) ---------------------------------
+
+
+def auto_nlist(n: int) -> int:
+    """≈ √n as a power of two, between 16 and 65536, with ≥ 39 training points per list."""
+    if n < 39 * 16:
+        return 16
+    target = math.sqrt(n)
+    nlist = 2 ** int(round(math.log2(target)))
+    while nlist > 16 and 39 * nlist > n:
+        nlist //= 2
+    return int(min(max(nlist, 16), 65536))
+
+
+def _divisor_near(d: int, target: int, even: bool = False) -> int:
+    """The divisor of ``d`` closest to ``target`` (even if asked), ≥ 1."""
+    cands = [m for m in range(1, d + 1) if d % m == 0 and (not even or m % 2 == 0)]
+    if not cands:
+        return 1
+    return min(cands, key=lambda m: (abs(m - target), -m))
+
+
+def resolve_build(spec: IndexSpec, dim: int, n: int) -> dict[str, int]:
+    """Concrete build parameters of ``spec`` for ``n`` vectors of ``dim`` (auto → numbers).
+
+    Raises:
+        GalleryError: a parameter that does not divide ``dim``.
+    """
+    out: dict[str, int] = {}
+    if spec.kind in ("ivf", "ivfpq"):
+        out["nlist"] = spec.nlist or auto_nlist(n)
+    if spec.kind == "ivfpq":
+        pq_m = spec.pq_m or _divisor_near(dim, max(8, dim // 16), even=True)
+        if dim % pq_m:
+            raise GalleryError(f"index parameter pq_m={pq_m} must divide the feature dimension {dim}")
+        if pq_m % 2:
+            raise GalleryError(f"index parameter pq_m={pq_m} must be even (4-bit fast-scan codes come in pairs)")
+        bits = spec.refine_bits or (8 if dim <= 512 else 4)
+        if bits not in REFINE_CODES:
+            raise GalleryError(f"index parameter refine_bits={bits}: choose 4, 6 or 8 bits per dimension")
+        out["pq_m"], out["refine_bits"] = pq_m, bits
+    if spec.kind == "hnsw":
+        out["hnsw_m"], out["ef_construction"] = spec.hnsw_m or 32, spec.ef_construction or 80
+    return out
+
+
+def train_threshold(spec: IndexSpec) -> int:
+    """Vectors needed before ``ivf``/``ivfpq`` are trained (0 for the other kinds)."""
+    if spec.kind not in ("ivf", "ivfpq"):
+        return 0
+    return max(spec.min_train, 39 * spec.nlist, 2)
+
+
+def auto_nprobe(spec: IndexSpec, nlist: int) -> int:
+    """Lists visited per query."""
+    if spec.nprobe:
+        return min(spec.nprobe, nlist)
+    if spec.kind == "ivfpq":
+        return min(nlist, max(32, nlist // 8))
+    return min(nlist, max(16, nlist // 16))
+
+
+def auto_k_factor(spec: IndexSpec) -> int:
+    """ivfpq candidates per wanted neighbour."""
+    return spec.k_factor or 16
+
+
+def auto_ef_search(spec: IndexSpec, k: int) -> int:
+    """hnsw beam width for ``k`` neighbours."""
+    return max(spec.ef_search or 128, k)
+
+
+# ---- GPU placement ----------------------------------------------------------
+
+
+def gpu_count() -> int:
+    """GPUs faiss can use here (0 with faiss-cpu); looked up at call time, never at import."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        return 0
+    try:
+        return int(faiss.get_num_gpus())
+    except Exception:  # a broken driver must not break CPU search
+        return 0
+
+
+def to_search_device(index: faiss.Index) -> tuple[faiss.Index, str]:
+    """A copy of ``index`` sharded over all GPUs when possible, else ``index`` itself.
+
+    Returns the index to search and a description of where it runs.
+    """
+    ngpu = gpu_count()
+    if ngpu > 0:
+        try:
+            co = faiss.GpuMultipleClonerOptions()
+            co.shard = True  # each GPU holds 1/ngpu of the vectors
+            return faiss.index_cpu_to_all_gpus(index, co=co, ngpu=ngpu), f"{ngpu} GPU(s), sharded"
+        except Exception as exc:  # e.g. fast-scan or HNSW indexes have no GPU version
+            return index, f"CPU ({faiss.omp_get_max_threads()} threads; {type(index).__name__} cannot go to the GPU: {str(exc).splitlines()[0][:120]})"
+    return index, f"CPU ({faiss.omp_get_max_threads()} threads)"
+
+
+# ---- the index --------------------------------------------------------------
+
+
+def _as_matrix(x: np.ndarray, dim: int) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise GalleryError(f"features of shape {tuple(x.shape)} do not fit this {dim}-d gallery; use the model the gallery was indexed with")
+    return x
+
+
+def _as_ids(ids: Iterable[int] | np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64).ravel())
+
+
+def _ivf_ids(ivf: faiss.Index) -> np.ndarray:
+    inv = ivf.invlists
+    parts = []
+    for lst in range(ivf.nlist):
+        size = inv.list_size(lst)
+        if size:
+            ptr = inv.get_ids(lst)
+            parts.append(faiss.rev_swig_ptr(ptr, size).copy())
+            inv.release_ids(lst, ptr)
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+class VectorIndex:
+    """An id-mapped FAISS index of one :class:`IndexSpec` (plus the ivfpq re-scoring codes).
+
+    Not thread-safe for mutation; concurrent :meth:`search` calls are fine.
+    """
+
+    def __init__(self, spec: IndexSpec, dim: int, base: faiss.Index, refine: faiss.Index | None = None,
+                 trained_n: int = 0) -> None:
+        self.spec, self.dim = spec, dim
+        self.base = base
+        self.refine = refine
+        self.trained_n = trained_n  # gallery size when trained (0: not trained)
+        self._searcher: faiss.Index | None = None
+        self._device: str | None = None
+        self._cpu_flat = False
+        self._configure()
+
+    # -- construction
+
+    @classmethod
+    def empty(cls, spec: IndexSpec, dim: int) -> "VectorIndex":
+        """An index with no vectors; ivf/ivfpq start as exact flat indexes."""
+        if spec.kind == "hnsw":
+            p = resolve_build(spec, dim, 0)
+            base = faiss.index_factory(dim, f"IDMap2,HNSW{p['hnsw_m']},Flat", faiss.METRIC_INNER_PRODUCT)
+            faiss.downcast_index(base.index).hnsw.efConstruction = p["ef_construction"]
+            return cls(spec, dim, base)
+        return cls(spec, dim, faiss.index_factory(dim, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT))
+
+    @classmethod
+    def build(cls, spec: IndexSpec, dim: int, source: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+              n: int, seed: int = 0) -> "VectorIndex":
+        """Build from all vectors: ``source()`` yields ``(ids, feats)`` batches and may be called twice
+        (a training sample pass, then the adding pass); ``n`` is how many it yields in all.
+        """
+        if spec.kind not in ("ivf", "ivfpq") or n < train_threshold(spec):
+            idx = cls.empty(spec, dim)
+            for ids, x in source():
+                idx.add(ids, x)
+            return idx
+        p = resolve_build(spec, dim, n)
+        nlist = p["nlist"]
+        sample = _sample(source, n, min(n, max(40 * nlist, 10_000)), seed)
+        if spec.kind == "ivf":
+            base = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+            refine = None
+        else:
+            base = faiss.index_factory(dim, f"IVF{nlist},PQ{p['pq_m']}x4fs", faiss.METRIC_INNER_PRODUCT)
+            refine = faiss.index_factory(dim, f"IDMap2,{REFINE_CODES[p['refine_bits']]}", faiss.METRIC_INNER_PRODUCT)
+        log.info("training %s on %d of %d vectors (%s)", spec.kind, len(sample), n, p)
+        faiss.extract_index_ivf(base).cp.niter = 10  # plenty for coarse lists; k-means is the costly part
+        base.train(sample)
+        if refine is not None:
+            refine.train(sample)  # per-dimension ranges: cheap
+        idx = cls(spec, dim, base, refine, trained_n=n)
+        for ids, x in source():
+            idx.add(ids, x)
+        return idx
+
+    # -- properties
+
+    @property
+    def ntotal(self) -> int:
+        """Vectors in the index."""
+        return int(self.base.ntotal)
+
+    @property
+    def trained(self) -> bool:
+        """True once ivf/ivfpq are really inverted files (always True for flat/hnsw)."""
+        return self.spec.kind not in ("ivf", "ivfpq") or self.trained_n > 0
+
+    @property
+    def nlist(self) -> int:
+        """Inverted lists of a trained ivf/ivfpq, else 0."""
+        return int(self.base.nlist) if self.trained and self.spec.kind in ("ivf", "ivfpq") else 0
+
+    def ids(self) -> np.ndarray:
+        """All ids in the index, sorted."""
+        if isinstance(self.base, faiss.IndexIDMap2):
+            ids = faiss.vector_to_array(self.base.id_map)
+        else:
+            ids = _ivf_ids(faiss.extract_index_ivf(self.base))
+        return np.sort(ids.astype(np.int64))
+
+    def memory_bytes(self) -> int:
+        """Size of the serialised index (≈ its memory)."""
+        return int(faiss.serialize_index(self.base).nbytes) + (
+            int(faiss.serialize_index(self.refine).nbytes) if self.refine is not None else 0
+        )
+
+    def rebuild_reason(self) -> str | None:
+        """Why the owner should :meth:`build` again from all vectors, or ``None``."""
+        if self.spec.kind not in ("ivf", "ivfpq"):
+            return None
+        n = self.ntotal
+        if not self.trained:
+            return f"{n} vectors reached the training threshold {train_threshold(self.spec)}" if n >= train_threshold(self.spec) else None
+        if not self.spec.nlist and n >= GROWTH_RETRAIN * self.trained_n:
+            return f"the gallery grew from {self.trained_n} to {n} vectors since training (nlist {self.nlist} → {auto_nlist(n)})"
+        return None
+
+    # -- mutation
+
+    def add(self, ids: np.ndarray, x: np.ndarray) -> None:
+        """Add vectors under the given ids (ids must not be present already)."""
+        x = _as_matrix(x, self.dim)
+        ids = _as_ids(ids)
+        if len(ids) != len(x):
+            raise ValueError(f"{len(ids)} ids for {len(x)} vectors")
+        if not len(ids):
+            return
+        self.base.add_with_ids(x, ids)
+        if self.refine is not None:
+            self.refine.add_with_ids(x, ids)
+        self._searcher = None
+
+    def remove(self, ids: np.ndarray) -> bool:
+        """Remove ids (absent ones are ignored). False when this index type cannot remove
+        (hnsw): the owner must rebuild without them.
+        """
+        ids = _as_ids(ids)
+        if not len(ids):
+            return True
+        if self.spec.kind == "hnsw":
+            return False
+        sel = faiss.IDSelectorBatch(ids)
+        self.base.remove_ids(sel)
+        if self.refine is not None:
+            self.refine.remove_ids(sel)
+        self._searcher = None
+        return True
+
+    # -- search
+
+    def _configure(self) -> None:
+        if self.trained and self.spec.kind in ("ivf", "ivfpq"):
+            faiss.extract_index_ivf(self.base).nprobe = auto_nprobe(self.spec, self.nlist)
+
+    def set_search_params(self, **params: int) -> None:
+        """Change ``nprobe``, ``k_factor`` or ``ef_search`` for later searches (no rebuild).
+
+        Raises:
+            GalleryError: a parameter that is not a search parameter of this kind.
+        """
+        bad = [k for k in params if k not in SEARCH_PARAMS or k not in PARAMS_BY_KIND[self.spec.kind]]
+        if bad:
+            ok = sorted(SEARCH_PARAMS & set(PARAMS_BY_KIND[self.spec.kind]))
+            raise GalleryError(f"{self.spec.kind} has no search parameter {', '.join(bad)}; it has: {', '.join(ok) or 'none'}")
+        self.spec = replace(self.spec, **params)
+        self._configure()
+        self._searcher = None
+
+    @property
+    def device(self) -> str:
+        """Where searches run (decided at the first search)."""
+        self._get_searcher()
+        return self._device or "CPU"
+
+    def _is_flat(self) -> bool:
+        return isinstance(self.base, faiss.IndexIDMap2) and isinstance(faiss.downcast_index(self.base.index), faiss.IndexFlat)
+
+    def _get_searcher(self) -> faiss.Index | None:
+        """The index to search (None: exact numpy search over the flat storage)."""
+        if self._device is None or (self._searcher is None and not self._cpu_flat):
+            if self.spec.kind == "hnsw":
+                searcher, device = self.base, f"CPU ({faiss.omp_get_max_threads()} threads; hnsw has no GPU version)"
+            elif self._is_flat() and gpu_count() == 0:
+                # numpy's BLAS is often much faster than the one bundled with faiss-cpu.
+                searcher, device = None, "CPU (exact, numpy BLAS)"
+            else:
+                searcher, device = to_search_device(self.base)
+            self._cpu_flat = searcher is None
+            if device != self._device:
+                log.info("faiss %s search runs on %s", self.spec.kind, device)
+            self._searcher, self._device = searcher, device
+        return self._searcher
+
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """k-NN by inner product. Returns ``(sims [q, k] float32, ids [q, k] int64)``, best first;
+        missing neighbours (k > ntotal) have id -1 and similarity -inf.
+
+        Raises:
+            GalleryError: features of the wrong dimension.
+        """
+        x = _as_matrix(x, self.dim)
+        q = len(x)
+        if k < 1:
+            raise ValueError("k must be ≥ 1")
+        if q == 0 or self.ntotal == 0:
+            return np.full((q, k), -np.inf, np.float32), np.full((q, k), -1, np.int64)
+        searcher = self._get_searcher()
+        kk = min(k, self.ntotal)
+        if searcher is None:
+            flat = faiss.downcast_index(self.base.index)
+            xb = faiss.rev_swig_ptr(flat.get_xb(), self.ntotal * self.dim).reshape(self.ntotal, self.dim)
+            ids_all = faiss.rev_swig_ptr(self.base.id_map.data(), self.ntotal)
+            sims, ids = exact_search(x, xb, ids_all, kk)
+        elif self.refine is not None:
+            _, cand = searcher.search(x, min(self.ntotal, kk * auto_k_factor(self.spec)))
+            sims, ids = _rescore(self.refine, x, cand, kk)
+        elif self.spec.kind == "hnsw":
+            params = faiss.SearchParametersHNSW(efSearch=auto_ef_search(self.spec, kk))
+            sims, ids = searcher.search(x, kk, params=params)
+        else:
+            sims, ids = searcher.search(x, kk)
+        sims = np.asarray(sims, np.float32)
+        ids = np.asarray(ids, np.int64)
+        sims[ids < 0] = -np.inf
+        if kk < k:
+            sims = np.pad(sims, ((0, 0), (0, k - kk)), constant_values=-np.inf)
+            ids = np.pad(ids, ((0, 0), (0, k - kk)), constant_values=-1)
+        return sims, ids
+
+    # -- files
+
+    def save(self, path: str | os.PathLike[str], meta: dict[str, Any]) -> None:
+        """Write the index and ``meta`` (JSON-able) to ``path`` atomically."""
+        header = dict(meta, spec=json.loads(self.spec.to_json()), dim=self.dim, ntotal=self.ntotal,
+                      trained_n=self.trained_n, has_refine=self.refine is not None)
+        with atomic_write(path, "wb") as fh:
+            fh.write(FILE_MAGIC)
+            fh.write(json.dumps(header, sort_keys=True).encode() + b"\n")
+            faiss.write_index(self.base, faiss.PyCallbackIOWriter(fh.write))
+            if self.refine is not None:
+                faiss.write_index(self.refine, faiss.PyCallbackIOWriter(fh.write))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> tuple["VectorIndex", dict[str, Any]]:
+        """Read an index written by :meth:`save`; returns it and its header.
+
+        Raises:
+            GalleryError: not an index file of this format, or truncated.
+        """
+        path = Path(path)
+        try:
+            with open(path, "rb") as fh:
+                if fh.readline() != FILE_MAGIC:
+                    raise GalleryError(f"{path} is not a reid-search index file; delete it and it will be rebuilt from the DB")
+                header = json.loads(fh.readline())
+                base = faiss.read_index(faiss.PyCallbackIOReader(fh.read))
+                refine = faiss.read_index(faiss.PyCallbackIOReader(fh.read)) if header.get("has_refine") else None
+        except GalleryError:
+            raise
+        except Exception as exc:
+            raise GalleryError(f"cannot read the index file {path} ({type(exc).__name__}); delete it and it will be rebuilt from the DB") from None
+        spec = IndexSpec.from_json(json.dumps(header["spec"]))
+        return cls(spec, int(header["dim"]), base, refine, trained_n=int(header.get("trained_n", 0))), header
+
+
+def exact_search(x: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int,
+                 max_block_floats: int = 1 << 25) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner-product k-NN of queries ``x`` among rows ``xb`` (labelled ``ids``).
+
+    Streams ``xb`` in blocks so memory stays at ~``max_block_floats`` scores.
+    Returns ``(sims [q, k], ids [q, k])`` best first, padded with -inf / -1.
+    """
+    q, n = len(x), len(xb)
+    best_s = np.full((q, k), -np.inf, np.float32)
+    best_i = np.full((q, k), -1, np.int64)
+    if n == 0 or q == 0:
+        return best_s, best_i
+    block = max(1024, max_block_floats // max(q, 1))
+    for s in range(0, n, block):
+        sims = x @ xb[s : s + block].T
+        kk = min(k, sims.shape[1])
+        part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk] if kk < sims.shape[1] else np.broadcast_to(np.arange(kk), sims.shape).copy()
+        cand_s = np.concatenate([best_s, np.take_along_axis(sims, part, 1)], axis=1)
+        cand_i = np.concatenate([best_i, np.asarray(ids[s : s + block], np.int64)[part]], axis=1)
+        order = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
+        best_s = np.take_along_axis(cand_s, order, 1)
+        best_i = np.take_along_axis(cand_i, order, 1)
+    best_i[~np.isfinite(best_s)] = -1
+    return best_s.astype(np.float32, copy=False), best_i
+
+
+def _sample(source: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], n: int, size: int, seed: int) -> np.ndarray:
+    """About ``size`` vectors drawn uniformly from one pass over ``source()``."""
+    rng = np.random.default_rng(seed)
+    p = min(1.0, 1.1 * size / max(n, 1))
+    parts = []
+    for _, x in source():
+        parts.append(np.asarray(x, np.float32)[rng.random(len(x)) < p])
+    sample = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    return np.ascontiguousarray(sample[:size])
+
+
+def _rescore(refine: faiss.Index, x: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score candidate ids with the decoded refine codes; keep the best ``k`` per query."""
+    q, c = cand.shape
+    sims = np.full((q, k), -np.inf, np.float32)
+    ids = np.full((q, k), -1, np.int64)
+    step = max(1, (64 << 20) // max(1, c * x.shape[1] * 4))  # ≤ 64 MB of decoded vectors at a time
+    for s in range(0, q, step):
+        cb = cand[s : s + step]
+        rows, cols = np.nonzero(cb >= 0)
+        vecs = refine.reconstruct_batch(np.ascontiguousarray(cb[rows, cols]))
+        scores = np.full(cb.shape, -np.inf, np.float32)
+        scores[rows, cols] = np.einsum("nd,nd->n", vecs, x[s : s + step][rows])
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        sims[s : s + step] = np.take_along_axis(scores, top, 1)
+        ids[s : s + step] = np.where(np.isfinite(sims[s : s + step]), np.take_along_axis(cb, top, 1), -1)
+    return sims, ids
+
+
+def iter_batches(ids: np.ndarray, x: np.ndarray, batch: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Split in-memory ``(ids, feats)`` into batches (a :meth:`VectorIndex.build` source)."""
+    for s in range(0, len(ids), batch):
+        yield ids[s : s + batch], x[s : s + batch]
+
+
+__all__ = [
+    "IndexSpec", "KINDS", "exact_search", "PARAMS_BY_KIND", "VectorIndex", "auto_nlist", "gpu_count", "iter_batches",
+    "parse_index_spec", "resolve_build", "to_search_device", "train_threshold",
+]
