@@ -342,8 +342,53 @@ def bench_rerank(data, datadir: Path, frac: float, args) -> list[Row]:
 
 
 def bench_query_latency(data, datadir: Path, frac: float, args) -> list[Row]:
-    """Hook: per-query search latency of the engine (added with the engine)."""
-    return []
+    """Per-query latency of a warm engine core: FAISS flat k-NN + camera filter vs online re-ranking.
+
+    Feature extraction is excluded (it is the same for both and measured by
+    bench_extract.py). The re-ranking structures are built once, as indexing does.
+    """
+    import faiss
+
+    from reid_search.online_rerank import GalleryRerank
+
+    g = np.ascontiguousarray(data["g_feats"], dtype=np.float32)
+    q = np.ascontiguousarray(data["q_feats"], dtype=np.float32)
+    g_cams, q_cams = data["g_camids"], data["q_camids"]
+    size = f"{frac:g}× (1 query × {len(g)})"
+    index = faiss.IndexFlatIP(g.shape[1])
+    index.add(g)
+    t0 = time.perf_counter()
+    rr = GalleryRerank.build(g)
+    build_s = time.perf_counter() - t0
+    nq = min(len(q), args.latency_queries)
+
+    def knn(i: int) -> None:
+        want = 40
+        while True:
+            _, ids = index.search(q[i : i + 1], want)
+            keep = ids[0][g_cams[ids[0]] != q_cams[i]]
+            if len(keep) >= 10 or want >= len(g):
+                return
+            want *= 4
+
+    def rerank(i: int) -> None:
+        d = rr.distances(q[i])
+        d = np.where(g_cams == q_cams[i], np.inf, d)
+        np.argpartition(d, 10)[:10]
+
+    rows = []
+    for name, fn in (("k-NN (FAISS flat) + camera filter", knn), ("online k-reciprocal re-ranking", rerank)):
+        fn(0)  # warm
+        times = []
+        for i in range(nq):
+            t = time.perf_counter()
+            fn(i)
+            times.append(time.perf_counter() - t)
+        ms = np.array(times) * 1000
+        rows.append(Row("query latency", size, name, float(np.median(ms)) / 1000, float("nan"), float("nan"), nq,
+                        agreement=f"p50 {np.percentile(ms, 50):.1f} ms, p95 {np.percentile(ms, 95):.1f} ms"
+                        + (f"; gallery structures built once in {build_s:.1f} s" if fn is rerank else "")))
+    return rows
 
 
 SECTIONS = (bench_evaluate, bench_rerank, bench_query_latency)
@@ -396,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run the dense re-ranking with float32 V (isolates float16 rounding)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of the fast forms (median reported)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--latency-queries", type=int, default=200, help="queries timed for the latency section")
+    p.add_argument("--sections", default="evaluate,rerank,latency", help="which sections to run")
     p.add_argument("--out", type=Path, help="also write the Markdown table here")
     args = p.parse_args(argv)
     import torch
@@ -412,7 +459,10 @@ def main(argv: list[str] | None = None) -> int:
             for key, arr in data.items():
                 np.save(datadir / f"{key}.npy", arr)
             np.save(datadir / "distmat.npy", squared_distances(data["q_feats"], data["g_feats"]))
+            chosen = {x.strip() for x in args.sections.split(",")}
             for section in SECTIONS:
+                if section.__name__.removeprefix("bench_").replace("query_", "") not in chosen:
+                    continue
                 new = section(data, datadir, frac, args)
                 for r in new:
                     print(

@@ -32,8 +32,9 @@ def test_train_transform_shape_and_randomness() -> None:
 
 def test_flip_only_transform_flips_half_the_time() -> None:
     img = _img(3)
-    t = build_train_transform(Preprocess(), AugmentConfig(flip_p=0.5, pad=0, random_erasing_p=0))
-    plain = build_eval_transform(Preprocess())(img)
+    small = Preprocess(64, 32)  # small tensors keep 400 draws fast; the op does not depend on size
+    t = build_train_transform(small, AugmentConfig(flip_p=0.5, pad=0, random_erasing_p=0))
+    plain = build_eval_transform(small)(img)
     torch.manual_seed(0)
     flips = 0
     for _ in range(400):
@@ -48,7 +49,7 @@ def test_flip_only_transform_flips_half_the_time() -> None:
 def test_random_erasing_statistics() -> None:
     """p=0.5, erased area 2–40 % of the image, filled with the mean (0 after normalising)."""
     img = Image.new("RGB", (64, 128), (250, 10, 10))  # no pixel is near the mean
-    t = build_train_transform(Preprocess(), AugmentConfig(flip_p=0, pad=0, random_erasing_p=0.5))
+    t = build_train_transform(Preprocess(128, 64), AugmentConfig(flip_p=0, pad=0, random_erasing_p=0.5))
     torch.manual_seed(0)
     areas = []
     n = 600

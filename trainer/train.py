@@ -199,6 +199,32 @@ class TrainState:
     info: DistInfo
 
 
+def build_train_state(cfg: TrainConfig, num_classes: int, device: torch.device, info: DistInfo | None = None) -> TrainState:
+    """Model, loss (with centres), both optimisers, schedule and scaler for ``cfg``.
+
+    The model is in ``cfg``'s memory format on ``device`` and wrapped in
+    DistributedDataParallel (SyncBatchNorm on GPUs) when ``info.world > 1``.
+
+    Raises:
+        ModelError: unknown architecture or unreadable pretrained weights.
+    """
+    info = info or DistInfo()
+    model = build_model(cfg.arch, num_classes, cfg.last_stride, cfg.neck, cfg.pretrained, cfg.neck_feat).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = ReIDLoss(cfg, num_classes, model.feat_dim).to(device)
+    optimizer = build_optimizer(model, cfg)
+    center_opt = torch.optim.SGD(criterion.center.parameters(), lr=cfg.center_lr) if criterion.center is not None else None
+    dtype = amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    wrapped: nn.Module = model
+    if info.world > 1:
+        if device.type == "cuda":
+            wrapped = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    return TrainState(wrapped, criterion, optimizer, center_opt, build_scheduler(optimizer, cfg), scaler, device, dtype, cfg, info)
+
+
 def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """One optimisation step, the same code for fp32, bf16 and fp16."""
     cfg, device = state.cfg, state.device
@@ -266,9 +292,11 @@ def train_one_epoch(
 
 
 def _memory_format(model: nn.Module) -> torch.memory_format:
+    """channels_last when the first conv weight is stored that way, else contiguous."""
     for p in model.parameters():
         if p.dim() == 4:
-            return torch.channels_last if not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+            is_cl = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            return torch.channels_last if is_cl else torch.contiguous_format
     return torch.contiguous_format
 
 
@@ -487,22 +515,11 @@ def _train(
     # Same seed on every rank: identical initial weights and centres (DDP only broadcasts the model).
     _seed_everything(cfg.seed)
     loader, sampler, num_classes = build_train_loader(ds, cfg, info)
-    model = build_model(cfg.arch, num_classes, cfg.last_stride, cfg.neck, cfg.pretrained, cfg.neck_feat).to(dev)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    criterion = ReIDLoss(cfg, num_classes, model.feat_dim).to(dev)
-    optimizer = build_optimizer(model, cfg)
-    center_opt = torch.optim.SGD(criterion.center.parameters(), lr=cfg.center_lr) if criterion.center is not None else None
-    dtype = amp_dtype(cfg, dev)
-    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
-    wrapped: nn.Module = model
+    state = build_train_state(cfg, num_classes, dev, info)
+    model = _unwrap(state.model)
     if info.world > 1:
-        if dev.type == "cuda":
-            wrapped = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=[dev.index] if dev.type == "cuda" else None)
         # From here on each rank draws its own augmentations (and DataLoader worker seeds).
         _seed_everything(_rank_seed(cfg.seed, info.rank, 0))
-    state = TrainState(wrapped, criterion, optimizer, center_opt, build_scheduler(optimizer, cfg), scaler, dev, dtype, cfg, info)
     start = 0
     if ckpt is not None:
         start = load_training(latest, state, sampler, ckpt)
@@ -524,7 +541,7 @@ def _train(
         if info.is_main:
             log.info("training %s on %s: %d images, %d ids, %d epochs (from %d), batch %d, device %s, amp %s, world %d",
                      cfg.recipe, ds.root, len(loader.dataset), num_classes, cfg.epochs, start, cfg.batch_size,  # type: ignore[arg-type]
-                     dev, dtype, info.world)
+                     dev, state.dtype, info.world)
         for epoch in range(start, cfg.epochs):
             steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
             on_step, close = progress(epoch, steps) if (progress and info.is_main) else (None, lambda: None)

@@ -1,0 +1,596 @@
+"""The HTTP search service, driven over real loopback sockets.
+
+A uvicorn server runs in a background thread on a free 127.0.0.1 port, serving
+a tiny workspace (the tiny checkpoint, a 16-image gallery indexed through the
+indexer API); httpx talks to it. Results are compared with the engine and the
+CLI on the same images; bad inputs must get 4xx JSON and leave it serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from reid_search.cli._common import App, main
+from reid_search.cli.search import open_engine, query as query_cmd
+from reid_search.cli.serve import serve
+from reid_search.data import parse_name
+from reid_search.extract import extract_features, load_extractor, load_image
+from reid_search.service import ApiError, QueryBatcher, create_app, upload_name
+from reid_search.workspace import Workspace
+from tests.conftest import write_crop
+
+if "serve" not in main.commands:
+    main.add_command(serve)
+if "query" not in main.commands:
+    main.add_command(query_cmd)
+
+MAX_UPLOAD = 256 * 1024
+MAX_PIXELS = 1_000_000
+MAX_FILES = 4
+KEY = "s3cret-key"
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> Workspace:
+    """16 gallery crops (4 ids × 2 cameras × 2) indexed with the tiny model, plus 8 query crops."""
+    from indexer.store import NewImage, open_gallery, sha256_file
+
+    root = tmp_path_factory.mktemp("svc")
+    gallery_dir, query_dir = root / "market" / "bounding_box_test", root / "market" / "query"
+    paths = [write_crop(gallery_dir / f"{pid:04d}_c{cam}s1_{k:06d}_00.jpg", 100 * pid + 10 * cam + k)
+             for pid in range(1, 5) for cam in (1, 2) for k in range(2)]
+    for pid in range(1, 5):
+        for cam in (1, 3):
+            write_crop(query_dir / f"{pid:04d}_c{cam}s1_000100_00.jpg", 1000 + 10 * pid + cam)
+    ws = Workspace(root / "ws")
+    ws.set_model(tiny_ckpt)
+    extractor = load_extractor(tiny_ckpt, device="cpu")
+    feats, kept, failures = extract_features(paths, extractor, num_workers=0)
+    assert not failures and kept == list(range(len(paths)))
+    with open_gallery(ws) as gallery:
+        gallery.add_images([NewImage(p, *sha256_file(p)) for p in paths], feats, extractor.fingerprint)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def query_paths(workspace: Workspace) -> list[Path]:
+    return sorted((workspace.root.parent / "market" / "query").iterdir())
+
+
+@contextlib.contextmanager
+def running(app: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free loopback port in a thread; yields the base URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        sock.close()
+        assert not thread.is_alive(), "the test server did not stop"
+
+
+@pytest.fixture(scope="module")
+def server(workspace: Workspace) -> Iterator[tuple[str, Any]]:
+    # A 20 ms window makes batches certain in the burst test without slowing the rest much.
+    app = create_app(workspace, device="cpu", max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS,
+                     max_files=MAX_FILES, max_batch=8, max_wait_ms=20)
+    with running(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def client(server: tuple[str, Any]) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server[0], timeout=60) as c:
+        yield c
+
+
+def upload(path: Path, name: str | None = None) -> dict[str, Any]:
+    return {"file": (name or path.name, path.read_bytes())}
+
+
+def png_bytes(size: tuple[int, int], fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (90, 30, 200)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def assert_same_hits(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+    assert [h["id"] for h in got] == [h["id"] for h in want]
+    assert [(h["rank"], h["path"], h["pid"], h["camid"]) for h in got] == \
+        [(h["rank"], h["path"], h["pid"], h["camid"]) for h in want]
+    # Batched and single forward passes may round differently in the last bits.
+    np.testing.assert_allclose([h["distance"] for h in got], [h["distance"] for h in want], atol=1e-5)
+
+
+def healthy(client: httpx.Client, query_paths: list[Path]) -> None:
+    r = client.post("/query", files=upload(query_paths[0]), data={"top_k": "2"})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["hits"]) == 2
+
+
+# --------------------------------------------------------------------------- query
+
+
+def test_query_matches_the_cli(workspace: Workspace, query_paths: list[Path], client: httpx.Client) -> None:
+    q = query_paths[0]
+    cli = CliRunner().invoke(main, ["-w", str(workspace.root), "query", str(q), "--json", "--top-k", "5",
+                                    "--device", "cpu"])
+    assert cli.exit_code == 0, cli.output
+    want = json.loads(cli.output.strip().splitlines()[-1])
+    r = client.post("/query", files=upload(q), data={"top_k": "5"})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["query"] == q.name and got["camid"] == want["camid"] == 1 and got["rerank"] is False
+    assert len(got["hits"]) == 5
+    assert all(h["camid"] != 1 for h in got["hits"])  # own camera dropped, camid read from the Market name
+    assert_same_hits(got["hits"], want["hits"])
+
+
+@pytest.mark.parametrize("rerank", [False, True])
+def test_query_matches_the_engine(workspace: Workspace, query_paths: list[Path], client: httpx.Client,
+                                  rerank: bool) -> None:
+    engine = open_engine(App(workspace), None, "cpu")
+    try:
+        for q, cam in ((query_paths[1], None), (query_paths[2], 2)):
+            feats = engine.embed_images([load_image(q)])
+            want = [h.to_dict() for h in engine.search(feats, top_k=6, camids=[cam], rerank=rerank)[0]]
+            form = {"top_k": "6", "rerank": str(rerank).lower()}
+            if cam is not None:
+                form["camid"] = str(cam)
+            # An un-Market name: no camera filter unless camid is given.
+            r = client.post("/query", files=upload(q, "person.png"), data=form)
+            assert r.status_code == 200, r.text
+            assert r.json()["camid"] == cam and r.json()["rerank"] is rerank
+            assert_same_hits(r.json()["hits"], want)
+    finally:
+        engine.gallery.close()
+
+
+def test_query_params_in_the_query_string(query_paths: list[Path], client: httpx.Client) -> None:
+    a = client.post("/query", files=upload(query_paths[3]), data={"top_k": "3", "camid": "2"})
+    b = client.post("/query?top_k=3&camid=2", files=upload(query_paths[3]))
+    assert a.status_code == b.status_code == 200
+    assert a.json() == b.json()
+    assert len(a.json()["hits"]) == 3 and all(h["camid"] != 2 for h in a.json()["hits"])
+    # Camera 3 (from the name) has no gallery images: top_k beyond the gallery returns all of it.
+    big = client.post("/query?top_k=1000", files=upload(query_paths[3]))
+    assert big.status_code == 200 and len(big.json()["hits"]) == client.get("/stats").json()["gallery_size"]
+
+
+def test_concurrent_burst(query_paths: list[Path], client: httpx.Client, server: tuple[str, Any]) -> None:
+    url, app = server
+    want = {}
+    for q in query_paths:
+        r = client.post("/query", files=upload(q), data={"top_k": "5"})
+        assert r.status_code == 200
+        want[q.name] = r.json()
+    before = app.state.batcher.stats.largest
+    local = threading.local()
+
+    def one(i: int) -> tuple[int, str, dict[str, Any]]:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(base_url=url, timeout=60)
+        q = query_paths[i % len(query_paths)]
+        r = local.client.post("/query", files=upload(q), data={"top_k": "5"})
+        return r.status_code, q.name, r.json()
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(32), timeout=120))
+    assert time.monotonic() - t0 < 120
+    assert [s for s, _, _ in results] == [200] * 32
+    for _, name, body in results:
+        assert body["query"] == name and body["camid"] == want[name]["camid"]
+        assert_same_hits(body["hits"], want[name]["hits"])
+    stats = client.get("/stats").json()["batching"]
+    assert stats["largest_batch"] > 1, stats  # concurrent queries were embedded together
+    assert app.state.batcher.stats.largest >= before
+
+
+# --------------------------------------------------------------------------- gallery
+
+
+def test_add_query_remove(workspace: Workspace, query_paths: list[Path], client: httpx.Client) -> None:
+    from indexer.store import open_gallery
+
+    q = query_paths[4]
+    size0 = client.get("/stats").json()["gallery_size"]
+    r = client.post("/gallery", files=upload(q, "../../escape.jpg"), data={"pid": "42", "camid": "7"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    (new_id,) = body["ids"]
+    item = body["items"][0]
+    assert item["new"] and item["pid"] == 42 and item["camid"] == 7 and body["gallery_size"] == size0 + 1
+    stored = Path(item["path"])
+    assert stored.parent == (workspace.root / "uploads").resolve() and stored.read_bytes() == q.read_bytes()
+    assert stored.name == upload_name(item["sha256"], ".jpg", 42, 7)
+    assert not (workspace.root.parent / "escape.jpg").exists() and not (workspace.root / "escape.jpg").exists()
+    # Committed through the indexer: another process sees it.
+    with open_gallery(workspace) as g:
+        m = g.metadata([new_id])[0]
+        assert (m.pid, m.camid, m.path) == (42, 7, stored)
+
+    # The same bytes and labels again: same id, nothing added.
+    again = client.post("/gallery", files=upload(q), data={"pid": "42", "camid": "7"}).json()
+    assert again["ids"] == [new_id] and not again["items"][0]["new"] and again["gallery_size"] == size0 + 1
+
+    hits = client.post("/query", files=upload(q, "x.jpg"), data={"top_k": "3"}).json()["hits"]
+    assert hits[0]["id"] == new_id and hits[0]["pid"] == 42 and hits[0]["distance"] < 1e-4
+    # Its camera is filtered like any other.
+    hits = client.post("/query", files=upload(q, "x.jpg"), data={"top_k": "3", "camid": "7"}).json()["hits"]
+    assert new_id not in [h["id"] for h in hits]
+
+    r = client.delete(f"/gallery/{new_id}")
+    assert r.status_code == 200 and r.json()["gallery_size"] == size0
+    assert not stored.exists()
+    hits = client.post("/query", files=upload(q, "x.jpg"), data={"top_k": "3"}).json()["hits"]
+    assert new_id not in [h["id"] for h in hits]
+    r = client.delete(f"/gallery/{new_id}")
+    assert r.status_code == 404 and r.json()["reason"] == "unknown-id"
+
+
+def test_add_several_unlabelled(workspace: Workspace, client: httpx.Client) -> None:
+    a = write_crop(workspace.root.parent / "extra" / "a.png", 7001)
+    b = write_crop(workspace.root.parent / "extra" / "b.jpg", 7002)
+    files = [("file", ("a.png", a.read_bytes(), "image/png")), ("file", ("b.jpg", b.read_bytes(), "image/jpeg")),
+             ("file", ("a-again.png", a.read_bytes(), "image/png"))]
+    r = client.post("/gallery", files=files)
+    assert r.status_code == 200, r.text
+    ids = r.json()["ids"]
+    assert len(ids) == 3 and ids[0] == ids[2] != ids[1]
+    for item in r.json()["items"]:
+        assert item["pid"] is None and parse_name(Path(item["path"]).name) is None
+    hits = client.post("/query", files={"file": ("b.jpg", b.read_bytes())}, data={"top_k": "1"}).json()["hits"]
+    assert hits[0]["id"] == ids[1] and hits[0]["pid"] is None
+    for i in set(ids):
+        assert client.delete(f"/gallery/{i}").status_code == 200
+
+
+def test_concurrent_writes_and_queries(workspace: Workspace, query_paths: list[Path], client: httpx.Client,
+                                       server: tuple[str, Any]) -> None:
+    url = server[0]
+    crops = [write_crop(workspace.root.parent / "burst" / f"{i}.jpg", 8000 + i) for i in range(6)]
+    size0 = client.get("/stats").json()["gallery_size"]
+
+    def add(p: Path) -> tuple[int, Any]:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            r = c.post("/gallery", files=upload(p), data={"pid": "77", "camid": "5"})
+            return r.status_code, r.json()
+
+    def ask(q: Path) -> int:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            return c.post("/query", files=upload(q)).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        adds = [pool.submit(add, p) for p in crops]
+        asks = [pool.submit(ask, q) for q in query_paths]
+        added = [f.result(timeout=120) for f in adds]
+        assert [f.result(timeout=120) for f in asks] == [200] * len(query_paths)
+    assert [s for s, _ in added] == [200] * len(crops)
+    ids = [b["ids"][0] for _, b in added]
+    assert len(set(ids)) == len(crops)
+    assert client.get("/stats").json()["gallery_size"] == size0 + len(crops)
+    for p, i in zip(crops, ids):
+        hit = client.post("/query", files=upload(p, "x.jpg"), data={"top_k": "1"}).json()["hits"][0]
+        assert hit["id"] == i
+    for i in ids:
+        assert client.delete(f"/gallery/{i}").status_code == 200
+    assert client.get("/stats").json()["gallery_size"] == size0
+
+
+def test_sees_changes_of_other_processes(workspace: Workspace, client: httpx.Client) -> None:
+    from indexer.store import NewImage, open_gallery, sha256_file
+
+    p = write_crop(workspace.root.parent / "other" / "0055_c4s1_000001_00.jpg", 9100)
+    extractor = load_extractor(workspace.model_path(), device="cpu")
+    with open_gallery(workspace) as g:  # as `reid-search index` would, from another process
+        feats = extract_features([p], extractor, num_workers=0)[0]
+        (new_id,) = g.add_images([NewImage(p, *sha256_file(p))], feats, extractor.fingerprint)
+    deadline = time.monotonic() + 10  # the server re-reads the DB generation at most once a second
+    while True:
+        hits = client.post("/query", files=upload(p, "x.jpg"), data={"top_k": "1"}).json()["hits"]
+        if hits[0]["id"] == new_id or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert hits[0]["id"] == new_id and hits[0]["pid"] == 55
+    # Removing an image indexed from a folder keeps its file: only uploads are the service's to delete.
+    assert client.delete(f"/gallery/{new_id}").status_code == 200
+    assert p.is_file()
+
+
+def test_upload_names_carry_labels() -> None:
+    sha = "f1" + "0" * 62  # must not be read as a frame number
+    info = parse_name(upload_name(sha, ".jpg", 42, 7))
+    assert (info.pid, info.camid, info.seq, info.frame) == (42, 7, None, None)
+    info = parse_name(upload_name(sha, ".png", -1, 0))
+    assert (info.pid, info.camid) == (-1, 0)
+    assert parse_name(upload_name("12" + sha[2:], ".jpg")) is None
+    with pytest.raises(ValueError):
+        upload_name(sha, ".jpg", 3, None)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+BAD_QUERIES = [
+    # (id, files, data, url suffix, status, reason or None for FastAPI's validation list)
+    ("not-an-image", {"file": ("a.jpg", b"hello, not a picture")}, {}, "", 415, "not-an-image"),
+    ("zero-bytes", {"file": ("a.jpg", b"")}, {}, "", 400, "empty"),
+    ("server-path-as-name", {"file": ("/etc/hostname", b"just bytes")}, {}, "", 415, "not-an-image"),
+    ("oversized-file", {"file": ("a.jpg", b"\xff" * (MAX_UPLOAD + 1))}, {}, "", 413, "too-large"),
+    ("oversized-body", {"file": ("a.jpg", b"\xff" * (MAX_UPLOAD + 200_000))}, {}, "", 413, "too-large"),
+    ("too-many-pixels", {"file": ("big.png", png_bytes((2000, 1000)))}, {}, "", 413, "too-large"),
+    ("unknown-query-param", "Q", {}, "?verbose=1", 422, None),
+    ("unknown-form-field", "Q", {"path": "/etc/passwd"}, "", 422, None),
+    ("top-k-not-int", "Q", {"top_k": "ten"}, "", 422, None),
+    ("top-k-zero", "Q", {"top_k": "0"}, "", 422, None),
+    ("top-k-too-big", "Q", {}, "?top_k=1001", 422, None),
+    ("rerank-not-bool", "Q", {"rerank": "maybe"}, "", 422, None),
+    ("camid-not-int", "Q", {}, "?camid=c3", 422, None),
+    ("conflicting-top-k", "Q", {"top_k": "3"}, "?top_k=4", 422, None),
+    ("missing-file", None, {"top_k": "3"}, "", 422, None),
+    ("file-as-text", None, {"file": "not a file"}, "", 422, None),
+    ("two-files", "QQ", {}, "", 422, "one-file"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_QUERIES, ids=[c[0] for c in BAD_QUERIES])
+def test_bad_query_inputs(case: tuple, query_paths: list[Path], client: httpx.Client) -> None:
+    _, files, data, suffix, status, reason = case
+    q = query_paths[0]
+    if files == "Q":
+        files = upload(q)
+    elif files == "QQ":
+        files = [("file", (q.name, q.read_bytes())), ("file", (q.name, q.read_bytes()))]
+    r = client.post("/query" + suffix, files=files, data=data)
+    assert r.status_code == status, r.text
+    body = r.json()
+    if reason is None:
+        assert isinstance(body["detail"], list) and body["detail"]
+    else:
+        assert body["reason"] == reason and isinstance(body["detail"], str)
+        assert "/tmp" not in body["detail"]  # no server paths in errors
+    healthy(client, query_paths)
+
+
+def test_truncated_image(query_paths: list[Path], client: httpx.Client) -> None:
+    data = query_paths[0].read_bytes()
+    for cut in (len(data) // 3, len(data) - 100):
+        r = client.post("/query", files={"file": ("cut.jpg", data[:cut])})
+        assert r.status_code == 400, (cut, r.text)
+        assert r.json()["reason"] == "corrupt"
+    healthy(client, query_paths)
+
+
+def test_chunked_body_is_capped_while_received(query_paths: list[Path], client: httpx.Client) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n\r\n"
+        for _ in range(64):  # 4 MiB, no Content-Length
+            yield b"\0" * 65536
+
+    r = client.post("/query", content=chunks(), headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert r.status_code == 413 and r.json()["reason"] == "too-large"
+    healthy(client, query_paths)
+
+
+def test_other_bad_requests(workspace: Workspace, query_paths: list[Path], client: httpx.Client) -> None:
+    q = query_paths[0]
+    cases = [
+        (client.post("/query", json={"file": "/etc/passwd"}), 422),
+        (client.delete("/gallery/abc"), 422),
+        (client.delete("/gallery/987654"), 404),
+        (client.delete("/gallery/1?force=1"), 422),
+        (client.get("/healthz?x=1"), 422),
+        (client.get("/nowhere"), 404),
+        (client.put("/query"), 405),
+        (client.post("/gallery", files=upload(q), data={"pid": "3"}), 422),
+        (client.post("/gallery", files=upload(q), data={"pid": "-2", "camid": "1"}), 422),
+        (client.post("/gallery", files=upload(q), data={"pid": "3", "camid": "1", "seq": "2"}), 422),
+        (client.post("/gallery", files=[("file", (f"{i}.jpg", q.read_bytes())) for i in range(MAX_FILES + 1)]), 413),
+        (client.post("/gallery", files={"file": ("a.gif", png_bytes((20, 40), "GIF"))}), 415),
+        (client.post("/gallery", files={"file": ("a.jpg", b"GIF89a nope")}), 415),
+        (client.post("/gallery", data={"pid": "3", "camid": "1"}), 422),
+    ]
+    for i, (r, status) in enumerate(cases):
+        assert r.status_code == status, (i, r.text)
+        assert "detail" in r.json()
+    # A failed add leaves nothing behind.
+    assert client.get("/stats").json()["gallery_size"] == 16
+    assert list((workspace.root / "uploads").iterdir()) == []
+    # GIF is fine as a query (only gallery storage is restricted to indexable formats).
+    r = client.post("/query", files={"file": ("a.gif", png_bytes((20, 40), "GIF"))})
+    assert r.status_code == 200, r.text
+    healthy(client, query_paths)
+
+
+# --------------------------------------------------------------------------- API key, schema, CLI
+
+
+def test_api_key_required_everywhere(workspace: Workspace, query_paths: list[Path]) -> None:
+    app = create_app(workspace, device="cpu", api_key=KEY)
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        q = query_paths[0]
+        for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": ""}):
+            for r in (c.get("/healthz", headers=headers), c.get("/stats", headers=headers),
+                      c.get("/openapi.json", headers=headers), c.get("/docs", headers=headers),
+                      c.post("/query", files=upload(q), headers=headers),
+                      c.post("/gallery", files=upload(q), headers=headers),
+                      c.delete("/gallery/1", headers=headers)):
+                assert r.status_code == 401, r.request.url
+                assert r.json()["reason"] == "unauthorized"
+        ok = {"X-API-Key": KEY}
+        assert c.get("/healthz", headers=ok).json()["status"] == "ok"
+        r = c.post("/query", files=upload(q), data={"top_k": "2"}, headers=ok)
+        assert r.status_code == 200 and len(r.json()["hits"]) == 2
+        schema = c.get("/openapi.json", headers=ok).json()
+        assert schema["components"]["securitySchemes"]["APIKeyHeader"]["name"] == "X-API-Key"
+        assert c.get("/stats", headers=ok).json()["settings"]["api_key_required"] is True
+
+
+def test_openapi_schema_and_stats(client: httpx.Client) -> None:
+    schema = client.get("/openapi.json").json()
+    assert {"/query", "/gallery", "/gallery/{image_id}", "/healthz", "/stats"} <= set(schema["paths"])
+    assert "post" in schema["paths"]["/query"] and "delete" in schema["paths"]["/gallery/{image_id}"]
+    assert "securitySchemes" not in schema.get("components", {})
+    stats = client.get("/stats").json()
+    assert stats["gallery_size"] == 16 and stats["index"]["type"] == "flat"
+    assert stats["model"]["dim"] == 512 and stats["model"]["input_size"] == [64, 32]
+    assert stats["model"]["fingerprint"] in stats["gallery"] and stats["search_device"]
+    assert stats["generation"] >= 1 and stats["settings"]["api_key_required"] is False
+
+
+def test_serve_help_and_errors(tmp_path: Path) -> None:
+    r = CliRunner().invoke(main, ["serve", "--help"])
+    assert r.exit_code == 0 and "Example:" in r.output and "REID_SEARCH_API_KEY" in r.output
+    r = CliRunner().invoke(main, ["-w", str(tmp_path / "nothing"), "serve"])
+    assert r.exit_code == 1 and "no model" in r.output
+
+
+def test_serve_wiring(workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    # The CLI package binds the name `serve` to the command, shadowing the module.
+    serve_mod = importlib.import_module("reid_search.cli.serve")
+
+    seen: dict[str, Any] = {}
+
+    def fake_run(app: Any, host: str, port: int, access_log: bool, log_level: str) -> None:
+        seen.update(app=app, host=host, port=port)
+        app.state.close()
+
+    monkeypatch.setattr(serve_mod, "run_server", fake_run)
+    monkeypatch.setenv("REID_SEARCH_API_KEY", KEY)
+    r = CliRunner().invoke(main, ["-w", str(workspace.root), "serve", "--device", "cpu", "--port", "8123",
+                                  "--max-batch", "1", "--max-wait-ms", "0"])
+    assert r.exit_code == 0, r.output
+    assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
+    assert seen["app"].state.settings["api_key_required"] is True
+    assert seen["app"].state.settings["max_batch"] == 1
+    monkeypatch.delenv("REID_SEARCH_API_KEY")
+    r = CliRunner().invoke(main, ["-w", str(workspace.root), "serve", "--device", "cpu", "--host", "0.0.0.0"])
+    assert r.exit_code == 0 and "without --api-key" in r.output
+    assert seen["app"].state.settings["api_key_required"] is False
+
+
+# --------------------------------------------------------------------------- the batcher alone
+
+
+def _run_batcher(n: int, max_batch: int, max_wait_s: float, fail: set[int] = frozenset()) -> tuple[list, list[int]]:
+    sizes: list[int] = []
+
+    def run(items: list[int]) -> list[Any]:
+        sizes.append(len(items))
+        time.sleep(0.01)
+        return [ValueError(i) if i in fail else 2 * i for i in items]
+
+    async def go() -> list[Any]:
+        with ThreadPoolExecutor(1) as ex:
+            b: QueryBatcher[int, int] = QueryBatcher(run, ex, max_batch=max_batch, max_wait_s=max_wait_s)
+            b.start()
+            try:
+                return await asyncio.wait_for(asyncio.gather(*(b.submit(i) for i in range(n)),
+                                                             return_exceptions=True), 30)
+            finally:
+                await b.stop()
+
+    return asyncio.run(go()), sizes
+
+
+def test_batcher_groups_and_keeps_order() -> None:
+    out, sizes = _run_batcher(10, max_batch=4, max_wait_s=0.05)
+    assert out == [2 * i for i in range(10)]
+    assert sizes == [4, 4, 2]
+    out, sizes = _run_batcher(5, max_batch=1, max_wait_s=0.05)
+    assert out == [0, 2, 4, 6, 8] and sizes == [1] * 5
+
+
+def test_batcher_waits_only_for_announced_requests() -> None:
+    sizes: list[int] = []
+
+    def run(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        return items
+
+    async def go() -> tuple[float, list[int]]:
+        with ThreadPoolExecutor(1) as ex:
+            b: QueryBatcher[int, int] = QueryBatcher(run, ex, max_batch=8, max_wait_s=1.0)
+            b.start()
+
+            async def arrive(i: int, delay: float, announce: bool) -> int:
+                with b.coming() if announce else contextlib.nullcontext():
+                    await asyncio.sleep(delay)  # decoding the upload
+                return await b.submit(i)
+
+            try:
+                t0 = time.perf_counter()
+                assert await b.submit(0) == 0  # alone: no waiting for company
+                lone = time.perf_counter() - t0
+                # Announced while the first is queued: they go together.
+                assert await asyncio.gather(arrive(1, 0.0, True), arrive(2, 0.1, True)) == [1, 2]
+                # Not announced: the first goes at once, the latecomer on its own.
+                assert await asyncio.gather(arrive(3, 0.0, False), arrive(4, 0.1, False)) == [3, 4]
+            finally:
+                await b.stop()
+            return lone, sizes
+
+    lone, sizes = asyncio.run(go())
+    assert lone < 0.5 and sizes == [1, 2, 1, 1]
+
+
+def test_batcher_isolates_failures() -> None:
+    out, sizes = _run_batcher(6, max_batch=8, max_wait_s=0.05, fail={3})
+    assert sizes == [6]
+    assert isinstance(out[3], ValueError) and [o for i, o in enumerate(out) if i != 3] == [0, 2, 4, 8, 10]
+
+
+def test_batcher_whole_batch_failure_and_full_queue() -> None:
+    def boom(items: list[int]) -> list[int]:
+        raise RuntimeError("model crashed")
+
+    async def go() -> tuple[list[Any], Any]:
+        with ThreadPoolExecutor(1) as ex:
+            b: QueryBatcher[int, int] = QueryBatcher(boom, ex, max_batch=4, max_wait_s=0.01, max_queue=3)
+            b.start()
+            try:
+                tasks = [asyncio.ensure_future(b.submit(i)) for i in range(4)]
+                out = await asyncio.gather(*tasks, return_exceptions=True)
+            finally:
+                await b.stop()
+            return out, b.stats.to_dict()
+
+    out, stats = asyncio.run(go())
+    assert [type(o) for o in out] == [ApiError] * 4
+    assert [o.status for o in out] == [500, 500, 500, 503]  # the 4th found the queue full
+    assert stats["queries"] == 3
