@@ -144,3 +144,16 @@ def test_query_with_another_model_is_refused(indexed, tmp_path: Path) -> None:
     ws, root = indexed
     r = run(ws, "query", str(root / "query" / "0005_c1s1_000000_00.jpg"), "--model", str(other))
     assert r.exit_code == 1 and "--reindex" in r.output
+
+
+def test_index_and_remove_keep_the_rerank_cache_current(indexed) -> None:
+    import numpy as np
+
+    ws, root = indexed
+    cache = ws / "index" / "rerank.npz"
+    assert cache.is_file(), "index builds the re-ranking structures"
+    before = np.load(cache)["ids"].copy()
+    victim = sorted((root / "bounding_box_test").iterdir())[0]
+    assert run(ws, "remove", str(victim)).exit_code == 0
+    after = np.load(cache)["ids"]
+    assert len(after) == len(before) - 1

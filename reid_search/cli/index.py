@@ -77,8 +77,25 @@ def index(app: App, folder: Path, model: Path | None, index_type: str | None, in
         if report.usable == 0:
             raise GalleryError(_nothing_indexed(report))
         _print_report(report, gallery.describe())
+        _refresh_rerank(app, gallery)
     finally:
         gallery.close()
+
+
+# Above this size the cached re-ranking structures are built on the first
+# `query --rerank` instead of at the end of every index run.
+RERANK_PRECOMPUTE_LIMIT = 200_000
+
+
+def _refresh_rerank(app: App, gallery) -> None:
+    """Keep the gallery's k-reciprocal structures (used by `query --rerank`) in step with the gallery."""
+    from reid_search.engine import refresh_rerank_cache
+
+    gallery.save()  # the cache is keyed by the committed generation
+    if gallery.ntotal > RERANK_PRECOMPUTE_LIMIT:
+        (app.workspace.index_dir / "rerank.npz").unlink(missing_ok=True)
+        return
+    refresh_rerank_cache(gallery, app.workspace.index_dir)
 
 
 def _nothing_indexed(report: IndexReport) -> str:
@@ -123,6 +140,7 @@ def remove(app: App, paths: tuple[Path, ...]) -> None:
         for p in unmatched:
             click.echo(f"  not in the gallery: {p}")
         click.echo(f"gallery: {gallery.describe()}")
+        _refresh_rerank(app, gallery)
     finally:
         gallery.close()
 
