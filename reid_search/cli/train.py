@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import click
 from click.core import ParameterSource
@@ -15,6 +15,9 @@ from tqdm import tqdm
 
 from reid_search.cli._common import App, pass_app
 from reid_search.errors import ReidSearchError
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
 
 
 @click.command()
@@ -96,7 +99,7 @@ def train(app: App, data_root: Path | None, recipe: str, overrides: tuple[str, .
     click.echo(f"log:   {result.out_dir / 'train.log'}")
 
 
-def _resume_config(out: Path, recipe: str | None, overrides: tuple[str, ...]):
+def _resume_config(out: Path, recipe: str | None, overrides: tuple[str, ...]) -> "TrainConfig | None":
     """The run's saved config with ``overrides`` on top; None when ``out`` holds no config.json.
 
     Raises:
