@@ -27,6 +27,13 @@ _CANDIDATES = (
 )
 
 
+def first_line(exc: BaseException) -> str:
+    """``Type: message`` of an exception on one line (the DB driver's own error when wrapped)."""
+    inner = getattr(exc, "orig", None) or exc
+    lines = str(inner).strip().splitlines()
+    return f"{type(inner).__name__}: {lines[0] if lines else ''}"
+
+
 def script_location() -> Path:
     """The folder holding ``env.py`` and ``versions/``.
 
@@ -76,7 +83,7 @@ def upgrade_db(engine: Engine) -> tuple[str | None, str | None]:
     try:
         before = current_revision(engine)
     except Exception as exc:  # OperationalError & co: bad URL, server down, permissions
-        raise GalleryError(f"cannot open the metadata DB {engine.url!r} ({type(exc).__name__}: {exc}); check --db / REID_SEARCH_DB") from None
+        raise GalleryError(f"cannot open the metadata DB {engine.url!r} ({first_line(exc)}); check --db / REID_SEARCH_DB") from None
     if before == head:
         return before, head
     known = {s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()}

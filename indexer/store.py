@@ -40,7 +40,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from indexer.db import STATE_ROW_ID, Embedding, GalleryRoot, GalleryState, ImageRow, utcnow
-from indexer.migrations import upgrade_db
+from indexer.migrations import current_revision, first_line, head_revision, upgrade_db
 from indexer.vectors import PARAMS_BY_KIND, SEARCH_PARAMS, IndexSpec, VectorIndex
 from reid_search.data import parse_name
 from reid_search.errors import GalleryError
@@ -134,12 +134,15 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         db = parsed.database
         if db and db != ":memory:" and not db.startswith("file:"):
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(db).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise GalleryError(f"cannot create the folder of the SQLite DB {db} ({exc.strerror}); pass another --workspace or --db") from None
         kwargs["connect_args"] = {"timeout": 60}
     try:
         engine = create_engine(parsed, **kwargs)
     except Exception as exc:  # missing DBAPI driver, bad options
-        raise GalleryError(f"cannot use the DB URL {parsed!r} ({type(exc).__name__}: {exc}); for PostgreSQL install psycopg (pip install 'reid-search[postgres]')") from None
+        raise GalleryError(f"cannot use the DB URL {parsed!r} ({first_line(exc)}); for PostgreSQL install psycopg (pip install 'reid-search[postgres]')") from None
     if parsed.get_backend_name() == "sqlite":
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -173,19 +176,37 @@ class _WriterLock:
             if self._depth == 0:
                 self._release()
 
-    def _acquire(self) -> None:
+    @contextlib.contextmanager
+    def try_hold(self) -> Iterator[bool]:
+        """Like :meth:`hold` without waiting; yields whether the lock is held."""
+        if self._depth == 0 and not self._acquire(wait=False):
+            yield False
+            return
+        self._depth += 1
+        try:
+            yield True
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self._release()
+
+    def _acquire(self, wait: bool = True) -> bool:
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows: no cross-process lock
-            return
+            return True
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                os.close(fd)
+                return False
             log.warning("another reid-search process is changing this gallery; waiting for it to finish")
             fcntl.flock(fd, fcntl.LOCK_EX)
         self._fd = fd
+        return True
 
     def _release(self) -> None:
         if self._fd is not None:
@@ -688,7 +709,7 @@ class Gallery:
         if rows:
             self._fingerprint, self._dim = fingerprint, dim
         try:
-            if self._vindex is None and self._dim is not None:
+            if self._dim is not None and (self._vindex is None or self._vindex.dim != self._dim):
                 self._spec = spec
                 self._vindex = VectorIndex.empty(spec, self._dim)
             if self._vindex is not None:
@@ -783,13 +804,20 @@ class Gallery:
         self._vindex = vi
         self._dirty = changed
         if changed and repair:
-            self.save()
+            # A reader must not wait for a long-running writer: it keeps the repaired
+            # index in memory and leaves the file to the writer.
+            with self._lock.try_hold() as held:
+                if held:
+                    self._save()
 
 
 def _abs(p: Path) -> Path:
-    """Absolute path with symlinked folders resolved but the last component kept as named."""
+    """Absolute path: folders fully resolved; for anything else the parent folder is
+    resolved and the last component kept as named (a symlinked crop keeps its name)."""
     p = Path(os.path.abspath(p))
-    return p.parent.resolve() / p.name if p.name else p.resolve()
+    if p.is_dir() or not p.name:
+        return p.resolve()
+    return p.parent.resolve() / p.name
 
 
 def _meta(row: ImageRow, root: str) -> ImageMeta:
@@ -827,9 +855,13 @@ def open_gallery(
             raise GalleryError("open_gallery(URL) needs index_dir, the folder of the FAISS index file")
         index_dir = Path(index_dir)
     engine = make_engine(url)
-    lock = _WriterLock(index_dir / LOCK_FILE)
-    with lock.hold():
-        upgrade_db(engine)
+    try:
+        at_head = current_revision(engine) == head_revision()
+    except Exception:  # unreachable DB: upgrade_db says so properly
+        at_head = False
+    if not at_head:
+        with _WriterLock(index_dir / LOCK_FILE).hold():
+            upgrade_db(engine)
     gallery = Gallery(engine, index_dir, save_interval=save_interval)
     if spec is not None and spec != gallery.spec:
         gallery.set_spec(spec)

@@ -13,13 +13,13 @@ Index types (``IndexSpec.kind``):
     Inverted file with full vectors (``IndexIVFFlat``, ids stored in the lists).
     Scores are exact; only the candidate set is approximate.
 ``ivfpq``
-    Two stages: an inverted file with 4-bit fast-scan PQ codes
-    (``IndexIVFPQFastScan``, ``pq_m`` sub-quantizers) proposes
+    Two stages in one ``IndexRefine``: an inverted file with 4-bit fast-scan
+    PQ codes (``IndexIVFPQFastScan``, ``pq_m`` sub-quantizers) proposes
     ``k_factor · k`` candidates, which are re-scored with scalar-quantized
-    copies of the vectors (``refine_bits`` per dimension,
-    ``IndexIDMap2(IndexScalarQuantizer)``). About
-    ``pq_m/2 + dim·refine_bits/8 + 50`` bytes per image: ~1.1 GB per million
-    2048-d features at the defaults. Scores are approximate (decoded codes).
+    copies of the vectors (``refine_bits`` per dimension). About
+    ``pq_m/2 + dim·refine_bits/8 + 16`` bytes per image: 1.07 GB per million
+    2048-d features at the defaults. Scores are approximate (from the codes).
+    Searches run on the CPU (fast-scan codes have no GPU version).
 ``hnsw``
     Graph search over full vectors (``IndexIDMap2(IndexHNSWFlat)``); needs
     no training, but removing images rebuilds the graph.
@@ -66,7 +66,9 @@ SEARCH_PARAMS = frozenset({"nprobe", "k_factor", "ef_search"})
 
 FILE_MAGIC = b"reid-search faiss index v1\n"
 GROWTH_RETRAIN = 16  # retrain ivf/ivfpq (automatic nlist) once the gallery is this many times larger
-REFINE_CODES = {4: "SQ4", 6: "SQ6", 8: "SQ8"}  # bits per dimension -> faiss scalar quantizer
+# bits per dimension -> faiss scalar quantizer of the ivfpq re-scoring codes
+REFINE_CODES = {4: faiss.ScalarQuantizer.QT_4bit, 6: faiss.ScalarQuantizer.QT_6bit, 8: faiss.ScalarQuantizer.QT_8bit}
+DEAD_FRACTION = 0.25  # ivfpq: rebuild once this share of the re-scoring codes belongs to removed images
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class IndexSpec:
         kind: ``flat``, ``ivf``, ``ivfpq`` or ``hnsw``.
         nlist: inverted lists; auto ≈ √n rounded to a power of two, ≥ 39 vectors per list.
         nprobe: lists visited per query; auto = max(16, nlist/16) for ivf, max(32, nlist/8) for ivfpq.
-        pq_m: 4-bit sub-quantizers of the ivfpq first stage; auto = dim/16 (at least 8).
+        pq_m: 4-bit sub-quantizers of the ivfpq first stage; auto = dim/32 (at least 8).
         refine_bits: bits per dimension of the ivfpq re-scoring codes (4, 6 or 8);
             auto = 8 up to 512 dimensions, else 4.
         k_factor: ivfpq candidates per result; auto = 16.
@@ -193,7 +195,7 @@ def resolve_build(spec: IndexSpec, dim: int, n: int) -> dict[str, int]:
     if spec.kind in ("ivf", "ivfpq"):
         out["nlist"] = spec.nlist or auto_nlist(n)
     if spec.kind == "ivfpq":
-        pq_m = spec.pq_m or _divisor_near(dim, max(8, dim // 16), even=True)
+        pq_m = spec.pq_m or _divisor_near(dim, max(8, dim // 32), even=True)
         if dim % pq_m:
             raise GalleryError(f"index parameter pq_m={pq_m} must divide the feature dimension {dim}")
         if pq_m % 2:
@@ -278,6 +280,23 @@ def _as_ids(ids: Iterable[int] | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64).ravel())
 
 
+def _index_bytes(index: faiss.Index) -> int:
+    index = faiss.downcast_index(index)
+    n = int(index.ntotal)
+    if isinstance(index, faiss.IndexIDMap2):
+        # id_map (8 B) + the reverse hash map (~32 B per entry in libstdc++)
+        return _index_bytes(index.index) + 40 * n
+    if isinstance(index, faiss.IndexIVF):
+        return n * (int(index.code_size) + 8) + _index_bytes(index.quantizer)
+    if isinstance(index, faiss.IndexHNSW):
+        h = index.hnsw
+        graph = 4 * h.neighbors.size() + 8 * h.offsets.size() + 4 * h.levels.size()
+        return graph + _index_bytes(index.storage)
+    if isinstance(index, faiss.IndexFlatCodes):
+        return n * int(index.code_size)
+    return n * 4 * int(index.d)  # unknown kinds: as if flat
+
+
 def _ivf_ids(ivf: faiss.Index) -> np.ndarray:
     inv = ivf.invlists
     parts = []
@@ -291,17 +310,23 @@ def _ivf_ids(ivf: faiss.Index) -> np.ndarray:
 
 
 class VectorIndex:
-    """An id-mapped FAISS index of one :class:`IndexSpec` (plus the ivfpq re-scoring codes).
+    """An id-mapped FAISS index of one :class:`IndexSpec`.
+
+    ``base`` is ``IndexIDMap2(flat | HNSW)``, an ``IndexIVFFlat`` holding the ids
+    in its lists, or for ivfpq an ``IndexRefine(IndexIVFPQFastScan, IndexScalarQuantizer)``
+    addressed by *positions*, with ``positions`` mapping each position to its id
+    (-1 once removed: the re-scoring codes stay until the next rebuild, which is
+    requested when a quarter of them are dead).
 
     Not thread-safe for mutation; concurrent :meth:`search` calls are fine.
     """
 
-    def __init__(self, spec: IndexSpec, dim: int, base: faiss.Index, refine: faiss.Index | None = None,
-                 trained_n: int = 0) -> None:
+    def __init__(self, spec: IndexSpec, dim: int, base: faiss.Index, trained_n: int = 0,
+                 positions: np.ndarray | None = None) -> None:
         self.spec, self.dim = spec, dim
         self.base = base
-        self.refine = refine
         self.trained_n = trained_n  # gallery size when trained (0: not trained)
+        self.positions = positions  # ivfpq only: position -> id
         self._searcher: faiss.Index | None = None
         self._device: str | None = None
         self._cpu_flat = False
@@ -333,27 +358,37 @@ class VectorIndex:
         p = resolve_build(spec, dim, n)
         nlist = p["nlist"]
         sample = _sample(source, n, min(n, max(40 * nlist, 10_000)), seed)
+        log.info("training %s on %d of %d vectors (%s)", spec.kind, len(sample), n, p)
         if spec.kind == "ivf":
             base = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
-            refine = None
+            faiss.extract_index_ivf(base).cp.niter = 10  # plenty for coarse lists; k-means is the costly part
+            base.train(sample)
+            idx = cls(spec, dim, base, trained_n=n)
         else:
-            base = faiss.index_factory(dim, f"IVF{nlist},PQ{p['pq_m']}x4fs", faiss.METRIC_INNER_PRODUCT)
-            refine = faiss.index_factory(dim, f"IDMap2,{REFINE_CODES[p['refine_bits']]}", faiss.METRIC_INNER_PRODUCT)
-        log.info("training %s on %d of %d vectors (%s)", spec.kind, len(sample), n, p)
-        faiss.extract_index_ivf(base).cp.niter = 10  # plenty for coarse lists; k-means is the costly part
-        base.train(sample)
-        if refine is not None:
-            refine.train(sample)  # per-dimension ranges: cheap
-        idx = cls(spec, dim, base, refine, trained_n=n)
+            ivf = faiss.index_factory(dim, f"IVF{nlist},PQ{p['pq_m']}x4fs", faiss.METRIC_INNER_PRODUCT)
+            faiss.extract_index_ivf(ivf).cp.niter = 10
+            ivf.train(sample)
+            codes = faiss.IndexScalarQuantizer(dim, REFINE_CODES[p["refine_bits"]], faiss.METRIC_INNER_PRODUCT)
+            codes.train(sample)  # per-dimension ranges: cheap
+            base = faiss.IndexRefine(ivf, codes)
+            base.own_fields = True  # the refine wrapper frees both parts
+            ivf.this.disown()
+            codes.this.disown()
+            idx = cls(spec, dim, base, trained_n=n, positions=np.zeros(0, np.int64))
         for ids, x in source():
             idx.add(ids, x)
         return idx
 
     # -- properties
 
+    def _ivf(self) -> faiss.Index:
+        return faiss.extract_index_ivf(self.base)
+
     @property
     def ntotal(self) -> int:
         """Vectors in the index."""
+        if self.positions is not None:
+            return int(self._ivf().ntotal)
         return int(self.base.ntotal)
 
     @property
@@ -364,21 +399,22 @@ class VectorIndex:
     @property
     def nlist(self) -> int:
         """Inverted lists of a trained ivf/ivfpq, else 0."""
-        return int(self.base.nlist) if self.trained and self.spec.kind in ("ivf", "ivfpq") else 0
+        return int(self._ivf().nlist) if self.trained and self.spec.kind in ("ivf", "ivfpq") else 0
 
     def ids(self) -> np.ndarray:
         """All ids in the index, sorted."""
-        if isinstance(self.base, faiss.IndexIDMap2):
+        if self.positions is not None:
+            ids = self.positions[self.positions >= 0]
+        elif isinstance(self.base, faiss.IndexIDMap2):
             ids = faiss.vector_to_array(self.base.id_map)
         else:
-            ids = _ivf_ids(faiss.extract_index_ivf(self.base))
+            ids = _ivf_ids(self._ivf())
         return np.sort(ids.astype(np.int64))
 
     def memory_bytes(self) -> int:
-        """Size of the serialised index (≈ its memory)."""
-        return int(faiss.serialize_index(self.base).nbytes) + (
-            int(faiss.serialize_index(self.refine).nbytes) if self.refine is not None else 0
-        )
+        """Estimated resident size: codes, ids, id maps, graphs and coarse centroids."""
+        extra = 8 * len(self.positions) if self.positions is not None else 0
+        return _index_bytes(self.base) + extra
 
     def rebuild_reason(self) -> str | None:
         """Why the owner should :meth:`build` again from all vectors, or ``None``."""
@@ -389,6 +425,8 @@ class VectorIndex:
             return f"{n} vectors reached the training threshold {train_threshold(self.spec)}" if n >= train_threshold(self.spec) else None
         if not self.spec.nlist and n >= GROWTH_RETRAIN * self.trained_n:
             return f"the gallery grew from {self.trained_n} to {n} vectors since training (nlist {self.nlist} → {auto_nlist(n)})"
+        if self.positions is not None and len(self.positions) - n > DEAD_FRACTION * max(len(self.positions), 1):
+            return f"{len(self.positions) - n} removed vectors still hold re-scoring codes"
         return None
 
     # -- mutation
@@ -401,32 +439,42 @@ class VectorIndex:
             raise ValueError(f"{len(ids)} ids for {len(x)} vectors")
         if not len(ids):
             return
-        self.base.add_with_ids(x, ids)
-        if self.refine is not None:
-            self.refine.add_with_ids(x, ids)
+        if self.positions is not None:
+            codes = faiss.downcast_index(self.base.refine_index)
+            start = int(codes.ntotal)
+            self._ivf().add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
+            codes.add(x)
+            self.base.ntotal = codes.ntotal
+            self.positions = np.concatenate([self.positions, ids])
+        else:
+            self.base.add_with_ids(x, ids)
         self._searcher = None
 
     def remove(self, ids: np.ndarray) -> bool:
         """Remove ids (absent ones are ignored). False when this index type cannot remove
-        (hnsw): the owner must rebuild without them.
+        in place (hnsw) or has accumulated too many dead codes (ivfpq): the owner should rebuild.
         """
         ids = _as_ids(ids)
         if not len(ids):
             return True
         if self.spec.kind == "hnsw":
             return False
-        sel = faiss.IDSelectorBatch(ids)
-        self.base.remove_ids(sel)
-        if self.refine is not None:
-            self.refine.remove_ids(sel)
         self._searcher = None
+        if self.positions is not None:
+            pos = np.nonzero(np.isin(self.positions, ids))[0].astype(np.int64)
+            self._ivf().remove_ids(faiss.IDSelectorBatch(pos))
+            self.positions[pos] = -1
+            return self.rebuild_reason() is None
+        self.base.remove_ids(faiss.IDSelectorBatch(ids))
         return True
 
     # -- search
 
     def _configure(self) -> None:
         if self.trained and self.spec.kind in ("ivf", "ivfpq"):
-            faiss.extract_index_ivf(self.base).nprobe = auto_nprobe(self.spec, self.nlist)
+            self._ivf().nprobe = auto_nprobe(self.spec, self.nlist)
+        if self.positions is not None:
+            self.base.k_factor = float(auto_k_factor(self.spec))
 
     def set_search_params(self, **params: int) -> None:
         """Change ``nprobe``, ``k_factor`` or ``ef_search`` for later searches (no rebuild).
@@ -454,8 +502,11 @@ class VectorIndex:
     def _get_searcher(self) -> faiss.Index | None:
         """The index to search (None: exact numpy search over the flat storage)."""
         if self._device is None or (self._searcher is None and not self._cpu_flat):
+            threads = faiss.omp_get_max_threads()
             if self.spec.kind == "hnsw":
-                searcher, device = self.base, f"CPU ({faiss.omp_get_max_threads()} threads; hnsw has no GPU version)"
+                searcher, device = self.base, f"CPU ({threads} threads; hnsw has no GPU version)"
+            elif self.positions is not None:
+                searcher, device = self.base, f"CPU ({threads} threads; ivfpq's fast-scan codes have no GPU version)"
             elif self._is_flat() and gpu_count() == 0:
                 # numpy's BLAS is often much faster than the one bundled with faiss-cpu.
                 searcher, device = None, "CPU (exact, numpy BLAS)"
@@ -487,9 +538,6 @@ class VectorIndex:
             xb = faiss.rev_swig_ptr(flat.get_xb(), self.ntotal * self.dim).reshape(self.ntotal, self.dim)
             ids_all = faiss.rev_swig_ptr(self.base.id_map.data(), self.ntotal)
             sims, ids = exact_search(x, xb, ids_all, kk)
-        elif self.refine is not None:
-            _, cand = searcher.search(x, min(self.ntotal, kk * auto_k_factor(self.spec)))
-            sims, ids = _rescore(self.refine, x, cand, kk)
         elif self.spec.kind == "hnsw":
             params = faiss.SearchParametersHNSW(efSearch=auto_ef_search(self.spec, kk))
             sims, ids = searcher.search(x, kk, params=params)
@@ -497,6 +545,8 @@ class VectorIndex:
             sims, ids = searcher.search(x, kk)
         sims = np.asarray(sims, np.float32)
         ids = np.asarray(ids, np.int64)
+        if self.positions is not None:
+            ids = np.where(ids >= 0, self.positions[np.maximum(ids, 0)], -1)
         sims[ids < 0] = -np.inf
         if kk < k:
             sims = np.pad(sims, ((0, 0), (0, k - kk)), constant_values=-np.inf)
@@ -507,14 +557,15 @@ class VectorIndex:
 
     def save(self, path: str | os.PathLike[str], meta: dict[str, Any]) -> None:
         """Write the index and ``meta`` (JSON-able) to ``path`` atomically."""
+        npos = -1 if self.positions is None else len(self.positions)
         header = dict(meta, spec=json.loads(self.spec.to_json()), dim=self.dim, ntotal=self.ntotal,
-                      trained_n=self.trained_n, has_refine=self.refine is not None)
+                      trained_n=self.trained_n, positions=npos)
         with atomic_write(path, "wb") as fh:
             fh.write(FILE_MAGIC)
             fh.write(json.dumps(header, sort_keys=True).encode() + b"\n")
             faiss.write_index(self.base, faiss.PyCallbackIOWriter(fh.write))
-            if self.refine is not None:
-                faiss.write_index(self.refine, faiss.PyCallbackIOWriter(fh.write))
+            if self.positions is not None:
+                fh.write(np.ascontiguousarray(self.positions, dtype="<i8").tobytes())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> tuple["VectorIndex", dict[str, Any]]:
@@ -530,13 +581,18 @@ class VectorIndex:
                     raise GalleryError(f"{path} is not a reid-search index file; delete it and it will be rebuilt from the DB")
                 header = json.loads(fh.readline())
                 base = faiss.read_index(faiss.PyCallbackIOReader(fh.read))
-                refine = faiss.read_index(faiss.PyCallbackIOReader(fh.read)) if header.get("has_refine") else None
+                positions = None
+                if header.get("positions", -1) >= 0:
+                    raw = fh.read(8 * header["positions"])
+                    if len(raw) != 8 * header["positions"]:
+                        raise EOFError("truncated id table")
+                    positions = np.frombuffer(raw, dtype="<i8").astype(np.int64)
         except GalleryError:
             raise
         except Exception as exc:
             raise GalleryError(f"cannot read the index file {path} ({type(exc).__name__}); delete it and it will be rebuilt from the DB") from None
         spec = IndexSpec.from_json(json.dumps(header["spec"]))
-        return cls(spec, int(header["dim"]), base, refine, trained_n=int(header.get("trained_n", 0))), header
+        return cls(spec, int(header["dim"]), base, trained_n=int(header.get("trained_n", 0)), positions=positions), header
 
 
 def exact_search(x: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int,
@@ -574,24 +630,6 @@ def _sample(source: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], n: in
         parts.append(np.asarray(x, np.float32)[rng.random(len(x)) < p])
     sample = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
     return np.ascontiguousarray(sample[:size])
-
-
-def _rescore(refine: faiss.Index, x: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Re-score candidate ids with the decoded refine codes; keep the best ``k`` per query."""
-    q, c = cand.shape
-    sims = np.full((q, k), -np.inf, np.float32)
-    ids = np.full((q, k), -1, np.int64)
-    step = max(1, (64 << 20) // max(1, c * x.shape[1] * 4))  # ≤ 64 MB of decoded vectors at a time
-    for s in range(0, q, step):
-        cb = cand[s : s + step]
-        rows, cols = np.nonzero(cb >= 0)
-        vecs = refine.reconstruct_batch(np.ascontiguousarray(cb[rows, cols]))
-        scores = np.full(cb.shape, -np.inf, np.float32)
-        scores[rows, cols] = np.einsum("nd,nd->n", vecs, x[s : s + step][rows])
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        sims[s : s + step] = np.take_along_axis(scores, top, 1)
-        ids[s : s + step] = np.where(np.isfinite(sims[s : s + step]), np.take_along_axis(cb, top, 1), -1)
-    return sims, ids
 
 
 def iter_batches(ids: np.ndarray, x: np.ndarray, batch: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -349,12 +349,12 @@ class SearchCore:
             or a gallery indexed with another model.
     """
 
-    def __init__(self, workspace: Workspace, model: Path | None = None, device: str = "auto",
+    def __init__(self, workspace: Workspace, model: Path | None = None, device: str = "auto", flip: bool = False,
                  refresh_interval_s: float = 1.0) -> None:
         from indexer import open_gallery
 
         self.workspace = workspace
-        self.extractor = load_extractor(workspace.model_path(model), device=device)
+        self.extractor = load_extractor(workspace.model_path(model), device=device, flip=flip)
         self.gallery = open_gallery(workspace)
         self.gallery.check_model(self.extractor.fingerprint, self.extractor.dim)
         self.uploads = (workspace.root / UPLOADS_DIR).resolve()
@@ -744,6 +744,7 @@ def create_app(
     *,
     model: Path | None = None,
     device: str = "auto",
+    flip: bool = False,
     api_key: str | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -772,7 +773,7 @@ def create_app(
         raise ValueError("api_key must not be empty (pass None for no key)")
 
     limits = ServiceLimits(max_upload_bytes, max_pixels, max_files)
-    core = SearchCore(workspace, model, device, refresh_interval_s)
+    core = SearchCore(workspace, model, device, flip, refresh_interval_s)
     core.uploads.mkdir(parents=True, exist_ok=True)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reid-model")
     batcher: QueryBatcher[QueryJob, Any] = QueryBatcher(core.search_batch, executor, max_batch=max_batch,

@@ -44,6 +44,8 @@ def run_server(app: Any, host: str, port: int, access_log: bool, log_level: str)
 @click.option("--model", "-m", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Checkpoint (.pt) or ONNX file [default: the workspace's model].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--flip/--no-flip", default=False, show_default=True,
+              help="Average with the flipped image; must match how the gallery was indexed.")
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1, 1024),
               help="Queries embedded together; 1 serves one at a time.")
 @click.option("--max-wait-ms", default=5.0, show_default=True, type=click.FloatRange(0, 1000),
@@ -60,7 +62,8 @@ def run_server(app: Any, host: str, port: int, access_log: bool, log_level: str)
               help="CPU threads of the model [default: torch's, one per core]; fewer when the cores are shared.")
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
 @pass_app
-def serve(app: App, host: str, port: int, api_key: str | None, model: Path | None, device: str, max_batch: int,
+def serve(app: App, host: str, port: int, api_key: str | None, model: Path | None, device: str, flip: bool,
+          max_batch: int,
           max_wait_ms: float, max_queue: int, max_upload_bytes: int, max_pixels: int, max_files: int,
           threads: int | None, access_log: bool) -> None:
     """Serve the workspace's gallery over HTTP/JSON (OpenAPI docs at /docs).
@@ -88,7 +91,7 @@ def serve(app: App, host: str, port: int, api_key: str | None, model: Path | Non
     if not _is_loopback(host) and api_key is None:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach this port can query "
                    "and change the gallery", err=True)
-    service = create_app(app.workspace, model=model, device=device, api_key=api_key,
+    service = create_app(app.workspace, model=model, device=device, flip=flip, api_key=api_key,
                          max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, max_files=max_files,
                          max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
     stats = service.state.core.stats()

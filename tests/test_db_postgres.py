@@ -1,0 +1,139 @@
+"""The gallery on a real PostgreSQL server, started here when its binaries are installed."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+pytest.importorskip("psycopg")
+
+from click.testing import CliRunner  # noqa: E402
+
+from indexer import IndexSpec, open_gallery  # noqa: E402
+from indexer.store import make_engine  # noqa: E402
+from reid_search.errors import GalleryError  # noqa: E402
+from tests.test_db import assert_schema_matches_models  # noqa: E402
+from tests.test_store import fake_images, feats  # noqa: E402
+
+
+def _pg_bindir() -> Path | None:
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).resolve().parent
+    cands = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl") + glob.glob("/usr/local/pgsql/bin/pg_ctl"))
+    return Path(cands[-1]).parent if cands else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[str]:
+    """A throwaway server on 127.0.0.1 with trust auth; yields its base URL (no database)."""
+    bindir = _pg_bindir()
+    if bindir is None or not (bindir / "initdb").exists():
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+    tmp = Path(tempfile.mkdtemp(prefix="reid-pg-"))
+    preexec = None
+    if os.geteuid() == 0:  # postgres refuses to run as root: drop to an unprivileged user
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            user = pwd.getpwnam("nobody")
+        os.chown(tmp, user.pw_uid, user.pw_gid)
+
+        def preexec() -> None:
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+
+    data, port = tmp / "data", _free_port()
+    env = dict(os.environ, LC_ALL="C", LANG="C")
+
+    def run(*args: str) -> None:
+        subprocess.run(args, check=True, cwd=tmp, env=env, preexec_fn=preexec,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+
+    try:
+        run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "reid", "--no-sync", "-E", "UTF8")
+        run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(tmp / "log"), "-w", "-t", "60", "-o",
+            f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+        out = getattr(exc, "stdout", b"") or b""
+        shutil.rmtree(tmp, ignore_errors=True)
+        pytest.skip(f"could not start a PostgreSQL server: {exc} {out.decode(errors='replace')[-300:]}")
+    try:
+        yield f"postgresql+psycopg://reid@127.0.0.1:{port}"
+    finally:
+        subprocess.run([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], cwd=tmp, env=env,
+                       preexec_fn=preexec, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture()
+def pg_url(pg_server: str) -> str:
+    """A fresh, empty database on the test server."""
+    import psycopg
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(pg_server.replace("postgresql+psycopg", "postgresql") + "/postgres", autocommit=True) as con:
+        con.execute(f'CREATE DATABASE "{name}"')
+    return f"{pg_server}/{name}"
+
+
+def test_postgres_schema_has_no_drift(pg_url: str) -> None:
+    g = open_gallery(pg_url, Path(tempfile.mkdtemp()))
+    g.close()
+    assert_schema_matches_models(make_engine(pg_url))
+
+
+def test_postgres_gallery_round_trip(pg_url: str, tmp_path: Path) -> None:
+    idx = tmp_path / "idx"
+    g = open_gallery(pg_url, idx)
+    x = feats(50)
+    imgs = fake_images(tmp_path / "gal", 50, write=True)
+    ids = g.add_images(imgs, x, "m")
+    assert g.ntotal == 50 and ids.dtype == np.int64
+    sims, got = g.search(x[:3], 2)
+    np.testing.assert_array_equal(got[:, 0], ids[:3])
+    assert g.metadata(ids[:1])[0].path == imgs[0].path.resolve()
+    np.testing.assert_array_equal(g.vectors(ids[10:12]), x[10:12])
+    with pytest.raises(GalleryError, match="--reindex"):
+        g.add_images(fake_images(tmp_path / "gal", 1, start=99), feats(1), "other")
+    imgs[0].path.unlink()
+    assert g.prune() == 1
+    removed, _ = g.remove([imgs[1].path])
+    assert removed == 1
+    new = g.add_images([imgs[2]], feats(1, seed=3), "m")  # same path: replaced
+    assert new[0] > ids.max() and g.ntotal == 48
+    g.set_spec(IndexSpec("ivf", min_train=40))
+    g.close()
+    g2 = open_gallery(pg_url, idx)
+    assert g2.ntotal == 48 and g2.index.trained and g2.generation == g.generation
+    np.testing.assert_array_equal(g2.index.ids(), g2.ids())
+
+
+def test_postgres_index_command(pg_url: str, tiny_ckpt: Path, market_dir: Path, tmp_path: Path) -> None:
+    from reid_search.cli._common import main
+    from reid_search.cli.index import index
+
+    main.add_command(index)
+    args = ["-q", "-w", str(tmp_path / "ws"), "--db", pg_url, "index", str(market_dir / "bounding_box_test"),
+            "--model", str(tiny_ckpt), "--workers", "0"]
+    r = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert r.exit_code == 0 and "indexed 8," in r.output, r.output
+    r = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert "indexed 0, replaced 0, unchanged 8" in r.output

@@ -1,0 +1,312 @@
+"""`reid-search index / remove` end to end through CliRunner, and every kind of bad input."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+from PIL import Image
+
+from indexer import open_gallery
+from reid_search.cli._common import main
+from reid_search.cli.index import db, index, remove
+from reid_search.workspace import Workspace
+from tests.conftest import shared_path, write_crop
+
+# The lead registers these in reid_search/cli/__init__.py; doing it here too is harmless.
+for _cmd in (index, remove, db):
+    main.add_command(_cmd)
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def index_cmd(ws: Path, folder: Path, ckpt: Path, *extra: str) -> Result:
+    return run("-q", "-w", str(ws), "index", str(folder), "--model", str(ckpt), "--workers", "0", *extra)
+
+
+def one_line_error(result: Result, *needles: str) -> None:
+    """Exit 1 with the error on one line (after any per-file warnings logged during the run)."""
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    msg = lines[-1]
+    assert msg.startswith("Error: "), result.output
+    assert all(ln.startswith("skipped ") for ln in lines[:-1]), result.output
+    assert "Traceback" not in result.output
+    for n in needles:
+        assert n in msg, msg
+
+
+def summary(result: Result) -> str:
+    """The summary line (bad files are also logged as warnings while the run goes)."""
+    lines = [ln for ln in result.output.splitlines() if ln.startswith(("indexed ", "dropped "))]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def gallery(ws: Path):
+    return open_gallery(Workspace(ws))
+
+
+# ---- the happy path ---------------------------------------------------------
+
+
+def test_index_market_folder_then_rerun_is_unchanged(tiny_ckpt: Path, market_dir: Path, tmp_path: Path) -> None:
+    ws, folder = tmp_path / "ws", market_dir / "bounding_box_test"
+    r = index_cmd(ws, folder, tiny_ckpt)
+    assert r.exit_code == 0, r.output
+    assert summary(r).startswith("indexed 8, replaced 0, unchanged 0, removed 0, skipped 0")
+    assert "gallery: 8 images, flat index, dim 512" in r.output
+    r = index_cmd(ws, folder, tiny_ckpt)
+    assert summary(r).startswith("indexed 0, replaced 0, unchanged 8, removed 0, skipped 0"), r.output
+    g = gallery(ws)
+    assert g.ntotal == 8 and len(g.ids()) == 8
+    ids, x = g.all_vectors()
+    sims, got = g.search(x, 1)
+    np.testing.assert_array_equal(got[:, 0], ids)  # every image finds itself first
+    metas = g.metadata(ids)
+    assert sorted({m.pid for m in metas}) == [-1, 0, 5, 6, 7]
+    assert all(m.path.is_file() and m.root == folder.resolve() for m in metas)
+
+
+def test_index_uses_the_workspace_model(tiny_ckpt: Path, market_dir: Path, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    Workspace(ws).set_model(tiny_ckpt)
+    r = run("-q", "-w", str(ws), "index", str(market_dir / "query"), "--workers", "0")
+    assert r.exit_code == 0 and summary(r).startswith("indexed 3,"), r.output
+    one_line_error(run("-w", str(tmp_path / "empty_ws"), "index", str(market_dir / "query")),
+                   "no model in workspace", "--model")
+
+
+def test_changed_file_is_replaced_and_prune_removes_deleted(tiny_ckpt: Path, market_dir: Path, tmp_path: Path) -> None:
+    ws, folder = tmp_path / "ws", market_dir / "bounding_box_test"
+    index_cmd(ws, folder, tiny_ckpt)
+    changed = folder / "0005_c2s1_000001_00.jpg"
+    old_id = next(m.id for batch in gallery(ws).iter_metadata() for m in batch if m.path.name == changed.name)
+    write_crop(changed, seed=12345)  # new content, same name
+    (folder / "0006_c2s1_000001_00.jpg").unlink()
+    r = index_cmd(ws, folder, tiny_ckpt)
+    assert summary(r).startswith("indexed 0, replaced 1, unchanged 6, removed 0"), r.output
+    g = gallery(ws)
+    assert g.ntotal == 8 and old_id not in g.ids()  # the deleted file is still there without --prune
+    r = index_cmd(ws, folder, tiny_ckpt, "--prune")
+    assert summary(r).startswith("indexed 0, replaced 0, unchanged 7, removed 1"), r.output
+    g = gallery(ws)
+    assert g.ntotal == 7 and g.index.ntotal == 7
+    assert "0006_c2s1_000001_00.jpg" not in {m.path.name for b in g.iter_metadata() for m in b}
+
+
+def test_new_files_are_added_incrementally(tiny_ckpt: Path, market_dir: Path, tmp_path: Path) -> None:
+    ws, folder = tmp_path / "ws", market_dir / "bounding_box_test"
+    index_cmd(ws, folder, tiny_ckpt)
+    write_crop(folder / "sub" / "0009_c1s1_000001_00.jpg", seed=77)  # recursive
+    r = index_cmd(ws, folder, tiny_ckpt)
+    assert summary(r).startswith("indexed 1, replaced 0, unchanged 8"), r.output
+    rel = {m.rel_path for b in gallery(ws).iter_metadata() for m in b}
+    assert "sub/0009_c1s1_000001_00.jpg" in rel
+    # a second root, then its parent: the roots merge and nothing is re-embedded
+    r = index_cmd(ws, market_dir / "query", tiny_ckpt)
+    assert summary(r).startswith("indexed 3,")
+    r = index_cmd(ws, market_dir, tiny_ckpt)
+    assert summary(r).startswith("indexed 16, replaced 0, unchanged 12"), r.output  # only the train split is new
+    assert gallery(ws).roots() == [market_dir.resolve()]
+
+
+def test_remove_command(tiny_ckpt: Path, market_dir: Path, tmp_path: Path) -> None:
+    ws, folder = tmp_path / "ws", market_dir / "bounding_box_test"
+    index_cmd(ws, folder, tiny_ckpt)
+    r = run("-w", str(ws), "remove", str(folder / "0005_c2s1_000001_00.jpg"), str(folder / "nope.jpg"))
+    assert r.exit_code == 0 and "removed 1 image(s)" in r.output and "not in the gallery" in r.output, r.output
+    assert gallery(ws).ntotal == 7
+    one_line_error(run("-w", str(ws), "remove", str(tmp_path / "other.jpg")), "nothing in the gallery matches")
+    r = run("-w", str(ws), "remove", str(folder))
+    assert "removed 7 image(s)" in r.output
+    g = gallery(ws)
+    assert g.ntotal == 0 and g.roots() == []
+
+
+def test_other_model_is_refused_until_reindex(tiny_ckpt: Path, market_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    from reid_search.checkpoint import save_checkpoint
+    from reid_search.model import build_model
+    from tests.conftest import TINY_PRE
+
+    torch.manual_seed(1)
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, build_model("resnet18"), TINY_PRE)
+    ws, folder = tmp_path / "ws", market_dir / "bounding_box_test"
+    index_cmd(ws, folder, tiny_ckpt)
+    one_line_error(index_cmd(ws, folder, other), "was indexed with model", "--reindex", "--workspace")
+    r = index_cmd(ws, folder, other, "--reindex")
+    assert r.exit_code == 0 and summary(r).startswith("dropped 8 (re-index), indexed 8,"), r.output
+    from reid_search.extract import load_extractor
+
+    assert gallery(ws).model_fingerprint == load_extractor(other, device="cpu").fingerprint
+
+
+def test_index_type_option(tiny_ckpt: Path, market_dir: Path, tmp_path: Path) -> None:
+    ws, folder = tmp_path / "ws", market_dir / "bounding_box_test"
+    r = index_cmd(ws, folder, tiny_ckpt, "--index-type", "ivfpq", "--index-param", "nprobe=8")
+    assert r.exit_code == 0 and "ivfpq (nprobe=8) index (exact until trained)" in r.output, r.output
+    r = index_cmd(ws, folder, tiny_ckpt, "--index-type", "hnsw")
+    assert "unchanged 8" in r.output and "hnsw index" in r.output
+    assert gallery(ws).spec.kind == "hnsw"
+    one_line_error(index_cmd(ws, folder, tiny_ckpt, "--index-param", "nlist=4"), "hnsw takes KEY=VALUE")
+
+
+@pytest.mark.parametrize("cmd", [["index"], ["remove"], ["db"], ["db", "upgrade"]])
+def test_help_has_example(cmd: list[str]) -> None:
+    r = run(*cmd, "--help")
+    assert r.exit_code == 0 and ("Example:" in r.output or "Examples:" in r.output)
+
+
+# ---- bad input: one case each ------------------------------------------------
+
+
+@pytest.fixture()
+def gal(tmp_path: Path) -> Path:
+    """A folder with one good crop; each test adds one odd file."""
+    folder = tmp_path / "gal"
+    write_crop(folder / "0001_c1s1_000001_00.jpg", seed=1)
+    return folder
+
+
+def jpeg_bytes(seed: int = 3) -> bytes:
+    buf = io.BytesIO()
+    arr = np.random.default_rng(seed).integers(0, 255, (128, 64, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def expect_skipped(ws: Path, gal: Path, ckpt: Path, name: str, reason: str) -> Result:
+    r = index_cmd(ws, gal, ckpt)
+    assert r.exit_code == 0, r.output
+    assert summary(r).startswith(f"indexed 1, replaced 0, unchanged 0, removed 0, skipped 1 ({reason} 1)"), r.output
+    assert f"skipped {gal / name}: {reason}:" in r.output
+    assert gallery(ws).ntotal == 1
+    return r
+
+
+def expect_indexed(ws: Path, gal: Path, ckpt: Path, name: str):
+    r = index_cmd(ws, gal, ckpt)
+    assert r.exit_code == 0 and summary(r).startswith("indexed 2, replaced 0, unchanged 0, removed 0, skipped 0"), r.output
+    g = gallery(ws)
+    return next(m for b in g.iter_metadata() for m in b if m.path.name == name), g
+
+
+def test_truncated_jpeg_is_skipped(gal: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
+    data = jpeg_bytes()
+    (gal / "0002_c1s1_000001_00.jpg").write_bytes(data[: len(data) // 2])
+    expect_skipped(tmp_path / "ws", gal, tiny_ckpt, "0002_c1s1_000001_00.jpg", "corrupt")
+
+
+def test_corrupt_jpeg_is_skipped(gal: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
+    data = jpeg_bytes()
+    (gal / "0002_c1s1_000001_00.jpg").write_bytes(data[:600] + bytes(500) + data[1100:])
+    expect_skipped(tmp_path / "ws", gal, tiny_ckpt, "0002_c1s1_000001_00.jpg", "corrupt")
+
+
+def test_zero_byte_file_is_skipped(gal: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
+    (gal / "0002_c1s1_000001_00.jpg").write_bytes(b"")
+    expect_skipped(tmp_path / "ws", gal, tiny_ckpt, "0002_c1s1_000001_00.jpg", "empty")
+
+
+def test_non_image_is_skipped(gal: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
+    (gal / "0002_c1s1_000001_00.jpg").write_text("<html>not a picture</html>")
+    (gal / "notes.txt").write_text("not even looked at")  # not an image extension: not listed at all
+    expect_skipped(tmp_path / "ws", gal, tiny_ckpt, "0002_c1s1_000001_00.jpg", "not-an-image")
+
+
+def test_png_with_alpha_is_indexed(gal: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
+    write_crop(gal / "0002_c1s1_000001_00.png", seed=2, mode="RGBA")
+    meta, _ = expect_indexed(tmp_path / "ws", gal, tiny_ckpt, "0002_c1s1_000001_00.png")
+    assert meta.pid == 2
+
+
+def test_grayscale_is_indexed(gal: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
+    write_crop(gal / "0002_c1s1_000001_00.jpg", seed=2, mode="L")
+    assert Image.open(gal / "0002_c1s1_000001_00.jpg").mode == "L"
+    expect_indexed(tmp_path / "ws", gal, tiny_ckpt, "0002_c1s1_000001_00.jpg")
+
+
+def test_cmyk_is_indexed(gal: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
+    write_crop(gal / "0002_c1s1_000001_00.jpg", seed=2, mode="CMYK")
+    assert Image.open(gal / "0002_c1s1_000001_00.jpg").mode == "CMYK"
+    expect_indexed(tmp_path / "ws", gal, tiny_ckpt, "0002_c1s1_000001_00.jpg")
+
+
+def test_huge_image_is_skipped_by_the_bomb_guard(gal: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
+    Image.new("1", (8000, 6000)).save(gal / "0002_c1s1_000001_00.png")  # 48 MP, a few KB on disk
+    expect_skipped(tmp_path / "ws", gal, tiny_ckpt, "0002_c1s1_000001_00.png", "too-large")
+
+
+def test_unreadable_file_is_skipped(gal: Path, tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = gal / "0002_c1s1_000001_00.jpg"
+    bad.write_bytes(jpeg_bytes())
+    if os.geteuid() == 0:  # root reads anything: make the read itself fail as it would for a user
+        import indexer.pipeline as pipeline
+
+        real = pipeline.sha256_file
+
+        def deny(path, *a, **kw):
+            if Path(path) == bad:
+                raise PermissionError(13, "Permission denied")
+            return real(path, *a, **kw)
+
+        monkeypatch.setattr(pipeline, "sha256_file", deny)
+    else:
+        bad.chmod(0)
+    try:
+        expect_skipped(tmp_path / "ws", gal, tiny_ckpt, bad.name, "unreadable")
+    finally:
+        bad.chmod(0o644)
+
+
+def test_broken_symlink_is_skipped(gal: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
+    os.symlink(tmp_path / "gone.jpg", gal / "0002_c1s1_000001_00.jpg")
+    expect_skipped(tmp_path / "ws", gal, tiny_ckpt, "0002_c1s1_000001_00.jpg", "missing")
+
+
+def test_symlinked_crop_is_indexed_under_its_own_name(gal: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
+    target = write_crop(tmp_path / "elsewhere" / "x.jpg", seed=5)
+    os.symlink(target, gal / "0002_c1s1_000001_00.jpg")
+    meta, _ = expect_indexed(tmp_path / "ws", gal, tiny_ckpt, "0002_c1s1_000001_00.jpg")
+    assert meta.path == gal.resolve() / "0002_c1s1_000001_00.jpg" and meta.pid == 2
+
+
+def test_names_without_pid_camid_are_indexed_with_null(gal: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
+    write_crop(gal / "snapshot from door camera.jpg", seed=2)
+    meta, g = expect_indexed(tmp_path / "ws", gal, tiny_ckpt, "snapshot from door camera.jpg")
+    assert meta.pid is None and meta.camid is None and meta.frame is None
+    assert sorted(g.labels()[1].tolist()) == [-2, 1]
+
+
+def test_nothing_indexable_is_a_one_line_error(tiny_ckpt: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"")
+    (folder / "b.jpg").write_text("text")
+    r = index_cmd(tmp_path / "ws", folder, tiny_ckpt)
+    one_line_error(r, "nothing could be indexed", "skipped 2 (empty 1, not-an-image 1)", "a.jpg: zero-byte file")
+    (folder / "a.jpg").unlink()
+    (folder / "b.jpg").unlink()
+    one_line_error(index_cmd(tmp_path / "ws", folder, tiny_ckpt), "no images in")
+    one_line_error(index_cmd(tmp_path / "ws", tmp_path / "nope", tiny_ckpt), "no such folder")
+
+
+@pytest.mark.slow
+def test_cuhk03_gallery_gives_738_rows_and_vectors(tiny_ckpt: Path, tmp_path: Path) -> None:
+    folder = shared_path("data", "cuhk03-labeled", "bounding_box_test")
+    ws = tmp_path / "ws"
+    r = run("-q", "-w", str(ws), "index", str(folder), "--model", str(tiny_ckpt))
+    assert r.exit_code == 0 and summary(r).startswith("indexed 738, replaced 0, unchanged 0, removed 0, skipped 0"), r.output
+    g = gallery(ws)
+    assert g.ntotal == 738 and g.index.ntotal == 738 and len(g.ids()) == 738
+    r = run("-q", "-w", str(ws), "index", str(folder), "--model", str(tiny_ckpt))
+    assert summary(r).startswith("indexed 0, replaced 0, unchanged 738"), r.output
