@@ -141,7 +141,8 @@ def index_folder(
     known = gallery.existing(folder)
     todo: list[_Todo] = []
     with ThreadPoolExecutor(max_workers=4) as pool:  # hashlib releases the GIL
-        for path, res in zip(paths, pool.map(_hash, paths)):
+        hashes = (h for s in range(0, len(paths), 4096) for h in pool.map(_hash, paths[s : s + 4096]))
+        for path, res in zip(paths, hashes):
             rel = path.relative_to(folder).as_posix()
             old = known.get(rel)
             if res[0] is None:

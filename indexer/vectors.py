@@ -286,6 +286,8 @@ def _index_bytes(index: faiss.Index) -> int:
     if isinstance(index, faiss.IndexIDMap2):
         # id_map (8 B) + the reverse hash map (~32 B per entry in libstdc++)
         return _index_bytes(index.index) + 40 * n
+    if isinstance(index, faiss.IndexRefine):
+        return _index_bytes(index.base_index) + _index_bytes(index.refine_index)
     if isinstance(index, faiss.IndexIVF):
         return n * (int(index.code_size) + 8) + _index_bytes(index.quantizer)
     if isinstance(index, faiss.IndexHNSW):

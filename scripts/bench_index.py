@@ -53,6 +53,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DIM, LATENT, PER_ID = 2048, 256, 20
+# --sweep: search-time settings tried on the built index besides its defaults
+SWEEP = {
+    "ivf": [{"nprobe": p} for p in (8, 16, 32, 64)],
+    "ivfpq": [{"nprobe": p, "k_factor": f} for p in (32, 64, 128) for f in (4, 8)],
+    "hnsw": [{"ef_search": e} for e in (32, 64, 256)],
+}
 
 
 # ---- part 1: indexing throughput -------------------------------------------------
@@ -234,6 +240,16 @@ def bench_ann(args: argparse.Namespace) -> str:
         rows.append(f"| {kind} | {pstr} | {idx.memory_bytes() / 1e9:.2f} GB (RSS +{rss / 1e9:.2f}) | {build:.0f} | "
                     f"{args.queries / best:.0f} | {recall_at(got, truth):.3f} |")
         print(rows[-1], file=sys.stderr, flush=True)
+        if args.sweep:
+            for sp in SWEEP[kind]:
+                idx.set_search_params(**sp)
+                idx.search(q[:50], k)
+                t0 = time.perf_counter()
+                _, got = idx.search(q, k)
+                dt = time.perf_counter() - t0
+                tag = ", ".join(f"{a}={b}" for a, b in sp.items())
+                rows.append(f"| ↳ {kind} | {tag} | same | – | {args.queries / dt:.0f} | {recall_at(got, truth):.3f} |")
+                print(rows[-1], file=sys.stderr, flush=True)
         del idx
         gc.collect()
     return "\n".join(rows) + "\n"
@@ -261,6 +277,7 @@ def main() -> None:
     ap.add_argument("--param", action="append", default=[], metavar="KIND:KEY=VALUE",
                     help="override a default, e.g. ivfpq:refine_bits=8 (repeatable)")
     ap.add_argument("--search-repeats", type=int, default=3)
+    ap.add_argument("--sweep", action="store_true", help="also try other search-time settings (rows marked ↳)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "reid-bench-index")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()

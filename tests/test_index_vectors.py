@@ -264,6 +264,9 @@ def test_gpu_failure_falls_back_to_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
     monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", refuse, raising=False)
     x, q = clustered(1000, 16, 5, seed=9)
-    idx = build(IndexSpec("ivfpq", min_train=700), np.arange(1000), x)
+    idx = build(IndexSpec("ivf", min_train=700), np.arange(1000), x)
     idx.search(q, 3)
     assert idx.device.startswith("CPU") and "cannot go to the GPU" in idx.device
+    pq = build(IndexSpec("ivfpq", min_train=700), np.arange(1000), x)
+    pq.search(q, 3)  # not even tried: fast-scan codes have no GPU version
+    assert pq.device.startswith("CPU") and "no GPU version" in pq.device

@@ -63,9 +63,8 @@ def run_server(app: Any, host: str, port: int, access_log: bool, log_level: str)
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
 @pass_app
 def serve(app: App, host: str, port: int, api_key: str | None, model: Path | None, device: str, flip: bool,
-          max_batch: int,
-          max_wait_ms: float, max_queue: int, max_upload_bytes: int, max_pixels: int, max_files: int,
-          threads: int | None, access_log: bool) -> None:
+          max_batch: int, max_wait_ms: float, max_queue: int, max_upload_bytes: int, max_pixels: int,
+          max_files: int, threads: int | None, access_log: bool) -> None:
     """Serve the workspace's gallery over HTTP/JSON (OpenAPI docs at /docs).
 
     POST /query (an image in multipart field `file`; top_k, rerank, camid)
