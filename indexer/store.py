@@ -238,6 +238,7 @@ class Gallery:
         self._generation = 0
         self._dirty = False
         self._last_save = time.monotonic()
+        self._save_cost = 0.0
         self._sync(repair=True)
 
     # ---- state --------------------------------------------------------------
@@ -345,7 +346,7 @@ class Gallery:
         Returns ``(sims, ids)``, both ``[q, k]``, best first: cosine similarities
         (float32; squared Euclidean distance = 2 - 2·sim) and image ids (int64).
         Positions beyond the gallery size hold id -1 and similarity -inf. Scores are
-        exact for flat/ivf/hnsw and PQ-decoded approximations for ivfpq.
+        exact for flat/ivf/hnsw and estimates from the compact re-scoring codes for ivfpq.
 
         Raises:
             GalleryError: features of another dimension than the gallery's.
@@ -576,8 +577,10 @@ class Gallery:
             self._save()
 
     def maybe_save(self) -> None:
-        """Write the index file if it lags and ``save_interval`` seconds have passed since the last write."""
-        if self._dirty and time.monotonic() - self._last_save >= self.save_interval:
+        """Write the index file if it lags and ``save_interval`` seconds have passed since the last
+        write (or 10× the last write's duration, so big indexes spend ≤ 10 % of the time saving)."""
+        wait = max(self.save_interval, 10 * self._save_cost)
+        if self._dirty and time.monotonic() - self._last_save >= wait:
             self.save()
 
     def close(self) -> None:
@@ -747,6 +750,7 @@ class Gallery:
         self._dirty = True
 
     def _save(self) -> None:
+        t0 = time.monotonic()
         if self._vindex is None:
             with contextlib.suppress(FileNotFoundError):
                 self.index_path.unlink()
@@ -754,6 +758,7 @@ class Gallery:
             self._vindex.save(self.index_path, {"generation": self._generation, "model_fingerprint": self._fingerprint})
         self._dirty = False
         self._last_save = time.monotonic()
+        self._save_cost = self._last_save - t0
 
     def _sync(self, repair: bool) -> None:
         """Load state and index from disk; make the index agree with the DB (repairing the file if allowed)."""

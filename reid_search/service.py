@@ -59,6 +59,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from torchvision.transforms import Resize
 
+from reid_search.engine import Hit
 from reid_search.errors import GalleryError, ReidSearchError
 from reid_search.extract import ImageLoadError, load_extractor, load_image
 from reid_search.transforms import build_eval_transform
@@ -569,24 +570,13 @@ class SearchCore:
 # --------------------------------------------------------------------------- response schemas
 
 
-class HitOut(BaseModel):
-    """One gallery match (see :class:`reid_search.engine.Hit`)."""
-
-    rank: int
-    id: int
-    path: str
-    pid: int | None
-    camid: int | None
-    distance: float
-
-
 class QueryOut(BaseModel):
     """The answer to ``POST /query``: ``reid-search query --json``'s object."""
 
     query: str
     camid: int | None
     rerank: bool
-    hits: list[HitOut]
+    hits: list[Hit]  # the engine's dataclass: pydantic validates and documents it as is
 
 
 class AddedItem(BaseModel):

@@ -69,3 +69,22 @@ def market_dir(tmp_path: Path) -> Path:
     write_crop(root / "bounding_box_test" / "-1_c1s1_000009_00.jpg", 999)
     write_crop(root / "bounding_box_test" / "0000_c2s1_000010_00.jpg", 998)
     return root
+
+
+def one_line_error(result, *needles: str, after: str | None = None) -> str:
+    """Check a CLI result failed with exit 1 and a one-line ``Error: …`` holding every needle.
+
+    ``after``: a prefix that lines before the error may carry (e.g. per-file
+    ``skipped `` warnings logged during the run). Returns the error line.
+    """
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert lines, "no output"
+    msg = lines[-1]
+    assert msg.startswith("Error: "), result.output
+    assert all(after is not None and ln.startswith(after) for ln in lines[:-1]), result.output
+    assert "Traceback" not in result.output
+    for n in needles:
+        assert n in msg, msg
+    return msg
+

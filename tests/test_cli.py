@@ -8,20 +8,11 @@ import pytest
 from click.testing import CliRunner
 
 from reid_search.cli import main
-from tests.conftest import write_crop
+from tests.conftest import one_line_error, write_crop
 
 
 def run(*args: str, env: dict | None = None):
     return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
-
-
-def one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 1, result.output
-    msg = result.output.strip()
-    assert msg.startswith("Error: ") and "\n" not in msg, msg
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in msg, msg
 
 
 def test_embed_one_image(tiny_ckpt: Path, tmp_path: Path) -> None:

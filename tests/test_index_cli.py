@@ -15,6 +15,7 @@ from indexer import open_gallery
 from reid_search.cli._common import main
 from reid_search.cli.index import db, index, remove
 from reid_search.workspace import Workspace
+from tests.conftest import one_line_error as conftest_one_line_error
 from tests.conftest import shared_path, write_crop
 
 # The lead registers these in reid_search/cli/__init__.py; doing it here too is harmless.
@@ -32,14 +33,7 @@ def index_cmd(ws: Path, folder: Path, ckpt: Path, *extra: str) -> Result:
 
 def one_line_error(result: Result, *needles: str) -> None:
     """Exit 1 with the error on one line (after any per-file warnings logged during the run)."""
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    msg = lines[-1]
-    assert msg.startswith("Error: "), result.output
-    assert all(ln.startswith("skipped ") for ln in lines[:-1]), result.output
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in msg, msg
+    conftest_one_line_error(result, *needles, after="skipped ")
 
 
 def summary(result: Result) -> str:

@@ -188,7 +188,7 @@ def test_parse_index_spec() -> None:
         parse_index_spec("ivf", ["nlist=many"])
     with pytest.raises(GalleryError, match="unknown index type 'lsh'"):
         parse_index_spec("lsh", [])
-    with pytest.raises(GalleryError, match="refine_bits=5"):
+    with pytest.raises(GalleryError, match="refine_bits=5: choose 2 or 3"):
         V.resolve_build(IndexSpec("ivfpq", refine_bits=5), 64, 10_000)
     with pytest.raises(GalleryError, match="pq_m=5 must divide"):
         V.resolve_build(IndexSpec("ivfpq", pq_m=5), 64, 10_000)
@@ -209,8 +209,34 @@ def test_auto_params() -> None:
     assert V.auto_nlist(100) == 16 and V.auto_nlist(20_000) == 128 and V.auto_nlist(1_000_000) == 1024
     assert all(39 * V.auto_nlist(n) <= n for n in (1000, 5000, 123_456))
     p = V.resolve_build(IndexSpec("ivfpq"), 2048, 1_000_000)
-    assert p == {"nlist": 1024, "pq_m": 64, "refine_bits": 4}
+    assert p == {"nlist": 1024, "pq_m": 64, "refine_bits": 2 if V.has_multibit_rabitq() else 4}
     assert V.resolve_build(IndexSpec("ivfpq"), 64, 20_000)["refine_bits"] == 8
+
+
+def test_auto_refine_without_multibit_rabitq(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(V, "has_multibit_rabitq", lambda: False)
+    assert V.resolve_build(IndexSpec("ivfpq"), 2048, 1_000_000)["refine_bits"] == 4
+    with pytest.raises(GalleryError, match="needs faiss ≥ 1.13.*refine_bits=4"):
+        V.resolve_build(IndexSpec("ivfpq", refine_bits=2), 2048, 1_000_000)
+
+
+@pytest.mark.skipif(not V.has_multibit_rabitq(), reason="this faiss has no multi-bit RaBitQ")
+@pytest.mark.parametrize("bits", [2, 3])
+def test_rabitq_rescoring_codes(bits: int, tmp_path: Path) -> None:
+    """High-dimensional features take the RaBitQ re-scoring path; check it against brute force."""
+    x, q = clustered(12_000, 768, 200, seed=5)
+    ids = np.arange(len(x), dtype=np.int64) + 100
+    spec = IndexSpec("ivfpq", refine_bits=bits if bits != 2 else 0)  # 2 bits is the automatic choice at 768-d
+    idx = build(spec, ids, x)
+    codes = faiss.downcast_index(idx.base.refine_index)
+    assert isinstance(codes, faiss.IndexRaBitQ) and codes.code_size < 768 * (bits + 1) // 8
+    _, truth = brute_force(q, x, ids, 10)
+    sims, got = idx.search(q, 10)
+    assert recall(got, truth) >= 0.95
+    np.testing.assert_allclose(sims, np.einsum("qd,qkd->qk", q, x[got - 100]), atol=0.05)
+    idx.save(tmp_path / "i.faiss", {})
+    back, _ = VectorIndex.load(tmp_path / "i.faiss")
+    np.testing.assert_array_equal(back.search(q, 10)[1], got)
 
 
 # ---- where searches run ----------------------------------------------------

@@ -25,7 +25,7 @@ from reid_search.data import load_market
 from reid_search.errors import ModelError
 from reid_search.model import build_model
 from reid_search.synthetic import generate
-from tests.conftest import write_crop
+from tests.conftest import one_line_error, write_crop
 from trainer.config import RECIPES, TrainConfig, config_to_dict, resolve_config
 from trainer.train import evaluate, preprocess_of
 
@@ -78,16 +78,6 @@ def train_cli(ws: Path, data: Path, out: Path, *extra: str, resume: bool = False
     if resume:
         args.append("--resume")
     return run(*args, *overrides(*extra))
-
-
-def one_line_error(result, *needles: str) -> str:
-    assert result.exit_code == 1, result.output
-    msg = result.output.strip()
-    assert msg.startswith("Error: ") and "\n" not in msg, msg
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in msg, msg
-    return msg
 
 
 def assert_same(a: Any, b: Any, where: str = "") -> None:

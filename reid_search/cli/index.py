@@ -23,11 +23,13 @@ MAX_SKIPPED_LINES = 20
 @click.option("--model", "-m", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Checkpoint (.pt) or ONNX file [default: the workspace's model].")
 @click.option("--index-type", type=click.Choice(KINDS), default=None,
-              help="FAISS index: flat (exact), ivf, ivfpq (compact) or hnsw [default: the gallery's, flat when new]. "
+              help="FAISS index: flat (exact), ivf, ivfpq (compact: ~0.6 GB per million 2048-d images) or hnsw "
+                   "[default: the gallery's, flat when new]. "
                    "Changing it rebuilds the index from the stored vectors.")
 @click.option("--index-param", "index_params", multiple=True, metavar="KEY=VALUE",
-              help="Index parameter, repeatable: nlist, nprobe, min_train (ivf, ivfpq); pq_m, refine_m, k_factor "
-                   "(ivfpq); hnsw_m, ef_construction, ef_search (hnsw). 0 = automatic.")
+              help="Index parameter, repeatable: nlist, nprobe, min_train (ivf, ivfpq); pq_m, k_factor, refine_bits "
+                   "(ivfpq; 2-3 = RaBitQ, 4/6/8 = scalar quantizer); hnsw_m, ef_construction, ef_search (hnsw). "
+                   "0 = automatic.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--workers", type=click.IntRange(0), default=None, help="Image decoding processes [default: automatic].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
