@@ -10,9 +10,34 @@ Public API::
     ids, feats = g.all_vectors()                      # exact stored features
 """
 
-from indexer.pipeline import IndexReport, index_folder
-from indexer.store import ChangeEvent, Gallery, ImageMeta, NewImage, open_gallery, sha256_file
-from indexer.vectors import KINDS, IndexSpec, VectorIndex, exact_search, parse_index_spec
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Names load on first use (PEP 562), so importing one submodule (e.g. for a
+# constant) does not pull in faiss, SQLAlchemy and torch through the others.
+_HOME = {
+    "IndexReport": "pipeline", "index_folder": "pipeline",
+    "ChangeEvent": "store", "Gallery": "store", "ImageMeta": "store", "NewImage": "store",
+    "open_gallery": "store", "sha256_file": "store",
+    "KINDS": "vectors", "IndexSpec": "vectors", "VectorIndex": "vectors", "exact_search": "vectors",
+    "parse_index_spec": "vectors",
+}
+
+if TYPE_CHECKING:
+    from indexer.pipeline import IndexReport, index_folder
+    from indexer.store import ChangeEvent, Gallery, ImageMeta, NewImage, open_gallery, sha256_file
+    from indexer.vectors import KINDS, IndexSpec, VectorIndex, exact_search, parse_index_spec
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'indexer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"indexer.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "KINDS", "ChangeEvent", "Gallery", "ImageMeta", "IndexReport", "IndexSpec", "NewImage", "VectorIndex",

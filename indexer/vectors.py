@@ -52,10 +52,11 @@ import numpy as np
 
 from reid_search.atomic import atomic_write
 from reid_search.errors import GalleryError
+from reid_search.limits import INDEX_KINDS
 
 log = logging.getLogger(__name__)
 
-KINDS = ("flat", "ivf", "ivfpq", "hnsw")
+KINDS = INDEX_KINDS
 
 # Which IndexSpec fields each kind understands (besides ``kind``).
 PARAMS_BY_KIND: dict[str, tuple[str, ...]] = {

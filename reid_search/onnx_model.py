@@ -49,6 +49,7 @@ from reid_search.atomic import atomic_write_bytes
 from reid_search.checkpoint import ModelMeta, load_model
 from reid_search.errors import DataError, ModelError
 from reid_search.extract import ImageLoadError, load_image
+from reid_search.limits import DEFAULT_OPSET, MIN_OPSET, VERIFY_MAX_IMAGES
 from reid_search.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, build_eval_transform
 
 log = logging.getLogger(__name__)
@@ -57,16 +58,11 @@ PRODUCER = "reid-search"
 EXPORT_FORMAT = "reid-search-onnx/1"
 INPUT_NAME = "images"
 OUTPUT_NAME = "features"
-# The torch.export-based exporter emits opset 18 natively; converting down to
-# 17 fails on ReduceMean/Reshape axes, so 18 is the floor.
-MIN_OPSET = 18
-DEFAULT_OPSET = 18
 # fp32: ONNX Runtime and PyTorch differ only by kernel rounding (~1e-7 in
 # cosine). fp16 weights and activations drift more (~1e-5..1e-4 on trained
 # ResNets), so their bar is lower.
 MIN_COSINE_FP32 = 0.9999
 MIN_COSINE_FP16 = 0.999
-VERIFY_MAX_IMAGES = 32
 # When a graph has symbolic H/W and no metadata: the ReID convention.
 FALLBACK_SIZE = (256, 128)
 

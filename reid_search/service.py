@@ -62,22 +62,21 @@ from torchvision.transforms import Resize
 from reid_search.engine import Hit
 from reid_search.errors import GalleryError, ReidSearchError
 from reid_search.extract import ImageLoadError, load_extractor, load_image
+from reid_search.limits import (
+    API_KEY_HEADER,
+    DEFAULT_MAX_FILES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_TOP_K,
+    MAX_TOP_K,
+)
 from reid_search.transforms import build_eval_transform
 from reid_search.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-API_KEY_HEADER = "X-API-Key"
-API_KEY_ENV = "REID_SEARCH_API_KEY"
 UPLOADS_DIR = "uploads"
-MAX_TOP_K = 1000
-DEFAULT_TOP_K = 10
-DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
-# Person crops are small; 4 MP (a 2560x1600 frame) leaves room for whole
-# frames while keeping a full queue of decoded images in the low GBs.
-DEFAULT_MAX_PIXELS = 4_000_000
-DEFAULT_MAX_FILES = 32
-DEFAULT_MAX_QUEUE = 256
 # Multipart boundaries, part headers and the small form fields.
 FORM_OVERHEAD_BYTES = 64 * 1024
 

@@ -70,3 +70,24 @@ def test_cli_errors_are_one_line(tiny_ckpt: Path, tmp_path: Path) -> None:
 def test_help_has_example(cmd: str) -> None:
     r = run(cmd, "--help")
     assert r.exit_code == 0 and "Example" in r.output and "reid-search " + cmd in r.output
+
+
+def test_cli_starts_without_heavy_libraries() -> None:
+    """`reid-search --help` (and every command's --help) must not wait for torch, faiss or SQLAlchemy
+    (importing torchvision alone takes seconds); the command bodies import them when they run."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from reid_search.cli import main\n"
+        "for args in ([], *[[c] for c in main.commands], ['db', 'upgrade']):\n"
+        "    r = CliRunner().invoke(main, [*args, '--help'])\n"
+        "    assert r.exit_code == 0 and 'Example' in r.output, (args, r.output)\n"
+        "heavy = sorted(m for m in ('torch', 'torchvision', 'faiss', 'sqlalchemy', 'alembic', 'fastapi', 'onnx')\n"
+        "               if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"--help imported: {out.stdout.strip()}"

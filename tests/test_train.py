@@ -10,7 +10,6 @@ times slower.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 

@@ -13,7 +13,6 @@ from reid_search.atomic import atomic_write, atomic_write_bytes
 from reid_search.cli._common import App, pass_app, progress_bar
 from reid_search.data import list_images, record_for
 from reid_search.errors import DataError
-from reid_search.extract import extract_features, load_extractor, load_image
 
 
 @click.command()
@@ -36,6 +35,8 @@ def embed(app: App, target: Path, model: Path | None, out: Path | None, as_json:
       reid-search embed query/0001_c1s1_001051_00.jpg --json
       reid-search embed bounding_box_test --out gallery.npy
     """
+    from reid_search.extract import extract_features, load_extractor, load_image  # torch: only when it runs
+
     if not target.exists():
         raise DataError(f"no such image or folder: {target}")
     if not target.is_dir():

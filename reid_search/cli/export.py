@@ -10,7 +10,7 @@ import click
 from reid_search.cli._common import App, pass_app
 from reid_search.data import iter_image_paths
 from reid_search.errors import DataError, ModelError
-from reid_search.onnx_model import DEFAULT_OPSET, MIN_OPSET, VERIFY_MAX_IMAGES, export_onnx
+from reid_search.limits import DEFAULT_OPSET, MIN_OPSET, VERIFY_MAX_IMAGES
 
 
 @click.command()
@@ -58,6 +58,8 @@ def export(app: App, model: Path | None, fmt: str, out: Path, dynamic_batch: boo
         images = list(islice(iter_image_paths(verify_dir), VERIFY_MAX_IMAGES))
         if not images:
             raise DataError(f"--verify-dir {verify_dir} holds no images; pass a folder of person crops")
+    from reid_search.onnx_model import export_onnx  # torch: loaded only when exporting
+
     report = export_onnx(checkpoint, out, fixed_batch=fixed_batch, fp16=fp16, opset=opset,
                          verify=verify, verify_images=images)
     batch = "dynamic" if report.batch is None else f"fixed at {report.batch}"

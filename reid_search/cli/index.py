@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from indexer.migrations import upgrade_db
-from indexer.pipeline import IndexReport
-from indexer.store import make_engine, open_gallery
-from indexer.vectors import KINDS, parse_index_spec
 from reid_search.cli._common import App, pass_app, progress_bar
 from reid_search.data import iter_image_paths
 from reid_search.errors import DataError, GalleryError
-from reid_search.extract import load_extractor
+from reid_search.limits import INDEX_KINDS
+
+if TYPE_CHECKING:
+    from indexer.pipeline import IndexReport
+
+# The command bodies import torch, faiss and SQLAlchemy themselves, so that
+# `--help` and argument errors answer without loading them.
 
 MAX_SKIPPED_LINES = 20
 
@@ -22,7 +25,7 @@ MAX_SKIPPED_LINES = 20
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--model", "-m", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Checkpoint (.pt) or ONNX file [default: the workspace's model].")
-@click.option("--index-type", type=click.Choice(KINDS), default=None,
+@click.option("--index-type", type=click.Choice(INDEX_KINDS), default=None,
               help="FAISS index: flat (exact), ivf, ivfpq (compact: ~0.6 GB per million 2048-d images) or hnsw "
                    "[default: the gallery's, flat when new]. "
                    "Changing it rebuilds the index from the stored vectors.")
@@ -56,6 +59,10 @@ def index(app: App, folder: Path, model: Path | None, index_type: str | None, in
       reid-search index /data/cams --index-type ivfpq --index-param nprobe=64 --prune
       reid-search index data/market/bounding_box_test --model runs/new/model.pt --reindex
     """
+    from indexer.store import open_gallery
+    from indexer.vectors import parse_index_spec
+    from reid_search.extract import load_extractor
+
     if not folder.exists():
         raise DataError(f"no such folder: {folder}; pass the folder of gallery crops (e.g. bounding_box_test)")
     if not folder.is_dir():
@@ -130,6 +137,8 @@ def remove(app: App, paths: tuple[Path, ...]) -> None:
       reid-search remove data/market/bounding_box_test/0001_c1s1_001051_00.jpg
       reid-search remove data/old_camera/
     """
+    from indexer.store import open_gallery
+
     gallery = open_gallery(app.workspace)
     try:
         removed, unmatched = gallery.remove(paths)
@@ -166,6 +175,9 @@ def upgrade(app: App) -> None:
     Example:
       reid-search db upgrade
     """
+    from indexer.migrations import upgrade_db
+    from indexer.store import make_engine
+
     app.workspace.ensure()
     engine = make_engine(app.workspace.db_url)
     try:

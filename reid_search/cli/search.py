@@ -10,13 +10,13 @@ import click
 from reid_search.cli._common import App, pass_app, progress_bar
 from reid_search.data import QUERY_DIR, list_images, record_for
 from reid_search.errors import DataError, GalleryError
-from reid_search.extract import load_extractor, load_image
 
 
 def open_engine(app: App, model: Path | None, device: str):
     """The workspace's gallery with the workspace's (or the given) model."""
     from indexer.store import open_gallery
     from reid_search.engine import SearchEngine
+    from reid_search.extract import load_extractor
 
     gallery = open_gallery(app.workspace)
     if gallery.ntotal == 0:
@@ -48,6 +48,8 @@ def query(app: App, image: Path, top_k: int, rerank: bool, camid: int | None, as
       reid-search query query/0001_c1s1_001051_00.jpg --rerank
       reid-search query person.jpg --camid 3 --top-k 5 --json --show ranking.png
     """
+    from reid_search.extract import load_image  # torch: only when it runs
+
     if not image.is_file():
         raise DataError(f"no such image: {image}")
     img = load_image(image)

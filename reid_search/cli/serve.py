@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from reid_search.cli._common import App, pass_app
-from reid_search.service import (
+from reid_search.limits import (
     API_KEY_ENV,
     API_KEY_HEADER,
     DEFAULT_MAX_FILES,

@@ -14,7 +14,6 @@ from click.core import ParameterSource
 from tqdm import tqdm
 
 from reid_search.cli._common import App, pass_app
-from reid_search.errors import ReidSearchError
 
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
