@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    """Import an exported name's submodule on first access."""
     if name not in _HOME:
         raise AttributeError(f"module 'indexer' has no attribute {name!r}")
     value = getattr(importlib.import_module(f"indexer.{_HOME[name]}"), name)
@@ -39,6 +40,7 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+# Spelled out (not derived from _HOME) so that type checkers and linters see the exports.
 __all__ = [
     "KINDS", "ChangeEvent", "Gallery", "ImageMeta", "IndexReport", "IndexSpec", "NewImage", "VectorIndex",
     "exact_search", "index_folder", "open_gallery", "parse_index_spec", "sha256_file",

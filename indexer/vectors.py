@@ -39,6 +39,7 @@ else on the CPU; the choice is made at the first search and logged once.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -52,11 +53,9 @@ import numpy as np
 
 from reid_search.atomic import atomic_write
 from reid_search.errors import GalleryError
-from reid_search.limits import INDEX_KINDS
+from reid_search.limits import INDEX_KINDS as KINDS
 
 log = logging.getLogger(__name__)
-
-KINDS = INDEX_KINDS
 
 # Which IndexSpec fields each kind understands (besides ``kind``).
 PARAMS_BY_KIND: dict[str, tuple[str, ...]] = {
@@ -219,6 +218,7 @@ def resolve_build(spec: IndexSpec, dim: int, n: int) -> dict[str, int]:
     return out
 
 
+@functools.cache
 def has_multibit_rabitq() -> bool:
     """Whether the installed faiss has multi-bit RaBitQ codes (``IndexRaBitQ(d, metric, bits)``)."""
     try:

@@ -59,7 +59,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from torchvision.transforms import Resize
 
-from reid_search.engine import Hit
+from reid_search.engine import Hit, SearchEngine
 from reid_search.errors import GalleryError, ReidSearchError
 from reid_search.extract import ImageLoadError, load_extractor, load_image
 from reid_search.limits import (
@@ -413,14 +413,12 @@ class SearchCore:
             except Exception:
                 log.exception("could not refresh the gallery from the DB; serving the state already loaded")
 
-    def engine(self) -> Any:
+    def engine(self) -> SearchEngine:
         """The search engine, made once the gallery has images.
 
         Raises:
             ApiError: 409 while the gallery is empty or holds another model's vectors.
         """
-        from reid_search.engine import SearchEngine
-
         if self.gallery.ntotal == 0:
             raise ApiError(409, "empty-gallery", "the gallery is empty: add images with POST /gallery "
                                                  "or `reid-search index FOLDER`")

@@ -296,3 +296,12 @@ def test_gpu_failure_falls_back_to_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     pq = build(IndexSpec("ivfpq", min_train=700), np.arange(1000), x)
     pq.search(q, 3)  # not even tried: fast-scan codes have no GPU version
     assert pq.device.startswith("CPU") and "no GPU version" in pq.device
+
+
+def test_indexer_package_exports_load_lazily() -> None:
+    import indexer
+
+    assert sorted(indexer.__all__) == sorted(indexer._HOME)  # every export has a home, and only those
+    assert all(getattr(indexer, name) is not None for name in indexer.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        indexer.nope  # noqa: B018
