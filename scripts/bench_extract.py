@@ -217,7 +217,7 @@ def main() -> None:
     anchor = rows[0]["ips"]
     lines = [
         f"CPU: {feats.summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"ResNet50 BNNeck {pre.height}×{pre.width}, batch {args.batch}, {args.images} images per run",
+        f"{meta.arch} BNNeck {pre.height}×{pre.width}, batch {args.batch}, {args.images} images per run",
         "",
         f"| path | images/s (median of {args.repeats}) | runs | × eager fp32 | min cosine to fp32 | R1 | mAP | note |",
         "|---|---:|---|---:|---:|---:|---:|---|",
