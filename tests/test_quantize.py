@@ -71,6 +71,7 @@ def test_int8_graph_is_quantised_and_close_to_fp32(int8_path, tiny_ckpt: Path) -
     assert report.metrics.protocol == "query/ vs bounding_box_test/"
 
 
+@pytest.mark.slow
 def test_broken_calibration_is_refused(tiny_ckpt: Path, tmp_path: Path) -> None:
     """Calibrating on blank frames sets activation ranges real crops overflow: the check must refuse it."""
     blank, good, check = tmp_path / "blank", tmp_path / "good", tmp_path / "check"
