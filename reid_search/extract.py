@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from reid_search.checkpoint import load_model
 from reid_search.errors import DataError, ModelError
 from reid_search.model import ReIDNet
+from reid_search.precision import autocast_dtype, resolve_precision, validate_precision
 from reid_search.transforms import Preprocess, build_eval_transform
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,10 @@ class ImageLoadError(DataError):
 
 
 def load_image(path: str | os.PathLike[str], max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open any Pillow-readable crop as RGB (alpha composited on grey, CMYK/L/P converted).
+    """Open any Pillow-readable crop as 8-bit RGB (alpha composited on grey, CMYK/L/P converted).
+
+    16-bit and 32-bit integer images and float images keep their full range
+    (see :func:`to_rgb`) instead of being clipped at 255.
 
     Raises:
         ImageLoadError: reason one of ``missing``, ``unreadable``, ``empty``,
@@ -61,10 +66,13 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = MAX_IMAGE_PIXELS)
             if w * h > max_pixels:
                 raise ImageLoadError(path, "too-large", f"{w}x{h} pixels exceeds the {max_pixels} pixel limit")
             im.load()
-            return _to_rgb(im)
+            return to_rgb(im)
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            raise ImageLoadError(path, "not-an-image", "a TIFF Pillow cannot decode (multi-channel float?); "
+                                 "save it as 8- or 16-bit RGB") from None
         raise ImageLoadError(path, "not-an-image", "not an image Pillow can read") from None
     except Image.DecompressionBombError:
         raise ImageLoadError(path, "too-large", "decompression bomb guard tripped") from None
@@ -74,14 +82,45 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = MAX_IMAGE_PIXELS)
         raise ImageLoadError(path, "corrupt", f"corrupt or truncated image ({exc})") from None
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+# Pillow's modes for one-channel images wider than 8 bits. convert("RGB")
+# clips them at 255 (a 16-bit crop turns almost white, a float one in [0, 1] black).
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as an 8-bit RGB image, mapping the full range of its pixel type onto 0..255.
+
+    * 16-bit integer (``I;16*``): value / 65535 (so a 16-bit copy of an 8-bit
+      crop, value × 257, comes back exactly);
+    * 32-bit integer (``I``, how Pillow may open 16-bit PNGs): 0..255 as is when
+      the image holds nothing above 255, else value / 65535 (clipped);
+    * float (``F``): [0, 1] when the image holds nothing above 1 (the float
+      convention), else [0, 255] when nothing exceeds 255, else [0, 65535];
+      NaN becomes 0.
+    """
     if im.mode == "RGB":
         return im.copy()
+    if im.mode in _WIDE_MODES:
+        return _wide_to_rgb(im)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (124, 116, 104, 255))  # ImageNet mean colour
         return Image.alpha_composite(bg, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+def _wide_to_rgb(im: Image.Image) -> Image.Image:
+    a = np.asarray(im)
+    if a.dtype.kind == "f":
+        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        peak = float(a.max(initial=0.0))
+        scale = 255.0 if peak <= 1.0 else 1.0 if peak <= 255.0 else 255.0 / 65535.0
+    elif im.mode == "I" and int(a.max(initial=0)) <= 255:
+        scale = 1.0
+    else:
+        scale = 255.0 / 65535.0
+    a8 = np.clip(np.rint(a.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(a8, "L").convert("RGB")
 
 
 class Extractor(Protocol):
@@ -111,8 +150,18 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     return dev
 
 
+# torch.compile costs tens of seconds of compilation (on 2 cores) to win ~10-20 %
+# per batch, so it is only tried on runs at least this long.
+COMPILE_MIN_IMAGES = 1000
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
 class TorchExtractor:
-    """Runs a :class:`ReIDNet` in eval mode (channels_last, autocast on GPU, optional flip TTA)."""
+    """Runs a :class:`ReIDNet` in eval mode: channels_last, autocast at ``precision``
+    (see :mod:`reid_search.precision`), optional flip TTA, and ``torch.compile``
+    for long runs (``compile``: ``auto`` from :data:`COMPILE_MIN_IMAGES` images,
+    ``on`` for any run of more than one batch, ``off``).
+    """
 
     def __init__(
         self,
@@ -122,39 +171,109 @@ class TorchExtractor:
         device: torch.device | str = "cpu",
         flip: bool = False,
         amp: bool | None = None,
+        precision: str = "auto",
+        compile: str = "auto",
     ) -> None:
+        """``amp`` (older spelling) overrides ``precision``: True = the device's autocast, False = fp32.
+
+        Raises:
+            ModelError: an unknown precision or compile choice.
+        """
         self.device = torch.device(device)
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.preprocess = preprocess
         self.dim = model.feat_dim
         self.flip = flip
-        self.amp = self.device.type == "cuda" if amp is None else amp
-        # Flip TTA changes the embedding, so it is part of the fingerprint.
+        if amp is not None:
+            precision = ("fp16" if self.device.type == "cuda" else "bf16") if amp else "fp32"
+        self.precision = resolve_precision(precision, self.device)
+        self._dtype = autocast_dtype(self.precision)
+        self.amp = self._dtype is not None
+        if compile not in COMPILE_CHOICES:
+            raise ModelError(f"compile={compile!r}: use one of {', '.join(COMPILE_CHOICES)}")
+        self.compile = compile
+        self.compile_seconds: float | None = None  # set once a compiled graph is built
+        self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._compiled_batch = 0
+        # Neither flip TTA's sum nor the precision enter the fingerprint the same way: flip
+        # changes the embedding, precision only its rounding (cosine ≥ 0.9999 to fp32).
         self.fingerprint = fingerprint + ("+flip" if flip else "")
-        self.description = f"{model.arch} ({'flip TTA, ' if flip else ''}{self.device})"
+        self.description = f"{model.arch} ({'flip TTA, ' if flip else ''}{self.device}, {self.precision})"
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self._dtype or torch.float32, enabled=self._dtype is not None):
+            return self.model(x)
+
+    def prepare(self, num_images: int, batch_size: int) -> None:
+        """Get ready to embed ``num_images`` images in batches of ``batch_size``:
+        compile the model when the run is long enough (see the class docstring).
+
+        A failed compilation (no C++ compiler, unsupported platform) is logged
+        and the model runs eagerly.
+        """
+        if self._compiled is not None and self._compiled_batch == batch_size:
+            return
+        want = {"off": False, "on": num_images > batch_size, "auto": num_images >= COMPILE_MIN_IMAGES}[self.compile]
+        if not want:
+            return
+        log.info("compiling %s for batches of %d (torch.compile, %d images to embed)", self.description, batch_size, num_images)
+        t0 = time.perf_counter()
+        try:
+            compiled = torch.compile(self._forward, dynamic=False, options={"freezing": self.device.type == "cpu"})
+            x = torch.zeros(batch_size, 3, self.preprocess.height, self.preprocess.width, device=self.device)
+            with torch.inference_mode():
+                compiled(x.contiguous(memory_format=torch.channels_last))  # compilation happens on the first call
+        except Exception as exc:  # the eager model still works: never fail a run over an optimisation
+            log.warning("torch.compile failed (%s); running the model eagerly",
+                        str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
+            self.compile = "off"
+            return
+        self.compile_seconds = time.perf_counter() - t0
+        self._compiled, self._compiled_batch = compiled, batch_size
+        log.info("torch.compile took %.1f s", self.compile_seconds)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if self._compiled is None or n > self._compiled_batch:
+            return self._forward(x)
+        if n < self._compiled_batch:  # pad: a new shape would mean a new compilation
+            pad = x.new_zeros((self._compiled_batch - n, *x.shape[1:])).contiguous(memory_format=torch.channels_last)
+            return self._compiled(torch.cat([x, pad]).contiguous(memory_format=torch.channels_last))[:n]
+        return self._compiled(x)
 
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         """See :meth:`Extractor.embed`."""
         x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
-        with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp):
-            f = self.model(x)
-            if self.flip:
-                f = f + self.model(torch.flip(x, dims=[3]))
-        return F.normalize(f.float(), dim=1).cpu().numpy()
+        f = self._run(x).float()
+        if self.flip:
+            f = f + self._run(torch.flip(x, dims=[3]).contiguous(memory_format=torch.channels_last)).float()
+        return F.normalize(f, dim=1).cpu().numpy()
 
 
 def load_extractor(
-    model_path: str | os.PathLike[str], device: str | None = "auto", flip: bool = False
+    model_path: str | os.PathLike[str],
+    device: str | None = "auto",
+    flip: bool = False,
+    precision: str = "auto",
+    compile: str = "auto",
 ) -> Extractor:
     """Open a checkpoint (``.pt``) or an ONNX file (``.onnx``) as an :class:`Extractor`.
 
+    ``precision`` (``auto``, ``fp32``, ``bf16``, ``fp16``) applies to checkpoints;
+    an ONNX graph's precision was fixed when it was exported, so it takes
+    ``auto`` or ``fp32`` only. ``compile``: see :class:`TorchExtractor`.
+
     Raises:
-        ModelError: the file is missing, unreadable or of an unknown kind.
+        ModelError: the file is missing, unreadable or of an unknown kind, an
+            unknown precision, or bf16/fp16 asked of an ONNX file.
     """
+    precision = validate_precision(precision)
     path = Path(model_path)
     if path.suffix.lower() == ".onnx":
+        if precision not in ("auto", "fp32"):
+            raise ModelError(f"--precision {precision} does not apply to the ONNX model {path.name}: its precision was "
+                             "fixed by `reid-search export` (--fp16, --int8); pass --precision auto")
         try:
             from reid_search.onnx_model import OnnxExtractor
         except ImportError as exc:  # pragma: no cover - depends on the install
@@ -162,7 +281,7 @@ def load_extractor(
         return OnnxExtractor(path, device=device, flip=flip)
     dev = resolve_device(device)
     model, meta, _ = load_model(path, dev)
-    return TorchExtractor(model, meta.preprocess, meta.fingerprint, dev, flip=flip)
+    return TorchExtractor(model, meta.preprocess, meta.fingerprint, dev, flip=flip, precision=precision, compile=compile)
 
 
 @dataclass
@@ -218,6 +337,9 @@ def iter_features(
         return
     if num_workers is None:
         num_workers = default_num_workers() if len(paths) > 2 * batch_size else 0
+    prepare = getattr(extractor, "prepare", None)
+    if prepare is not None:
+        prepare(len(paths), batch_size)
     loader = DataLoader(
         _CropDataset(paths, extractor.preprocess),
         batch_size=batch_size,

@@ -350,11 +350,11 @@ class SearchCore:
     """
 
     def __init__(self, workspace: Workspace, model: Path | None = None, device: str = "auto", flip: bool = False,
-                 refresh_interval_s: float = 1.0) -> None:
+                 refresh_interval_s: float = 1.0, precision: str = "auto") -> None:
         from indexer import open_gallery
 
         self.workspace = workspace
-        self.extractor = load_extractor(workspace.model_path(model), device=device, flip=flip)
+        self.extractor = load_extractor(workspace.model_path(model), device=device, flip=flip, precision=precision)
         self.gallery = open_gallery(workspace)
         self.gallery.check_model(self.extractor.fingerprint, self.extractor.dim)
         self.uploads = (workspace.root / UPLOADS_DIR).resolve()
@@ -740,6 +740,7 @@ def create_app(
     max_wait_ms: float = 5.0,
     max_queue: int = DEFAULT_MAX_QUEUE,
     refresh_interval_s: float = 1.0,
+    precision: str = "auto",
 ) -> FastAPI:
     """The search service of ``workspace`` as a FastAPI app (serve it with uvicorn, one worker).
 
@@ -760,7 +761,7 @@ def create_app(
         raise ValueError("api_key must not be empty (pass None for no key)")
 
     limits = ServiceLimits(max_upload_bytes, max_pixels, max_files)
-    core = SearchCore(workspace, model, device, flip, refresh_interval_s)
+    core = SearchCore(workspace, model, device, flip, refresh_interval_s, precision)
     core.uploads.mkdir(parents=True, exist_ok=True)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reid-model")
     batcher: QueryBatcher[QueryJob, Any] = QueryBatcher(core.search_batch, executor, max_batch=max_batch,

@@ -1,85 +1,234 @@
 #!/usr/bin/env python3
-"""CPU feature-extraction throughput: model-only forward vs the streaming pipeline.
+"""Extraction speed and accuracy, every path side by side in one run.
 
-Both sides use the same TorchExtractor (ResNet50 BNNeck, 256×128, batch 32):
-"forward" feeds ready-made tensors; "pipeline" reads 64×128 JPEG crops from
-disk through iter_features (DataLoader decode workers + batching). The
-target is pipeline ≥ 0.9 × forward. Prints a Markdown table; --out appends it.
+Rows (same ResNet50 BNNeck checkpoint, same batches, interleaved repeats so
+machine drift hits all alike; images/s is the median of --repeats):
 
-    uv run python scripts/bench_extract.py --images 256 --repeats 3 --out BENCHMARKS.md
+* eager fp32 NCHW: the model called as torchreid's FeatureExtractor does (the anchor);
+* ours at each --precisions (TorchExtractor: channels_last + autocast);
+* ours bf16 + torch.compile (with its compile time), unless --no-compile;
+* ONNX Runtime fp32 and int8 (``export --int8``, calibrated on --data's train
+  split or on the generated crops);
+* ``reid-search index`` end to end on JPEG crops (a fresh workspace, a subprocess,
+  --precision auto): the images/s it reports and its wall time;
+* on a CUDA machine, also fp32/bf16/fp16 on the GPU and ONNX Runtime's CUDA and
+  TensorRT providers where installed.
+
+Accuracy columns: min cosine of each path's features to the eager fp32 ones on
+the timed batch; with --data (a Market root) and --accuracy, rank-1 and mAP of
+query/ against bounding_box_test/ for each path.
+
+    uv run python scripts/bench_extract.py --images 256 --repeats 3 \\
+        --checkpoint runs/cuhk03/model.pt --data ../shared/data/cuhk03-labeled --accuracy --out /tmp/extract.md
+    uv run python scripts/bench_extract.py --images 64 --repeats 1 --no-compile   # a quick check
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from reid_search.extract import TorchExtractor, default_num_workers, iter_features
+from reid_search.checkpoint import load_model, save_checkpoint
+from reid_search.extract import TorchExtractor, extract_features, load_extractor
 from reid_search.model import build_model
+from reid_search.precision import cpu_features
 from reid_search.transforms import Preprocess
 
 
 def write_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
-    rng = np.random.default_rng(seed)
+    """``n`` 64×128 Market-named JPEG crops (smooth colour fields + noise)."""
+    from reid_search.onnx_model import synthetic_crops
+
+    folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i in range(n):
-        arr = rng.integers(0, 255, (128, 64, 3), dtype=np.uint8)
+    for i, im in enumerate(synthetic_crops(n, seed=seed)):
         p = folder / f"{i % 500 + 1:04d}_c{i % 6 + 1}s1_{i:06d}_00.jpg"
-        Image.fromarray(arr).save(p, quality=95)
+        im.save(p, quality=95)
         paths.append(p)
     return paths
 
 
-def time_forward(ex: TorchExtractor, n: int, batch: int) -> float:
-    x = torch.randn(batch, 3, 256, 128)
+def images_per_s(fn: Callable[[torch.Tensor], object], x: torch.Tensor, n: int) -> float:
     t0 = time.perf_counter()
     done = 0
     while done < n:
-        ex.embed(x[: min(batch, n - done)])
-        done += batch
-    return n / (time.perf_counter() - t0)
+        fn(x)
+        done += x.shape[0]
+    return done / (time.perf_counter() - t0)
 
 
-def time_pipeline(ex: TorchExtractor, paths: list[Path], batch: int, workers: int) -> float:
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float((a * b).sum(1).min())
+
+
+def rank1_map(extractor, data: Path) -> tuple[float, float]:
+    from reid_search.data import load_market
+    from reid_search.metrics import evaluate
+
+    ds = load_market(data, need_train=False)
+    q = extract_features([r.path for r in ds.query], extractor, num_workers=0)[0]
+    g = extract_features([r.path for r in ds.gallery], extractor, num_workers=0)[0]
+    res = evaluate(1 - q @ g.T, np.array([r.pid for r in ds.query]), np.array([r.pid for r in ds.gallery]),
+                   np.array([r.camid for r in ds.query]), np.array([r.camid for r in ds.gallery]))
+    return 100 * float(res["cmc"][0]), 100 * float(res["mAP"])
+
+
+def index_end_to_end(ckpt: Path, folder: Path, ws: Path, precision: str) -> tuple[float, float]:
+    """(images/s reported by `reid-search index`, wall seconds of the command)."""
+    cmd = [sys.executable, "-m", "reid_search", "-q", "-w", str(ws), "index", str(folder), "--model", str(ckpt),
+           "--reindex", "--precision", precision]
     t0 = time.perf_counter()
-    count = sum(len(b.indices) for b in iter_features(paths, ex, batch_size=batch, num_workers=workers))
-    assert count == len(paths)
-    return count / (time.perf_counter() - t0)
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise SystemExit(f"index failed: {out.stderr.strip() or out.stdout.strip()}")
+    m = re.search(r"\(([0-9.]+) images/s embedded\)", out.stdout)
+    return (float(m.group(1)) if m else float("nan")), wall
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--images", type=int, default=256, help="images per timed run (model-only rows)")
+    ap.add_argument("--index-images", type=int, default=None, help="JPEG crops for the index row [default: --images]")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=None, help="decode workers [default: the extractor's default]")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--precisions", default="fp32,bf16", help="ours: comma-separated fp32,bf16,fp16")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="a ResNet50 checkpoint [default: random init]")
+    ap.add_argument("--data", type=Path, default=None, help="a Market root: int8 calibration (train) and --accuracy")
+    ap.add_argument("--accuracy", action="store_true", help="rank-1/mAP of each path on --data (slow)")
+    ap.add_argument("--calibration-images", type=int, default=256)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-onnx", action="store_true")
+    ap.add_argument("--no-index", action="store_true")
+    ap.add_argument("--out", type=Path, default=None, help="append the Markdown table to this file")
     args = ap.parse_args()
-    workers = default_num_workers() if args.workers is None else args.workers
-    torch.manual_seed(0)
-    ex = TorchExtractor(build_model("resnet50"), Preprocess(), "bench", "cpu")
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = write_jpegs(Path(tmp), args.images)
-        time_forward(ex, args.batch, args.batch)  # warm-up (oneDNN kernel selection)
-        fwd, pipe = [], []
-        for _ in range(args.repeats):  # interleaved so drift hits both sides alike
-            fwd.append(time_forward(ex, args.images, args.batch))
-            pipe.append(time_pipeline(ex, paths, args.batch, workers))
-    f, p = statistics.median(fwd), statistics.median(pipe)
-    table = (
-        f"| ResNet50 256×128, batch {args.batch}, {torch.get_num_threads()} threads, {workers} decode workers | images/s (median of {args.repeats}) |\n"
-        f"|---|---|\n"
-        f"| model-only forward (tensors in memory) | {f:.1f} |\n"
-        f"| streaming pipeline from {args.images} JPEG files | {p:.1f} |\n"
-        f"| ratio pipeline / forward | **{p / f:.2f}** |\n"
-    )
+    if args.accuracy and args.data is None:
+        ap.error("--accuracy needs --data (a Market root)")
+
+    feats = cpu_features()
+    rows: list[dict] = []
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        if args.checkpoint is None:
+            torch.manual_seed(0)
+            ckpt = tmp / "r50.pt"
+            save_checkpoint(ckpt, build_model("resnet50", num_classes=0), Preprocess(256, 128))
+            notes.append("checkpoint: freshly initialised ResNet50 (speed only; accuracy columns mean nothing)")
+        else:
+            ckpt = args.checkpoint
+            notes.append(f"checkpoint: {ckpt}")
+        model, meta, _ = load_model(ckpt, "cpu")
+        pre = meta.preprocess
+        crops = write_jpegs(tmp / "crops" / "bounding_box_test", args.index_images or args.images)
+        from reid_search.transforms import build_eval_transform
+
+        tf = build_eval_transform(pre)
+        x = torch.stack([tf(Image.open(p).convert("RGB")) for p in crops[: args.batch]])
+
+        eager = copy.deepcopy(model).eval()
+
+        @torch.inference_mode()
+        def eager_fn(b: torch.Tensor) -> np.ndarray:
+            return eager(b).numpy()
+
+        sides: list[tuple[str, Callable, str]] = [("eager fp32 NCHW (torchreid FeatureExtractor style)", eager_fn, "")]
+        ref = eager_fn(x)
+        for p in [s.strip() for s in args.precisions.split(",") if s.strip()]:
+            ex = TorchExtractor(copy.deepcopy(model), pre, meta.fingerprint, "cpu", precision=p, compile="off")
+            sides.append((f"ours {p}, channels_last", ex.embed, ""))
+        if not args.no_compile:
+            ex = TorchExtractor(copy.deepcopy(model), pre, meta.fingerprint, "cpu", precision="auto", compile="on")
+            ex.prepare(10**6, args.batch)
+            extra = f"compile {ex.compile_seconds:.0f} s" if ex.compile_seconds is not None else "compile failed: eager"
+            sides.append((f"ours {ex.precision} + torch.compile", ex.embed, extra))
+        onnx_paths: dict[str, Path] = {}
+        if not args.no_onnx:
+            from reid_search.onnx_model import OnnxExtractor, export_onnx
+            from reid_search.quantize import export_int8
+
+            onnx_paths["fp32"] = export_onnx(ckpt, tmp / "fp32.onnx").path
+            calib = args.data if args.data is not None else tmp / "crops" / "bounding_box_test"
+            t0 = time.perf_counter()
+            rep = export_int8(ckpt, tmp / "int8.onnx", calib, calibration_images=args.calibration_images,
+                              check_images=200, min_cosine=0.0, max_metric_drop=100.0)
+            onnx_paths["int8"] = rep.path
+            m = rep.metrics
+            notes.append(f"int8 export: {time.perf_counter() - t0:.0f} s, calibration {rep.calibration_images} images "
+                         f"({rep.calibration_seconds:.0f} s), check min cosine {rep.min_cosine:.5f} on {rep.check_images}"
+                         + (f", R1 {m.rank1_fp32:.1f}→{m.rank1_int8:.1f}, mAP {m.map_fp32:.1f}→{m.map_int8:.1f}" if m else ""))
+            for name, path in onnx_paths.items():
+                sides.append((f"ONNX Runtime {name} (CPU)", OnnxExtractor(path, device="cpu").embed, ""))
+        if torch.cuda.is_available():
+            for p in ("fp32", "bf16", "fp16"):
+                ex = TorchExtractor(copy.deepcopy(model), pre, meta.fingerprint, "cuda", precision=p, compile="off")
+                sides.append((f"ours {p} on {torch.cuda.get_device_name()}", ex.embed, ""))
+            if onnx_paths:
+                import onnxruntime as ort
+
+                from reid_search.onnx_model import OnnxExtractor
+
+                avail = ort.get_available_providers()
+                if "CUDAExecutionProvider" in avail:
+                    for name, path in onnx_paths.items():
+                        sides.append((f"ONNX Runtime {name} (CUDA EP)", OnnxExtractor(path, device="cuda").embed, ""))
+                if "TensorrtExecutionProvider" not in avail:
+                    notes.append("ONNX Runtime TensorRT provider: not installed in this environment")
+
+        for _, fn, _ in sides:
+            fn(x)  # warm-up: kernel selection
+        times: list[list[float]] = [[] for _ in sides]
+        for _ in range(args.repeats):
+            for i, (_, fn, _) in enumerate(sides):
+                times[i].append(images_per_s(fn, x, args.images))
+        for (name, fn, extra), t in zip(sides, times):
+            row = {"name": name, "ips": statistics.median(t), "runs": t, "cos": min_cosine(ref, np.asarray(fn(x))), "extra": extra}
+            rows.append(row)
+        if args.accuracy:
+            exs = {"eager fp32 NCHW (torchreid FeatureExtractor style)": load_extractor(ckpt, "cpu", precision="fp32", compile="off")}
+            for p in [s.strip() for s in args.precisions.split(",") if s.strip()]:
+                exs[f"ours {p}, channels_last"] = load_extractor(ckpt, "cpu", precision=p, compile="off")
+            for name, path in onnx_paths.items():
+                exs[f"ONNX Runtime {name} (CPU)"] = load_extractor(path, "cpu")
+            for row in rows:
+                if row["name"] in exs:
+                    row["r1"], row["map"] = rank1_map(exs[row["name"]], args.data)
+        if not args.no_index:
+            folder = crops[0].parent
+            ips, wall = index_end_to_end(ckpt, folder, tmp / "ws", "auto")
+            rows.append({"name": f"`reid-search index` end to end, {len(crops)} JPEG crops, --precision auto",
+                         "ips": ips, "runs": [ips], "cos": float("nan"), "extra": f"wall {wall:.1f} s incl. start-up"})
+
+    anchor = rows[0]["ips"]
+    lines = [
+        f"CPU: {feats.summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{meta.arch} BNNeck {pre.height}×{pre.width}, batch {args.batch}, {args.images} images per run",
+        "",
+        f"| path | images/s (median of {args.repeats}) | runs | × eager fp32 | min cosine to fp32 | R1 | mAP | note |",
+        "|---|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        acc = (f"{r['r1']:.1f} | {r['map']:.1f}" if "r1" in r else " | ")
+        cos = "" if np.isnan(r["cos"]) else f"{r['cos']:.5f}"
+        lines.append(f"| {r['name']} | {r['ips']:.1f} | {', '.join(f'{v:.1f}' for v in r['runs'])} | "
+                     f"{r['ips'] / anchor:.2f} | {cos} | {acc} | {r['extra']} |")
+    lines += [""] + [f"- {n}" for n in notes]
+    table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
         with args.out.open("a") as fh:

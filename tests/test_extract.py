@@ -18,7 +18,7 @@ def crops(tmp_path: Path) -> list[Path]:
 
 
 def test_batched_equals_one_by_one(tiny_ckpt: Path, crops: list[Path]) -> None:
-    ex = load_extractor(tiny_ckpt, device="cpu")
+    ex = load_extractor(tiny_ckpt, device="cpu", precision="fp32")
     batched, kept, failures = extract_features(crops, ex, batch_size=4, num_workers=2)
     assert kept == list(range(11)) and failures == []
     singles = np.concatenate([extract_features([p], ex, batch_size=1, num_workers=0)[0] for p in crops])
@@ -29,15 +29,15 @@ def test_batched_equals_one_by_one(tiny_ckpt: Path, crops: list[Path]) -> None:
 
 
 def test_streaming_yields_bounded_batches(tiny_ckpt: Path, crops: list[Path]) -> None:
-    ex = load_extractor(tiny_ckpt, device="cpu")
+    ex = load_extractor(tiny_ckpt, device="cpu", precision="fp32")
     seen: list[int] = []
     sizes = [len(b.indices) for b in iter_features(crops, ex, batch_size=3, num_workers=0, progress=seen.append)]
     assert sizes == [3, 3, 3, 2] and seen == sizes
 
 
 def test_flip_tta_changes_features_and_fingerprint(tiny_ckpt: Path, crops: list[Path]) -> None:
-    plain = load_extractor(tiny_ckpt, device="cpu")
-    flip = load_extractor(tiny_ckpt, device="cpu", flip=True)
+    plain = load_extractor(tiny_ckpt, device="cpu", precision="fp32")
+    flip = load_extractor(tiny_ckpt, device="cpu", flip=True, precision="fp32")
     assert flip.fingerprint == plain.fingerprint + "+flip"
     a = extract_features(crops[:2], plain, num_workers=0)[0]
     b = extract_features(crops[:2], flip, num_workers=0)[0]
@@ -61,7 +61,7 @@ def test_bad_images_are_reported_not_fatal(tiny_ckpt: Path, tmp_path: Path) -> N
     trunc.write_bytes(good.read_bytes()[:300])
     broken = tmp_path / "broken.jpg"
     os.symlink(tmp_path / "nowhere.jpg", broken)
-    ex = load_extractor(tiny_ckpt, device="cpu")
+    ex = load_extractor(tiny_ckpt, device="cpu", precision="fp32")
     feats, kept, failures = extract_features([empty, good, text, trunc, broken], ex, num_workers=0)
     assert kept == [1] and feats.shape == (1, 512)
     assert {i: r for i, r, _ in failures} == {0: "empty", 2: "not-an-image", 3: "corrupt", 4: "missing"}
@@ -92,7 +92,7 @@ def test_decompression_bomb_guard(tmp_path: Path) -> None:
 
 
 def test_extractor_uses_checkpoint_preprocessing(tiny_ckpt: Path) -> None:
-    ex = load_extractor(tiny_ckpt, device="cpu")
+    ex = load_extractor(tiny_ckpt, device="cpu", precision="fp32")
     assert (ex.preprocess.height, ex.preprocess.width) == (64, 32)
     out = ex.embed(torch.randn(3, 3, 64, 32))
     assert out.shape == (3, 512)

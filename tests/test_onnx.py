@@ -97,7 +97,7 @@ def test_metadata_and_graph_shapes(onnx_dynamic, onnx_fixed1, tiny_ckpt: Path) -
 
 
 def test_onnx_extractor_equals_torch_extractor(onnx_dynamic, onnx_fixed1, tiny_ckpt: Path, real_images: list[Path]) -> None:
-    torch_ex = load_extractor(tiny_ckpt, device="cpu")
+    torch_ex = load_extractor(tiny_ckpt, device="cpu", precision="fp32")
     ref, kept, _ = extract_features(real_images, torch_ex, batch_size=5, num_workers=0)
     for report in (onnx_dynamic, onnx_fixed1):
         ex = load_extractor(report.path, device="cpu")
@@ -116,7 +116,7 @@ def test_onnx_extractor_equals_torch_extractor(onnx_dynamic, onnx_fixed1, tiny_c
 
 
 def test_flip_tta_matches_torch(onnx_fixed1, tiny_ckpt: Path, real_images: list[Path]) -> None:
-    torch_flip = load_extractor(tiny_ckpt, device="cpu", flip=True)
+    torch_flip = load_extractor(tiny_ckpt, device="cpu", flip=True, precision="fp32")
     onnx_plain = load_extractor(onnx_fixed1.path, device="cpu")
     onnx_flip = load_extractor(onnx_fixed1.path, device="cpu", flip=True)
     assert onnx_flip.fingerprint == onnx_plain.fingerprint + "+flip" == torch_flip.fingerprint
@@ -266,7 +266,7 @@ def test_cli_export_fp16_fixed_batch(tiny_ckpt: Path, real_images: list[Path], t
     assert (props["precision"], props["batch"]) == ("fp16", "3")
     assert any(i.data_type == TensorProto.FLOAT16 for i in onnx.load(str(out)).graph.initializer)
     ex = load_extractor(out, device="cpu")
-    ref = extract_features(real_images[:7], load_extractor(tiny_ckpt, device="cpu"), batch_size=7, num_workers=0)[0]
+    ref = extract_features(real_images[:7], load_extractor(tiny_ckpt, device="cpu", precision="fp32"), batch_size=7, num_workers=0)[0]
     got = extract_features(real_images[:7], ex, batch_size=7, num_workers=0)[0]  # 3 + 3 + (1 padded to 3)
     assert got.dtype == np.float32 and cosine(ref, got).min() >= 0.999
 

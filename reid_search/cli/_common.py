@@ -14,6 +14,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from reid_search import __version__
 from reid_search.errors import ReidSearchError
+from reid_search.precision import PRECISIONS
 from reid_search.workspace import DB_ENV, DEFAULT_WORKSPACE, WORKSPACE_ENV, Workspace
 
 
@@ -71,3 +72,12 @@ def progress_bar(total: int | None, desc: str, unit: str = "img", quiet: bool = 
     """A tqdm bar exposed as an ``advance(n)`` callback; log lines print above it."""
     with logging_redirect_tqdm(), tqdm(total=total, desc=desc, unit=unit, disable=quiet, dynamic_ncols=True, leave=True) as bar:
         yield bar.update
+
+
+precision_option = click.option(
+    "--precision", type=click.Choice(PRECISIONS, case_sensitive=False), default="auto", show_default=True,
+    help="Model number format: auto = bf16 on CPUs with AVX512_BF16/AMX, fp16 autocast on GPUs, else fp32. "
+         "Does not change the model's fingerprint (an fp32 gallery answers bf16 queries). "
+         "ONNX files keep the precision they were exported with.",
+)
+"""``--precision`` of every command that embeds images; pass the value to ``load_extractor(precision=...)``."""

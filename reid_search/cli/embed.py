@@ -10,7 +10,7 @@ import click
 import numpy as np
 
 from reid_search.atomic import atomic_write, atomic_write_bytes
-from reid_search.cli._common import App, pass_app, progress_bar
+from reid_search.cli._common import App, pass_app, precision_option, progress_bar
 from reid_search.data import list_images, record_for
 from reid_search.errors import DataError
 
@@ -25,15 +25,17 @@ from reid_search.errors import DataError
 @click.option("--flip/--no-flip", default=False, show_default=True, help="Average with the horizontally flipped image.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@precision_option
 @pass_app
 def embed(app: App, target: Path, model: Path | None, out: Path | None, as_json: bool,
-          flip: bool, batch_size: int, device: str) -> None:
+          flip: bool, batch_size: int, device: str, precision: str) -> None:
     """Print the L2-normalised feature of one image, or save a folder's features.
 
     \b
     Examples:
       reid-search embed query/0001_c1s1_001051_00.jpg --json
       reid-search embed bounding_box_test --out gallery.npy
+      reid-search embed bounding_box_test --out gallery.npz --precision fp32
     """
     from reid_search.extract import extract_features, load_extractor, load_image  # torch: only when it runs
 
@@ -41,7 +43,7 @@ def embed(app: App, target: Path, model: Path | None, out: Path | None, as_json:
         raise DataError(f"no such image or folder: {target}")
     if not target.is_dir():
         load_image(target)  # a single unusable image is an error, not a skip
-    extractor = load_extractor(app.workspace.model_path(model), device=device, flip=flip)
+    extractor = load_extractor(app.workspace.model_path(model), device=device, flip=flip, precision=precision)
     records = list_images(target) if target.is_dir() else [record_for(target)]
     if target.is_dir() and out is None and not as_json:
         raise DataError(f"{target} is a folder: pass --out FEATS.npy (or .npz) to save its features, or --json to print them")

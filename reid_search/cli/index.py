@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from reid_search.cli._common import App, pass_app, progress_bar
+from reid_search.cli._common import App, pass_app, precision_option, progress_bar
 from reid_search.data import iter_image_paths
 from reid_search.errors import DataError, GalleryError
 from reid_search.limits import INDEX_KINDS
@@ -38,6 +38,7 @@ MAX_SKIPPED_LINES = 20
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--flip/--no-flip", default=False, show_default=True,
               help="Average with the horizontally flipped image (queries must use the same).")
+@precision_option
 @click.option("--prune", is_flag=True, help="Also remove gallery images under FOLDER whose files are gone.")
 @click.option("--reindex", is_flag=True, help="Drop the whole gallery first (needed to switch models).")
 @click.option("--commit-every", default=1024, show_default=True, type=click.IntRange(1),
@@ -45,7 +46,7 @@ MAX_SKIPPED_LINES = 20
 @pass_app
 def index(app: App, folder: Path, model: Path | None, index_type: str | None, index_params: tuple[str, ...],
           batch_size: int, workers: int | None, device: str, flip: bool, prune: bool, reindex: bool,
-          commit_every: int) -> None:
+          commit_every: int, precision: str = "auto") -> None:
     """Add the images under FOLDER (recursively) to the workspace's gallery.
 
     Incremental: unchanged files are skipped, changed files (by content hash)
@@ -58,6 +59,7 @@ def index(app: App, folder: Path, model: Path | None, index_type: str | None, in
       reid-search index data/market/bounding_box_test
       reid-search index /data/cams --index-type ivfpq --index-param nprobe=64 --prune
       reid-search index data/market/bounding_box_test --model runs/new/model.pt --reindex
+      reid-search index data/market/bounding_box_test --precision fp32
     """
     from indexer.store import open_gallery
     from indexer.vectors import parse_index_spec
@@ -67,7 +69,7 @@ def index(app: App, folder: Path, model: Path | None, index_type: str | None, in
         raise DataError(f"no such folder: {folder}; pass the folder of gallery crops (e.g. bounding_box_test)")
     if not folder.is_dir():
         raise DataError(f"{folder} is a file, not a folder; pass the folder that holds the gallery crops")
-    extractor = load_extractor(app.workspace.model_path(model), device=device, flip=flip)
+    extractor = load_extractor(app.workspace.model_path(model), device=device, flip=flip, precision=precision)
     app.workspace.ensure()
     gallery = open_gallery(app.workspace)
     try:

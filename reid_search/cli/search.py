@@ -7,12 +7,12 @@ from pathlib import Path
 
 import click
 
-from reid_search.cli._common import App, pass_app, progress_bar
+from reid_search.cli._common import App, pass_app, precision_option, progress_bar
 from reid_search.data import QUERY_DIR, list_images, record_for
 from reid_search.errors import DataError, GalleryError
 
 
-def open_engine(app: App, model: Path | None, device: str):
+def open_engine(app: App, model: Path | None, device: str, precision: str = "auto"):
     """The workspace's gallery with the workspace's (or the given) model."""
     from indexer.store import open_gallery
     from reid_search.engine import SearchEngine
@@ -21,7 +21,7 @@ def open_engine(app: App, model: Path | None, device: str):
     gallery = open_gallery(app.workspace)
     if gallery.ntotal == 0:
         raise GalleryError(f"the gallery of workspace {app.workspace.root} is empty: run `reid-search index FOLDER` first")
-    extractor = load_extractor(app.workspace.model_path(model), device=device)
+    extractor = load_extractor(app.workspace.model_path(model), device=device, precision=precision)
     return SearchEngine(gallery, extractor, cache_dir=app.workspace.index_dir)
 
 
@@ -34,9 +34,10 @@ def open_engine(app: App, model: Path | None, device: str):
 @click.option("--show", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a picture of the ranking (PNG).")
 @click.option("--model", "-m", type=click.Path(dir_okay=False, path_type=Path), default=None, help="[default: the workspace's model]")
 @click.option("--device", default="auto", show_default=True)
+@precision_option
 @pass_app
 def query(app: App, image: Path, top_k: int, rerank: bool, camid: int | None, as_json: bool, show: Path | None,
-          model: Path | None, device: str) -> None:
+          model: Path | None, device: str, precision: str = "auto") -> None:
     """Find the person in IMAGE among the indexed gallery, other cameras first.
 
     Gallery crops from the query's own camera are dropped (camid from a
@@ -55,7 +56,7 @@ def query(app: App, image: Path, top_k: int, rerank: bool, camid: int | None, as
     img = load_image(image)
     rec = record_for(image)
     cam = camid if camid is not None else rec.camid
-    engine = open_engine(app, model, device)
+    engine = open_engine(app, model, device, precision)
     feats = engine.embed_images([img])
     hits = engine.search(feats, top_k=top_k, camids=[cam], rerank=rerank)[0]
     if show is not None:
@@ -83,9 +84,10 @@ def query(app: App, image: Path, top_k: int, rerank: bool, camid: int | None, as
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON (fractions in [0, 1]).")
 @click.option("--model", "-m", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--device", default="auto", show_default=True)
+@precision_option
 @pass_app
 def evaluate_cmd(app: App, query_dir: Path | None, rerank: bool, rerank_mode: str, as_json: bool,
-                 model: Path | None, device: str):
+                 model: Path | None, device: str, precision: str = "auto"):
     """CMC rank-1/5/10, mAP and mINP of a query folder against the indexed gallery.
 
     Market-1501 protocol: per query, gallery images of the same pid and camera
@@ -96,10 +98,11 @@ def evaluate_cmd(app: App, query_dir: Path | None, rerank: bool, rerank_mode: st
       reid-search index Market-1501/bounding_box_test
       reid-search eval
       reid-search eval --rerank --json
+      reid-search eval --precision fp32
     """
     from reid_search.evaluation import evaluate_queries
 
-    engine = open_engine(app, model, device)
+    engine = open_engine(app, model, device, precision)
     if query_dir is None:
         roots = engine.gallery.roots()
         candidates = [r.parent / QUERY_DIR for r in roots if (r.parent / QUERY_DIR).is_dir()]

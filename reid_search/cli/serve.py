@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from reid_search.cli._common import App, pass_app
+from reid_search.cli._common import App, pass_app, precision_option
 from reid_search.limits import (
     API_KEY_ENV,
     API_KEY_HEADER,
@@ -46,6 +46,7 @@ def run_server(app: Any, host: str, port: int, access_log: bool, log_level: str)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--flip/--no-flip", default=False, show_default=True,
               help="Average with the flipped image; must match how the gallery was indexed.")
+@precision_option
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1, 1024),
               help="Queries embedded together; 1 serves one at a time.")
 @click.option("--max-wait-ms", default=5.0, show_default=True, type=click.FloatRange(0, 1000),
@@ -64,7 +65,7 @@ def run_server(app: Any, host: str, port: int, access_log: bool, log_level: str)
 @pass_app
 def serve(app: App, host: str, port: int, api_key: str | None, model: Path | None, device: str, flip: bool,
           max_batch: int, max_wait_ms: float, max_queue: int, max_upload_bytes: int, max_pixels: int,
-          max_files: int, threads: int | None, access_log: bool) -> None:
+          max_files: int, threads: int | None, access_log: bool, precision: str = "auto") -> None:
     """Serve the workspace's gallery over HTTP/JSON (OpenAPI docs at /docs).
 
     POST /query (an image in multipart field `file`; top_k, rerank, camid)
@@ -78,6 +79,7 @@ def serve(app: App, host: str, port: int, api_key: str | None, model: Path | Non
       curl -F file=@query/0001_c1s1_001051_00.jpg -F top_k=5 http://127.0.0.1:8000/query
       curl -F file=@new.jpg -F pid=42 -F camid=3 http://127.0.0.1:8000/gallery
       REID_SEARCH_API_KEY=s3cret reid-search serve --host 0.0.0.0 --model model.onnx
+      reid-search serve --precision fp32 --threads 2
     """
     from reid_search.service import create_app
 
@@ -92,7 +94,7 @@ def serve(app: App, host: str, port: int, api_key: str | None, model: Path | Non
                    "and change the gallery", err=True)
     service = create_app(app.workspace, model=model, device=device, flip=flip, api_key=api_key,
                          max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, max_files=max_files,
-                         max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
+                         max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, precision=precision)
     stats = service.state.core.stats()
     click.echo(f"workspace {app.workspace.root}: {stats['gallery']}; search on {stats['search_device']}; "
                f"model {stats['model']['description']}", err=True)
