@@ -52,6 +52,7 @@ import faiss
 import numpy as np
 
 from reid_search.atomic import atomic_write
+from reid_search.devices import why_no_gpu
 from reid_search.errors import GalleryError
 from reid_search.limits import INDEX_KINDS as KINDS
 
@@ -274,6 +275,13 @@ def gpu_count() -> int:
         return 0
 
 
+def no_gpu_reason() -> str:
+    """Why faiss search stays on the CPU: a CPU-only faiss build, or no GPU visible."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        return "this faiss build has no GPU support (the cpu variant is installed)"
+    return why_no_gpu()
+
+
 def to_search_device(index: faiss.Index) -> tuple[faiss.Index, str]:
     """A copy of ``index`` sharded over all GPUs when possible, else ``index`` itself.
 
@@ -287,7 +295,7 @@ def to_search_device(index: faiss.Index) -> tuple[faiss.Index, str]:
             return faiss.index_cpu_to_all_gpus(index, co=co, ngpu=ngpu), f"{ngpu} GPU(s), sharded"
         except Exception as exc:  # e.g. fast-scan or HNSW indexes have no GPU version
             return index, f"CPU ({faiss.omp_get_max_threads()} threads; {type(index).__name__} cannot go to the GPU: {str(exc).splitlines()[0][:120]})"
-    return index, f"CPU ({faiss.omp_get_max_threads()} threads)"
+    return index, f"CPU ({faiss.omp_get_max_threads()} threads; {no_gpu_reason()})"
 
 
 # ---- the index --------------------------------------------------------------
@@ -537,7 +545,7 @@ class VectorIndex:
                 searcher, device = self.base, f"CPU ({threads} threads; ivfpq's fast-scan codes have no GPU version)"
             elif self._is_flat() and gpu_count() == 0:
                 # numpy's BLAS is often much faster than the one bundled with faiss-cpu.
-                searcher, device = None, "CPU (exact, numpy BLAS)"
+                searcher, device = None, f"CPU (exact, numpy BLAS; {no_gpu_reason()})"
             else:
                 searcher, device = to_search_device(self.base)
             self._cpu_flat = searcher is None
@@ -668,5 +676,5 @@ def iter_batches(ids: np.ndarray, x: np.ndarray, batch: int = 65_536) -> Iterato
 
 __all__ = [
     "IndexSpec", "KINDS", "exact_search", "PARAMS_BY_KIND", "VectorIndex", "auto_nlist", "gpu_count",
-    "has_multibit_rabitq", "iter_batches", "parse_index_spec", "refine_codes", "resolve_build", "to_search_device", "train_threshold",
+    "has_multibit_rabitq", "iter_batches", "no_gpu_reason", "parse_index_spec", "refine_codes", "resolve_build", "to_search_device", "train_threshold",
 ]

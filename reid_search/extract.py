@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from reid_search.checkpoint import load_model
+from reid_search.devices import auto_device
 from reid_search.errors import DataError, ModelError
 from reid_search.model import ReIDNet
 from reid_search.precision import autocast_dtype, resolve_precision, validate_precision
@@ -137,13 +138,13 @@ class Extractor(Protocol):
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU.
+    """``auto`` picks CUDA when available, else CPU (saying so once in the log).
 
     Raises:
         ModelError: a CUDA device was asked for and none is available.
     """
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(auto_device("feature extraction", detail="in fp32").type)
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"--device {name}: no CUDA GPU is available here; use --device cpu or auto")

@@ -47,6 +47,7 @@ from torch import nn
 from reid_search import __version__
 from reid_search.atomic import atomic_write_bytes
 from reid_search.checkpoint import ModelMeta, load_model
+from reid_search.devices import cpu_fallback, cuda_visible
 from reid_search.errors import DataError, ModelError
 from reid_search.extract import ImageLoadError, load_image
 from reid_search.limits import DEFAULT_OPSET, MIN_OPSET, VERIFY_MAX_IMAGES
@@ -277,7 +278,13 @@ def select_providers(device: str | None) -> tuple[list[Any], torch.device]:
     available = _ort().get_available_providers()
     has_cuda = _CUDA_EP in available
     if device in (None, "auto"):
-        device = "cuda" if has_cuda else "cpu"
+        gpu = cuda_visible()
+        device = "cuda" if has_cuda and gpu else "cpu"
+        if not gpu:
+            cpu_fallback("ONNX Runtime", "(CPUExecutionProvider)")
+        elif not has_cuda:
+            cpu_fallback("ONNX Runtime", "(CPUExecutionProvider)",
+                         "this onnxruntime has no CUDA provider (the cpu variant is installed)", logging.WARNING)
     try:
         dev = torch.device(device)
     except RuntimeError:

@@ -184,6 +184,7 @@ def _gap_graph(path: Path, in_shape: list, props: dict[str, str] | None = None, 
     else:
         nodes = [helper.make_node("Identity", ["images"], ["feat"])]
     model = helper.make_model(helper.make_graph(nodes, "gap", [x], [y]), opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10  # onnx's newest IR can be ahead of the runtime (onnxruntime-gpu lags onnxruntime)
     for k, v in (props or {}).items():
         model.metadata_props.add(key=k, value=v)
     onnx.save(model, str(path))

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from reid_search.atomic import atomic_write_json
 from reid_search.checkpoint import read_checkpoint, save_checkpoint
 from reid_search.data import ImageRecord, MarketDataset, load_market, training_labels
+from reid_search.devices import auto_device, ddp_backend
 from reid_search.errors import DataError, ModelError
 from reid_search.extract import ImageLoadError, TorchExtractor, extract_features, load_image
 from reid_search.metrics import evaluate as evaluate_ranking
@@ -72,8 +73,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
         return DistInfo()
     owns = not dist.is_initialized()
     if owns:
-        use_cuda = torch.cuda.is_available() and device != "cpu"
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group(ddp_backend(device))
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), owns)
     if torch.cuda.is_available() and device != "cpu":
         torch.cuda.set_device(info.local_rank)
@@ -502,8 +502,8 @@ def _train(
     cfg: TrainConfig, data_root: Path, out: Path, info: DistInfo, resume: bool, device: str,
     progress: ProgressFactory | None, on_epoch: Callable[[int, dict[str, float]], None] | None,
 ) -> TrainResult:
-    dev = torch.device("cpu") if device == "cpu" else (
-        torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu"))
+    dev = torch.device("cpu") if device == "cpu" else auto_device(
+        "training", info.local_rank, "in fp32 (no AMP)" if cfg.amp in ("auto", "off") else f"with amp={cfg.amp}")
     latest = out / "latest.pt"
     if resume and not latest.is_file():
         raise ModelError(f"nothing to resume: {latest} does not exist; drop --resume to start a new run")
