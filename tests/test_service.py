@@ -542,6 +542,27 @@ def test_bad_filters_and_huge_ints_are_422(query_paths: list[Path], client: http
     healthy(client, query_paths)
 
 
+def test_orphan_upload_files_are_swept_at_start(workspace: Workspace, client: httpx.Client) -> None:
+    """A kill between a removal's commit and its file deletion leaves a file no row names; the next start deletes it."""
+    import os
+
+    uploads = workspace.root / "uploads"
+    kept = client.post("/gallery", files={"file": ("k.jpg", write_crop(workspace.root.parent / "k.jpg", 9501).read_bytes())})
+    kept_path, kept_id = Path(kept.json()["items"][0]["path"]), kept.json()["ids"][0]
+    orphan = uploads / ("ab" * 32 + ".jpg")
+    orphan.write_bytes(b"left by a crash")
+    old_tmp, new_tmp = uploads / ".upload-old.tmp", uploads / ".upload-new.tmp"
+    old_tmp.write_bytes(b"x")
+    new_tmp.write_bytes(b"y")
+    os.utime(old_tmp, (time.time() - 7200, time.time() - 7200))
+    app = create_app(workspace, device="cpu")
+    app.state.close()
+    assert not orphan.exists() and not old_tmp.exists()
+    assert new_tmp.exists() and kept_path.is_file()  # a staged upload of a request in flight, a gallery row's file
+    new_tmp.unlink()
+    assert client.delete(f"/gallery/{kept_id}").status_code == 200
+
+
 # --------------------------------------------------------------------------- API key, schema, CLI
 
 
