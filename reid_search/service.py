@@ -66,7 +66,7 @@ from starlette.concurrency import run_in_threadpool
 from torchvision.transforms import Resize
 
 from indexer.protocol import NewImage, RemoveFilter, SearchFilter
-from reid_search.engine import SearchEngine
+from reid_search.engine import SearchEngine, query_filter
 from reid_search.errors import DataError, GalleryError, ReidSearchError
 from reid_search.extract import ImageLoadError, load_extractor, load_image
 from reid_search.filters import (
@@ -478,16 +478,30 @@ class SearchCore:
                     rows.append(engine.embed_images([j.image])[0])
                 except Exception as exc:
                     rows.append(exc)
-        out: list[Any] = []
-        for j, f in zip(jobs, rows):
-            if isinstance(f, BaseException):
-                out.append(as_api_error(f, "embedding the query"))
+        out: list[Any] = [as_api_error(f, "embedding the query") if isinstance(f, BaseException) else None
+                          for f in rows]
+        # k-NN queries with one top_k go to the store in one call, each with its own filter.
+        groups: dict[int, list[int]] = {}
+        for i, j in enumerate(jobs):
+            if out[i] is None and not j.rerank:
+                groups.setdefault(j.top_k, []).append(i)
+        for k, idx in groups.items():
+            try:
+                hits = engine.search(np.stack([rows[i] for i in idx]), top_k=k, camids=[jobs[i].camid for i in idx],
+                                     where=[query_filter(jobs[i].where, jobs[i].camid, jobs[i].keep_same_camera)
+                                            for i in idx], keep_same_camera=True)
+                for i, h in zip(idx, hits):
+                    out[i] = h
+            except Exception:
+                log.exception("a batched search of %d queries failed; searching them one by one", len(idx))
+        for i, (j, f) in enumerate(zip(jobs, rows)):
+            if out[i] is not None:
                 continue
             try:
-                out.append(engine.search(f[None], top_k=j.top_k, camids=[j.camid], rerank=j.rerank, where=j.where,
-                                         keep_same_camera=j.keep_same_camera)[0])
+                out[i] = engine.search(f[None], top_k=j.top_k, camids=[j.camid], rerank=j.rerank, where=j.where,
+                                       keep_same_camera=j.keep_same_camera)[0]
             except Exception as exc:
-                out.append(as_api_error(exc, "the search"))
+                out[i] = as_api_error(exc, "the search")
         return out
 
     def add(self, staged: Sequence[StagedUpload], pid: int | None, camid: int | None,
