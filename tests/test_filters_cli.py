@@ -251,3 +251,28 @@ def test_unreadable_rerank_cache_never_fails_a_command(tmp_path: Path, tiny_ckpt
     assert r.exit_code == 0 and "removed 1" in r.output, r.output
     with np.load(cache) as z:
         assert len(z["ids"]) == 8
+
+
+@pytest.mark.slow
+def test_query_on_a_read_only_workspace(tmp_path: Path, tiny_ckpt: Path, market_dir: Path) -> None:
+    """Defect 6: reads need no lock; a read-only workspace answers `query` (and `query --rerank`
+    with a spoilt cache it cannot rewrite). Needs a private read-only mount (root + unshare), else skips."""
+    import shutil
+    import subprocess
+    import sys
+
+    ws = tmp_path / "ws"
+    assert run(ws, "index", str(market_dir / "bounding_box_test"), "--model", str(tiny_ckpt), "--workers", "0").exit_code == 0
+    (ws / "index" / "rerank.npz").write_bytes(b"PK\x03\x04 spoilt")
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        pytest.skip("no unshare/mount here")
+    q = market_dir / "query" / "0005_c1s1_000000_00.jpg"
+    cli = f"{sys.executable} -m reid_search -q -w {ws} query {q} --json --rerank"
+    script = f"mount --bind {ws} {ws} && mount -o remount,ro,bind {ws} || exit 99; touch {ws}/probe 2>/dev/null && exit 98; {cli}"
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    if r.returncode in (98, 99) or "unshare:" in r.stderr:
+        pytest.skip(f"cannot make a read-only mount here: {r.stderr.strip()[:200]}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    hits = json.loads(r.stdout)["hits"]
+    assert hits and all(h["camid"] != 1 for h in hits)
+    assert "Traceback" not in r.stderr

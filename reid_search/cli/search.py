@@ -106,7 +106,9 @@ def query(app: App, image: Path, top_k: int, rerank: bool, camid: int | None, ca
             click.echo(f"{h.rank:>4}  {h.distance:>8.4f}  {'-' if h.pid is None else h.pid:>5}  "
                        f"{'-' if h.camid is None else h.camid:>3}  {d['time'] or '-':<20}  {h.track or '-':<8}  {h.path}")
         if len(hits) < top_k:
-            click.echo(f"({len(hits)} of {top_k}: no more gallery crops pass the filter)")
+            filtered = not where.is_empty or (cam is not None and not keep_same_camera)
+            click.echo(f"({len(hits)} of {top_k}: "
+                       + ("no more gallery crops pass the filter)" if filtered else "the gallery holds no more)"))
     if show is not None and not as_json:
         click.echo(f"picture: {show}")
 
