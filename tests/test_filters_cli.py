@@ -57,6 +57,7 @@ def brute(paths: list[Path], feats: np.ndarray, q: np.ndarray, flt: SearchFilter
     return [str(paths[i]) for i in sorted(ok, key=lambda i: (d[i], i))[:k]]
 
 
+@pytest.mark.slow
 def test_query_filters_equal_brute_force(cams) -> None:
     ws, folder, paths, feats = cams
     q = paths[7]
@@ -69,8 +70,8 @@ def test_query_filters_equal_brute_force(cams) -> None:
         (("--exclude-track", "trk0", "--exclude-track", "trk2"), SearchFilter(exclude_tracks={"trk0", "trk2"})),
         (("--cameras", "4", "--since", "2024-05-01T00:00:00+02:00"), SearchFilter(cameras={4}, since=T0 - timedelta(hours=10))),
     ]
-    for args, flt in cases:
-        for k in (3, 50):
+    for n, (args, flt) in enumerate(cases):
+        for k in ((3, 50) if n == 1 else (50,)):
             r = run(ws, "query", str(q), "--json", "--top-k", str(k), *args)
             assert r.exit_code == 0, r.output
             out = json.loads(r.output)
@@ -220,7 +221,7 @@ def test_the_model_that_built_the_gallery_is_used(tmp_path: Path, tiny_ckpt: Pat
     assert Workspace(ws).gallery_model()[0] == tiny_ckpt.resolve()
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "npy"])
+@pytest.mark.parametrize("damage", ["truncate", "npy"])
 def test_unreadable_rerank_cache_never_fails_a_command(tmp_path: Path, tiny_ckpt: Path, market_dir: Path,
                                                        damage: str) -> None:
     """Defect 5 through the CLI: query --rerank answers, index/remove exit 0 after committing."""
