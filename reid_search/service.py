@@ -93,6 +93,8 @@ from reid_search.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
+# Files under uploads/ that no row names are deleted at start once this old (seconds).
+ORPHAN_AGE_S = 600.0
 # Multipart boundaries, part headers and the small form fields.
 FORM_OVERHEAD_BYTES = 64 * 1024
 
@@ -588,16 +590,17 @@ class SearchCore:
 
     def sweep_uploads(self) -> int:
         """Delete files under ``uploads/`` that no gallery row names (left by a crash between a
-        removal's commit and its file deletion, or by an add that never committed)."""
+        removal's commit and its file deletion, or by an add that never committed).
+
+        Only files older than :data:`ORPHAN_AGE_S`: a younger one may belong to an add
+        in flight in another server on this workspace (e.g. during a rolling restart).
+        """
         if not self.uploads.is_dir():
             return 0
         known = {m.path.name for batch in self.gallery.iter_metadata() for m in batch if m.path.parent == self.uploads}
         now, n = time.time(), 0
         for p in self.uploads.iterdir():
-            if not p.is_file() or p.name in known:
-                continue
-            # A staged upload (hidden .tmp) may belong to a request in flight in another process: only old ones.
-            if p.name.startswith(".") and now - p.stat().st_mtime < 3600:
+            if not p.is_file() or p.name in known or now - p.stat().st_mtime < ORPHAN_AGE_S:
                 continue
             with contextlib.suppress(OSError):
                 p.unlink()
