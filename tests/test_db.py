@@ -89,3 +89,51 @@ def test_db_upgrade_command(tmp_path: Path) -> None:
     assert r.exit_code == 1 and r.output.startswith("Error: cannot open the metadata DB") and r.output.count("\n") == 1
     for args in (["db", "--help"], ["db", "upgrade", "--help"]):
         assert "Example:" in CliRunner().invoke(main, args).output
+
+
+def test_a_gallery_made_by_schema_0001_upgrades_in_place(tmp_path: Path) -> None:
+    """Rows, vectors, ids and answers survive 0001 -> head; deleted ids are never handed out again."""
+    import hashlib
+    from datetime import datetime, timezone
+
+    import numpy as np
+
+    from indexer import NewImage, open_gallery
+    from indexer.protocol import SearchFilter
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "0001")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((12, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    now = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    with engine.begin() as conn:  # what the 0001-era store wrote
+        conn.execute(text("INSERT INTO gallery_roots (id, path, added_at) VALUES (1, :p, :t)"),
+                     {"p": str(tmp_path / "gal"), "t": now})
+        for i in range(1, 14):
+            conn.execute(text("INSERT INTO images (id, root_id, rel_path, pid, camid, seq, frame, sha256, size_bytes, "
+                              "model_fingerprint, indexed_at) VALUES (:i, 1, :r, :p, :c, 1, :i, :h, 10, 'm', :t)"),
+                         {"i": i, "r": f"{i:04d}_c{i % 3 + 1}s1_{i:06d}_00.jpg", "p": i, "c": i % 3 + 1,
+                          "h": hashlib.sha256(b"%d" % i).hexdigest(), "t": now})
+            if i <= 12:
+                conn.execute(text("INSERT INTO embeddings (image_id, vector) VALUES (:i, :v)"),
+                             {"i": i, "v": x[i - 1].astype("<f4").tobytes()})
+        conn.execute(text("DELETE FROM images WHERE id = 13"))  # the highest id was deleted
+        conn.execute(text("INSERT INTO gallery_state (id, model_fingerprint, dim, index_spec, generation, updated_at) "
+                          "VALUES (1, 'm', 8, '{\"kind\": \"flat\"}', 7, :t)"), {"t": now})
+    engine.dispose()
+
+    g = open_gallery(url, tmp_path / "idx")  # upgrades in place
+    assert current_revision(g.engine) == head_revision() and drift(g.engine) == []
+    assert g.ntotal == 12 and g.generation == 7 and g.model_fingerprint == "m" and g.dim == 8
+    np.testing.assert_array_equal(g.ids(), np.arange(1, 13))
+    np.testing.assert_array_equal(g.vectors(np.arange(1, 13)), x)
+    want = np.argsort(-(x @ x.T), axis=1, kind="stable")[:, :5] + 1
+    np.testing.assert_array_equal(g.search(x, 5)[1], want)
+    m = g.metadata([4])[0]
+    assert (m.pid, m.camid, m.time, m.track) == (4, 2, None, None) and m.rel_path == "0004_c2s1_000004_00.jpg"
+    assert g.count(SearchFilter(cameras=frozenset({2}))) == 4
+    new = g.add_images([NewImage(tmp_path / "gal" / "new.jpg", "0" * 64, 1)], x[:1], "m")
+    assert new[0] > 13  # AUTOINCREMENT's high-water mark survived the table copy

@@ -137,3 +137,35 @@ def test_postgres_index_command(pg_url: str, tiny_ckpt: Path, market_dir: Path, 
     assert r.exit_code == 0 and "indexed 8," in r.output, r.output
     r = CliRunner().invoke(main, args, catch_exceptions=False)
     assert "indexed 0, replaced 0, unchanged 8" in r.output
+
+
+def test_postgres_filters_retention_reindex_and_odd_names(pg_url: str, tmp_path: Path) -> None:
+    """Time bounds on timestamptz, remove_where, the atomic re-index and escaped names, on PostgreSQL."""
+    from datetime import datetime, timedelta, timezone
+
+    from indexer import NewImage
+    from indexer.protocol import RemoveFilter, SearchFilter
+    from tests.test_store_filters import brute_force, crops
+
+    g = open_gallery(pg_url, tmp_path / "idx")
+    imgs = crops(tmp_path / "gal", 120, seed=4)
+    odd = NewImage(tmp_path / "gal" / "caf\udce9.jpg", "f" * 64, 1, camid=1)  # a name that is not UTF-8
+    x = feats(121, d=8, seed=2)
+    ids = g.add_images([*imgs, odd], x, "m")
+    assert g.metadata(ids[-1:])[0].path == (tmp_path / "gal").resolve() / "caf\udce9.jpg"
+    t0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    f = SearchFilter(cameras=frozenset({1, 2}), since=t0 + timedelta(minutes=100), until=t0 + timedelta(minutes=400),
+                     exclude_tracks=frozenset({"a"}))
+    np.testing.assert_array_equal(g.search(x[:4], 15, f)[1], brute_force(g, x[:4], 15, f)[1])
+    assert g.count(f) == sum(1 for b in g.iter_metadata() for m in b if f.allows(m.camid, m.time, m.track))
+    where = RemoveFilter(before=t0 + timedelta(minutes=200))
+    want = sorted(m.id for b in g.iter_metadata() for m in b if where.matches(m))
+    assert sorted(m.id for m in g.remove_where(where)) == want and g.count(where) == 0
+    with g.replacing() as new:
+        new_ids = new.add_images(imgs[:5], feats(5, d=4), "m2")
+        assert g.ntotal == 121 - len(want)
+    assert g.model_fingerprint == "m2" and g.ntotal == 5 and g.meta.versions_present() == [g.version]
+    g.close()
+    g2 = open_gallery(pg_url, tmp_path / "idx")
+    np.testing.assert_array_equal(g2.ids(), new_ids)
+    np.testing.assert_array_equal(g2.index.ids(), new_ids)

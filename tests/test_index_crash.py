@@ -102,3 +102,134 @@ def test_sigkill_mid_run_then_rerun_completes(tiny_ckpt: Path, tmp_path: Path) -
     paths = [m.rel_path for b in g.iter_metadata() for m in b]
     assert len(set(paths)) == N_IMAGES == len(list(folder.iterdir()))
     np.testing.assert_array_equal(g.index.ids(), g.ids())
+
+
+# A stand-in model (a fixed projection of the pixels) slowed per batch, so the parent can
+# kill the child in the middle of a re-index or right after a removal committed.
+LIB_CHILD = """
+import sys, time, numpy as np
+from pathlib import Path
+from indexer import open_gallery
+from indexer.pipeline import index_folder
+from indexer.protocol import RemoveFilter
+from reid_search.workspace import Workspace
+from tests.conftest import TINY_PRE
+
+class Pix:
+    preprocess, dim, description = TINY_PRE, 8, "pixels"
+    def __init__(self, fp):
+        self.fingerprint = fp
+        self.w = np.random.default_rng(0).standard_normal((3 * 64 * 32, 8)).astype(np.float32)
+    def embed(self, batch):
+        time.sleep(0.05)
+        x = batch.float().reshape(len(batch), -1).numpy() @ self.w
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+ws, what, arg = Workspace(Path(sys.argv[1])), sys.argv[2], sys.argv[3]
+g = open_gallery(ws, save_interval=3600)
+if what == "index":
+    index_folder(g, arg, Pix(sys.argv[4]), batch_size=4, num_workers=0, commit_every=4, reindex=sys.argv[5] == "1")
+else:
+    gone = g.remove_where(RemoveFilter(camid=int(arg)))
+    print("removed", " ".join(str(m.id) for m in gone), flush=True)
+    time.sleep(600)
+"""
+
+
+def _lib_child(ws: Path, *args: str) -> subprocess.Popen:
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", LIB_CHILD, str(ws), *args], cwd=repo, env=env,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _assert_consistent(ws: Path) -> "object":
+    """Rows == stored vectors == index (in memory and in the file); returns the open gallery."""
+    from indexer.vectors import VectorIndex
+
+    g = open_gallery(Workspace(ws))
+    con = sqlite3.connect(ws / "reid.db")
+    try:
+        rows = con.execute("SELECT count(*) FROM images").fetchone()[0]
+        vecs = con.execute("SELECT count(*) FROM embeddings").fetchone()[0]
+    finally:
+        con.close()
+    assert rows == vecs == g.ntotal == len(g.ids())
+    np.testing.assert_array_equal(g.index.ids(), g.ids())
+    on_disk, _ = VectorIndex.load(g.index_path)
+    np.testing.assert_array_equal(on_disk.ids(), g.ids())
+    assert sorted(p.name for p in ws.joinpath("index").glob("*gallery*")) == [g.index_path.name]
+    return g
+
+
+def _gallery_folder(folder: Path, n: int, seed: int = 0) -> None:
+    for i in range(n):
+        write_crop(folder / f"{i // 2 + 1:04d}_c{i % 3 + 1}s1_{i:06d}_00.jpg", seed=seed + i, size=(32, 64))
+
+
+def _indexed(ws: Path, folder: Path, fp: str, reindex: bool = False) -> np.ndarray:
+    from indexer.pipeline import index_folder
+    from tests.test_store_defects import PixelExtractor
+
+    with open_gallery(Workspace(ws)) as g:
+        index_folder(g, folder, PixelExtractor(fp), num_workers=0, reindex=reindex)
+        return g.ids()
+
+
+@pytest.mark.slow
+def test_sigkill_during_reindex_leaves_the_old_gallery_whole(tmp_path: Path) -> None:
+    old_folder, new_folder, ws = tmp_path / "old", tmp_path / "new", tmp_path / "ws"
+    _gallery_folder(old_folder, 12)
+    _gallery_folder(new_folder, 60, seed=100)
+    before = _indexed(ws, old_folder, "modelA")
+    proc = _lib_child(ws, "index", str(new_folder), "modelB", "1")
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            con = sqlite3.connect(f"file:{ws / 'reid.db'}?mode=ro", uri=True, timeout=5)
+            try:
+                building = con.execute("SELECT count(*) FROM images WHERE gallery <> 0").fetchone()[0]
+            finally:
+                con.close()
+            if building >= 8:
+                break
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "no commit of the new gallery within 240 s"
+            time.sleep(0.02)
+    finally:
+        _kill(proc)
+    g = _assert_consistent(ws)
+    np.testing.assert_array_equal(g.ids(), before)  # the old gallery, whole
+    assert g.model_fingerprint == "modelA" and g.meta.versions_present() == [0]
+    _, x = g.all_vectors()
+    np.testing.assert_array_equal(g.search(x, 1)[1][:, 0], before)
+    # The re-index, run again to the end, replaces it.
+    _indexed(ws, new_folder, "modelB", reindex=True)
+    g = _assert_consistent(ws)
+    assert g.ntotal == 60 and g.model_fingerprint == "modelB" and not np.isin(g.ids(), before).any()
+
+
+@pytest.mark.slow
+def test_sigkill_after_remove_committed_keeps_the_rows_gone(tmp_path: Path) -> None:
+    folder, ws = tmp_path / "gal", tmp_path / "ws"
+    _gallery_folder(folder, 12)
+    before = _indexed(ws, folder, "modelA")
+    proc = _lib_child(ws, "remove", "1")
+    try:
+        line = proc.stdout.readline().decode()
+        assert line.startswith("removed "), line + proc.stdout.read().decode()
+    finally:
+        _kill(proc)  # after the commit, before the index file was written
+    gone = [int(i) for i in line.split()[1:]]
+    assert len(gone) == 4
+    g = _assert_consistent(ws)
+    assert g.ntotal == 8 and not np.isin(g.ids(), gone).any()
+    assert set(g.ids().tolist()) == set(before.tolist()) - set(gone)
+    assert not np.isin(g.search(g.all_vectors()[1], 12)[1], gone).any()
+    assert all(m.camid != 1 for b in g.iter_metadata() for m in b)

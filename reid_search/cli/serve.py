@@ -42,7 +42,7 @@ def run_server(app: Any, host: str, port: int, access_log: bool, log_level: str)
 @click.option("--api-key", envvar=API_KEY_ENV, show_envvar=True, default=None,
               help=f"Require this key in header {API_KEY_HEADER} on every route, /healthz and /docs included.")
 @click.option("--model", "-m", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Checkpoint (.pt) or ONNX file [default: the workspace's model].")
+              help="Checkpoint (.pt) or ONNX file [default: the model that built the gallery, else the workspace's].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--flip/--no-flip", default=False, show_default=True,
               help="Average with the flipped image; must match how the gallery was indexed.")

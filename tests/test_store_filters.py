@@ -1,0 +1,161 @@
+"""Filtered search inside the store equals brute force over every DB row; count; remove_where."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from indexer import IndexSpec, NewImage, open_gallery
+from indexer.protocol import GalleryStore, RemoveFilter, SearchFilter
+from reid_search.workspace import Workspace
+
+T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+TRACKS = ["a", "b", "c", None]
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def crops(folder: Path, n: int, seed: int = 0) -> list[NewImage]:
+    """Crops with cameras 0-4 (some unknown), times over 10 hours (some unknown), tracks a/b/c/none."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        cam = None if rng.random() < 0.1 else int(rng.integers(0, 5))
+        t = None if rng.random() < 0.15 else T0 + timedelta(minutes=int(rng.integers(0, 600)))
+        out.append(NewImage(folder / f"img{seed}_{i:05d}.jpg", hashlib.sha256(b"%d %d" % (seed, i)).hexdigest(), 1,
+                            pid=int(rng.integers(0, 20)), camid=cam, time=t, track=TRACKS[int(rng.integers(0, 4))]))
+    return out
+
+
+def brute_force(g, x: np.ndarray, k: int, f: SearchFilter | None) -> tuple[np.ndarray, np.ndarray]:
+    """Every DB row, filtered with the reference semantics, ranked by cosine."""
+    metas = [m for b in g.iter_metadata() for m in b]
+    keep = [m for m in metas if f is None or f.allows(m.camid, m.time, m.track)]
+    ids = np.array([m.id for m in keep], np.int64)
+    feats = g.vectors(ids) if len(ids) else np.zeros((0, x.shape[1]), np.float32)
+    sims = x @ feats.T
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    out_s = np.full((len(x), k), -np.inf, np.float32)
+    out_i = np.full((len(x), k), -1, np.int64)
+    out_s[:, : order.shape[1]] = np.take_along_axis(sims, order, 1)
+    out_i[:, : order.shape[1]] = ids[order]
+    return out_s, out_i
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("filters")
+    g = open_gallery(Workspace(tmp / "ws"))
+    imgs = crops(tmp / "gal", 300)
+    g.add_images(imgs, unit(np.random.default_rng(1).standard_normal((300, 12))), "m")
+    yield g
+    g.close()
+
+
+def test_the_gallery_is_a_gallery_store(gallery) -> None:
+    assert isinstance(gallery, GalleryStore)
+
+
+filters = st.builds(
+    SearchFilter,
+    cameras=st.one_of(st.none(), st.frozensets(st.integers(0, 5), max_size=3)),
+    exclude_cameras=st.frozensets(st.integers(0, 5), max_size=2),
+    since=st.one_of(st.none(), st.integers(-30, 620).map(lambda m: T0 + timedelta(minutes=m))),
+    until=st.one_of(st.none(), st.integers(-30, 620).map(lambda m: T0 + timedelta(minutes=m))),
+    exclude_tracks=st.frozensets(st.sampled_from(["a", "b", "c", "zz"]), max_size=2),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(f=filters, k=st.integers(1, 40), seed=st.integers(0, 10_000))
+def test_flat_filtered_search_equals_brute_force(gallery, f: SearchFilter, k: int, seed: int) -> None:
+    x = unit(np.random.default_rng(seed).standard_normal((3, 12)))
+    sims, ids = gallery.search(x, k, f)
+    want_s, want_i = brute_force(gallery, x, k, f)
+    np.testing.assert_array_equal(ids, want_i)  # same crops, same order, padding only when fewer pass
+    np.testing.assert_allclose(sims, want_s, rtol=1e-5, atol=1e-5)
+    assert gallery.count(f) == sum(1 for b in gallery.iter_metadata() for m in b if f.allows(m.camid, m.time, m.track))
+
+
+def test_one_filter_per_query_and_selective_filters_fill_k(gallery) -> None:
+    x = unit(np.random.default_rng(5).standard_normal((4, 12)))
+    fs = [None, SearchFilter(cameras=frozenset({1})), SearchFilter(exclude_tracks=frozenset({"a", "b"})),
+          SearchFilter(since=T0 + timedelta(minutes=590))]
+    sims, ids = gallery.search(x, 25, fs)
+    for j, f in enumerate(fs):
+        np.testing.assert_array_equal(ids[j], brute_force(gallery, x[j : j + 1], 25, f)[1][0])
+        assert (ids[j] >= 0).sum() == min(25, gallery.count(f))
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivfpq"])
+def test_approximate_indexes_filter_inside_and_still_return_k(kind: str, tmp_path: Path) -> None:
+    g = open_gallery(Workspace(tmp_path / "ws"), spec=IndexSpec(kind, min_train=700) if kind != "hnsw" else IndexSpec(kind))
+    imgs = crops(tmp_path / "gal", 1500, seed=3)
+    x = unit(np.random.default_rng(2).standard_normal((1500, 16)))
+    g.add_images(imgs, x, "m")
+    assert g.index.trained
+    q = x[:10]
+    for f in (SearchFilter(cameras=frozenset({2})), SearchFilter(cameras=frozenset({3}), exclude_tracks=frozenset({"a"}),
+                                                                 since=T0 + timedelta(minutes=550))):
+        n = g.count(f)
+        sims, ids = g.search(q, 20, f)
+        metas = {m.id: m for b in g.iter_metadata() for m in b}
+        assert all(f.allows(metas[i].camid, metas[i].time, metas[i].track) for i in ids[ids >= 0])
+        assert ((ids >= 0).sum(axis=1) == min(20, n)).all(), "k hits whenever k crops pass"
+        want = brute_force(g, q, 20, f)[1]
+        recall = np.mean([len(set(a) & set(b)) / max(1, len(set(b) - {-1})) for a, b in zip(ids, want)])
+        assert recall > 0.6, recall
+
+
+def test_count_and_remove_where(tmp_path: Path) -> None:
+    g = open_gallery(Workspace(tmp_path / "ws"))
+    imgs = crops(tmp_path / "gal", 200, seed=7)
+    ids = g.add_images(imgs, unit(np.random.default_rng(0).standard_normal((200, 8))), "m")
+    by_id = dict(zip(ids.tolist(), imgs))
+    assert g.count() == 200
+    cut = T0 + timedelta(minutes=300)
+    where = RemoveFilter(camid=2, before=cut)
+    want = sorted(i for i, im in by_id.items() if im.camid == 2 and im.time is not None and im.time < cut)
+    assert 0 < len(want) < 200
+    assert g.count(where) == len(want)
+    dry = g.remove_where(where, dry_run=True)
+    assert sorted(m.id for m in dry) == want and g.ntotal == 200 and g.count() == 200
+    gen = g.generation
+    gone = g.remove_where(where)
+    assert sorted(m.id for m in gone) == want and g.generation == gen + 1
+    assert g.ntotal == g.count() == 200 - len(want)
+    assert not np.isin(g.search(unit(np.ones((1, 8))), 200)[1], want).any()
+    track_b = RemoveFilter(track="b", pid=int(imgs[0].pid))  # type: ignore[arg-type]
+    left = [m for b in g.iter_metadata() for m in b]
+    assert sorted(m.id for m in g.remove_where(track_b)) == sorted(m.id for m in left if track_b.matches(m))
+    np.testing.assert_array_equal(g.index.ids(), g.ids())
+    with pytest.raises(ValueError, match="at least one"):
+        RemoveFilter()
+    g.close()
+    g2 = open_gallery(Workspace(tmp_path / "ws"))
+    assert g2.ntotal == g.count() and not np.isin(g2.ids(), want).any()
+
+
+def test_time_and_track_round_trip(tmp_path: Path) -> None:
+    g = open_gallery(Workspace(tmp_path / "ws"))
+    naive = datetime(2024, 5, 1, 13, 45, 0, 123456)
+    paris = datetime(2024, 5, 1, 15, 45, 0, 123456, tzinfo=timezone(timedelta(hours=2)))
+    ids = g.add_images([NewImage(tmp_path / "a.jpg", "0" * 64, 1, camid=1, time=naive, track="t1"),
+                        NewImage(tmp_path / "b.jpg", "1" * 64, 1, camid=1, time=paris, track="t2")],
+                       unit(np.ones((2, 4)) + np.eye(2, 4)), "m")
+    a, b = g.metadata(ids)
+    assert a.time == b.time == datetime(2024, 5, 1, 13, 45, 0, 123456, tzinfo=timezone.utc)
+    assert (a.track, b.track) == ("t1", "t2") and a.time.tzinfo is not None
+    exact = SearchFilter(since=a.time, until=a.time)  # inclusive bounds, to the microsecond
+    assert g.count(exact) == 2 and (g.search(unit(np.ones((1, 4))), 5, exact)[1] >= 0).sum() == 2
+    later = SearchFilter(since=a.time + timedelta(microseconds=1))
+    assert g.count(later) == 0 and (g.search(unit(np.ones((1, 4))), 5, later)[1] == -1).all()
+    assert g.count(RemoveFilter(before=a.time)) == 0 and g.count(RemoveFilter(before=a.time + timedelta(microseconds=1))) == 2
