@@ -15,6 +15,7 @@ from reid_search.extract import ImageLoadError, load_image
 
 CELL_W, CELL_H, PAD, TEXT_H = 64, 128, 6, 26
 GREEN, RED, GREY = (30, 170, 60), (210, 40, 40), (150, 150, 150)
+MATCH = (20, 110, 230)
 
 
 def _cell(path: str | os.PathLike[str]) -> Image.Image:
@@ -24,12 +25,19 @@ def _cell(path: str | os.PathLike[str]) -> Image.Image:
         return Image.new("RGB", (CELL_W, CELL_H), (60, 60, 60))
 
 
-def render_hits(query_path: str | os.PathLike[str], hits: Sequence[Hit], query_pid: int | None = None) -> Image.Image:
-    """The query then its hits in a row, each with rank and distance; frames green/red when pids are known."""
+def render_hits(query_path: str | os.PathLike[str], hits: Sequence[Hit], query_pid: int | None = None, *,
+                matches: Sequence[bool | None] | None = None, labels: Sequence[str] | None = None) -> Image.Image:
+    """The query then its hits in a row, each with rank and distance; frames green/red when pids are known.
+
+    ``matches``: per hit, whether it is within the calibrated threshold (a thick
+    underline, blue for a match, grey for none). ``labels``: a second caption line
+    per hit (e.g. the camera and match count of a sighting).
+    """
     font = ImageFont.load_default()
     n = len(hits) + 1
     width = n * (CELL_W + 2 * PAD) + PAD * 2
-    canvas = Image.new("RGB", (width, CELL_H + 2 * PAD + TEXT_H + PAD), "white")
+    extra = 12 if labels else 0
+    canvas = Image.new("RGB", (width, CELL_H + 2 * PAD + TEXT_H + PAD + extra), "white")
     draw = ImageDraw.Draw(canvas)
     cells = [(Path(query_path), "query", None)] + [
         (Path(h.path), f"#{h.rank} {h.distance:.3f}", None if query_pid is None or h.pid is None else h.pid == query_pid)
@@ -45,15 +53,21 @@ def render_hits(query_path: str | os.PathLike[str], hits: Sequence[Hit], query_p
         draw.rectangle([x, PAD, x + CELL_W + 2 * 3 - 1, PAD + CELL_H + 2 * 3 - 1], fill=colour)
         canvas.paste(_cell(path), (x + 3, PAD + 3))
         draw.text((x, PAD + CELL_H + 8), label, fill=(0, 0, 0), font=font)
+        if i > 0 and matches is not None and matches[i - 1] is not None:
+            y = PAD + CELL_H + 21
+            draw.rectangle([x, y, x + CELL_W + 5, y + 3], fill=MATCH if matches[i - 1] else GREY)
+        if i > 0 and labels:
+            draw.text((x, PAD + CELL_H + 27), labels[i - 1], fill=(0, 0, 0), font=font)
         x += CELL_W + 2 * PAD
     return canvas
 
 
 def save_hits_picture(out: str | os.PathLike[str], query_path: str | os.PathLike[str], hits: Sequence[Hit],
-                      query_pid: int | None = None) -> Path:
-    """Render and write the picture atomically (format from the suffix, PNG by default)."""
+                      query_pid: int | None = None, *, matches: Sequence[bool | None] | None = None,
+                      labels: Sequence[str] | None = None) -> Path:
+    """Render (see :func:`render_hits`) and write the picture atomically (format from the suffix, PNG by default)."""
     out = Path(out)
-    img = render_hits(query_path, hits, query_pid)
+    img = render_hits(query_path, hits, query_pid, matches=matches, labels=labels)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG"}.get(out.suffix.lower(), "PNG")
     with atomic_write(out) as fh:
         img.save(fh, format=fmt)

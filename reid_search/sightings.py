@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Sequence
 
 __all__ = ["GROUP_BY", "Sighting", "group_hits"]
@@ -23,9 +24,17 @@ class Sighting:
     last_time: Any
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
+        """JSON-ready form (datetimes as ISO 8601 UTC)."""
         return {"key": self.key, "best": self.best.to_dict(), "hits": self.hits, "matches": self.matches,
-                "first_time": self.first_time, "last_time": self.last_time}
+                "first_time": _iso(self.first_time), "last_time": _iso(self.last_time)}
+
+
+def _iso(t: Any) -> Any:
+    if isinstance(t, datetime):
+        from reid_search.filters import format_time
+
+        return format_time(t)
+    return t
 
 
 def group_hits(hits: Sequence[Any], by: str, threshold: float | None = None) -> list[Sighting]:

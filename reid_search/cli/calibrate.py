@@ -8,21 +8,8 @@ from pathlib import Path
 import click
 
 from reid_search.cli._common import App, pass_app, progress_bar
-from reid_search.data import QUERY_DIR, list_images
+from reid_search.data import list_images
 from reid_search.errors import DataError
-
-
-def default_query_dir(engine) -> Path:
-    """``query/`` beside the indexed gallery folder.
-
-    Raises:
-        DataError: there is none.
-    """
-    roots = engine.gallery.roots()
-    candidates = [r.parent / QUERY_DIR for r in roots if (r.parent / QUERY_DIR).is_dir()]
-    if not candidates:
-        raise DataError("no query/ folder beside the indexed gallery; pass the query folder as an argument")
-    return candidates[0]
 
 
 @click.command()
@@ -64,13 +51,13 @@ def calibrate(app: App, query_dir: Path | None, target_fpr: float, rerank: bool,
         tpr_at_fpr,
         tpr_at_threshold,
     )
-    from reid_search.cli.search import open_engine
+    from reid_search.cli.search import default_query_dir, open_engine
     from reid_search.evaluation import query_distances
     from reid_search.thresholds import Calibration, save_calibration
 
     engine = open_engine(app, model, device)
     if query_dir is None:
-        query_dir = default_query_dir(engine)
+        query_dir = default_query_dir(engine, "pass the query folder as an argument")
     if not query_dir.is_dir():
         raise DataError(f"no such query folder: {query_dir}")
     queries = list_images(query_dir, recursive=False)
