@@ -15,7 +15,7 @@ re-ranking, which scores every gallery item); it must agree with
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -85,47 +85,80 @@ def parse_cameras(text: str | Iterable[int], option: str) -> frozenset[int]:
     return frozenset(check_label(v, option) for v in values)
 
 
+def _opt(field: str, cli: bool) -> str:
+    """How a field is named to the user: ``--exclude-cameras`` on the command line, ``exclude_cameras`` over HTTP."""
+    return "--" + field.replace("_", "-") if cli else field
+
+
 def make_search_filter(
     cameras: str | Iterable[int] | None = None,
     exclude_cameras: str | Iterable[int] | None = None,
     since: str | datetime | None = None,
     until: str | datetime | None = None,
     exclude_tracks: Sequence[str] = (),
+    *,
+    cli: bool = True,
 ) -> SearchFilter:
-    """A :class:`SearchFilter` from user-given fields (option names in errors are the CLI's).
+    """A :class:`SearchFilter` from user-given fields (errors name CLI options, or HTTP fields with ``cli=False``).
 
     Raises:
         DataError: a bad camera list or time, or ``since`` after ``until``.
     """
-    cams = parse_cameras(cameras, "--cameras") if cameras is not None else None
-    excl = parse_cameras(exclude_cameras, "--exclude-cameras") if exclude_cameras is not None else frozenset()
-    t0 = parse_time(since, "--since") if isinstance(since, str) else since
-    t1 = parse_time(until, "--until") if isinstance(until, str) else until
+    cams = parse_cameras(cameras, _opt("cameras", cli)) if cameras is not None else None
+    excl = parse_cameras(exclude_cameras, _opt("exclude_cameras", cli)) if exclude_cameras is not None else frozenset()
+    t0 = parse_time(since, _opt("since", cli)) if isinstance(since, str) else since
+    t1 = parse_time(until, _opt("until", cli)) if isinstance(until, str) else until
     if t0 is not None and t1 is not None and as_utc(t0) > as_utc(t1):
-        raise DataError(f"--since {format_time(t0)} is after --until {format_time(t1)}; swap them")
-    tracks = [t for t in exclude_tracks]
+        raise DataError(f"{_opt('since', cli)} {format_time(t0)} is after {_opt('until', cli)} {format_time(t1)}; "
+                        "swap them")
+    tracks = list(exclude_tracks)
     if any(not t for t in tracks):
-        raise DataError("--exclude-track needs a non-empty track name")
+        raise DataError(f"{_opt('exclude_track', cli)} needs a non-empty track name")
     return SearchFilter(cams, excl, t0, t1, frozenset(tracks))
 
 
 def make_remove_filter(pid: int | None = None, camid: int | None = None, before: str | datetime | None = None,
-                       track: str | None = None) -> RemoveFilter:
-    """A :class:`RemoveFilter` from user-given fields.
+                       track: str | None = None, *, cli: bool = True) -> RemoveFilter:
+    """A :class:`RemoveFilter` from user-given fields (errors name CLI options, or HTTP fields with ``cli=False``).
 
     Raises:
         DataError: no field given, or a bad value.
     """
+    names = [_opt(f, cli) for f in ("pid", "camid", "before", "track")]
     if pid is None and camid is None and before is None and track is None:
-        raise DataError("say what to remove: give --pid, --camid, --before and/or --track (they are ANDed)")
+        raise DataError(f"say what to remove: give {', '.join(names[:3])} and/or {names[3]} (they are ANDed)")
     if pid is not None:
-        check_label(pid, "--pid", low=MIN_PID)
+        check_label(pid, names[0], low=MIN_PID)
     if camid is not None:
-        check_label(camid, "--camid")
-    t = parse_time(before, "--before") if isinstance(before, str) else before
+        check_label(camid, names[1])
+    t = parse_time(before, names[2]) if isinstance(before, str) else before
     if track is not None and not track:
-        raise DataError("--track needs a non-empty track name")
+        raise DataError(f"{names[3]} needs a non-empty track name")
     return RemoveFilter(pid, camid, t, track)
+
+
+def filter_dict(where: SearchFilter, keep_same_camera: bool) -> dict[str, Any]:
+    """The ``filter`` object of ``query --json`` and of ``POST /query``'s answer."""
+    return {"cameras": None if where.cameras is None else sorted(where.cameras),
+            "exclude_cameras": sorted(where.exclude_cameras), "since": format_time(where.since),
+            "until": format_time(where.until), "exclude_tracks": sorted(where.exclude_tracks),
+            "keep_same_camera": keep_same_camera}
+
+
+def describe_filter(where: SearchFilter) -> str:
+    """A filter in the words of the command line, e.g. ``cameras 1,3; since 2024-05-01T08:00:00Z``."""
+    parts = []
+    if where.cameras is not None:
+        parts.append("cameras " + ",".join(map(str, sorted(where.cameras))))
+    if where.exclude_cameras:
+        parts.append("not cameras " + ",".join(map(str, sorted(where.exclude_cameras))))
+    if where.since is not None:
+        parts.append(f"since {format_time(where.since)}")
+    if where.until is not None:
+        parts.append(f"until {format_time(where.until)}")
+    if where.exclude_tracks:
+        parts.append("not tracks " + ",".join(sorted(where.exclude_tracks)))
+    return "; ".join(parts)
 
 
 NO_TIME = np.iinfo(np.int64).min  # in :func:`epoch_micros` arrays: the crop has no capture time

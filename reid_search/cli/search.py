@@ -93,7 +93,7 @@ def query(app: App, images: tuple[Path, ...], top_k: int, rerank: bool, camid: i
       reid-search query crop.jpg --exclude-cameras 4,5 --exclude-track cam2-0042 --keep-same-camera
     """
     from reid_search.extract import load_image  # torch: only when it runs
-    from reid_search.filters import check_label, make_search_filter
+    from reid_search.filters import check_label, describe_filter, filter_dict, make_search_filter
     from reid_search.thresholds import decide, load_calibration
 
     # Arguments first: a bad filter fails before the model and the gallery load.
@@ -199,34 +199,6 @@ def default_query_dir(engine, remedy: str) -> Path:
     if not candidates:
         raise DataError(f"no query/ folder beside the indexed gallery; {remedy}")
     return candidates[0]
-
-
-def filter_dict(where, keep_same_camera: bool) -> dict:
-    """The ``filter`` object of ``query --json`` (and of POST /query)."""
-    from reid_search.filters import format_time
-
-    return {"cameras": None if where.cameras is None else sorted(where.cameras),
-            "exclude_cameras": sorted(where.exclude_cameras), "since": format_time(where.since),
-            "until": format_time(where.until), "exclude_tracks": sorted(where.exclude_tracks),
-            "keep_same_camera": keep_same_camera}
-
-
-def describe_filter(where) -> str:
-    """A SearchFilter in the words of the command line."""
-    from reid_search.filters import format_time
-
-    parts = []
-    if where.cameras is not None:
-        parts.append("cameras " + ",".join(map(str, sorted(where.cameras))))
-    if where.exclude_cameras:
-        parts.append("not cameras " + ",".join(map(str, sorted(where.exclude_cameras))))
-    if where.since is not None:
-        parts.append(f"since {format_time(where.since)}")
-    if where.until is not None:
-        parts.append(f"until {format_time(where.until)}")
-    if where.exclude_tracks:
-        parts.append("not tracks " + ",".join(sorted(where.exclude_tracks)))
-    return "; ".join(parts)
 
 
 @click.command("eval")
