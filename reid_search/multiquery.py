@@ -8,11 +8,12 @@ largest cosine is the smallest distance).
 
 from __future__ import annotations
 
-from typing import Sequence, TypeVar
+from dataclasses import replace
+from typing import Any, Sequence, TypeVar
 
 import numpy as np
 
-__all__ = ["FUSE_MODES", "fuse_features", "fuse_distances", "group_queries", "merge_ranked"]
+__all__ = ["FUSE_MODES", "fuse_features", "fuse_distances", "group_queries", "merge_ranked", "search_crops"]
 
 FUSE_MODES = ("mean", "max")
 T = TypeVar("T")
@@ -75,3 +76,37 @@ def merge_ranked(lists: Sequence[Sequence[tuple[int, float, T]]], top_k: int) ->
             if cur is None or item[1] < cur[1]:
                 best[item[0]] = item
     return sorted(best.values(), key=lambda x: (x[1], x[0]))[:top_k]
+
+
+def search_crops(engine: Any, feats: np.ndarray, camids: Sequence[int | None], fuse: str = "mean", *, top_k: int,
+                 rerank: bool = False, where: Any = None, keep_same_camera: bool = False) -> list[Any]:
+    """Hits of one person given by one or several crop features, through a
+    :class:`~reid_search.engine.SearchEngine`.
+
+    One crop: the engine's search. Several: unless ``keep_same_camera``, the
+    cameras of all crops are dropped; ``mean`` searches with :func:`fuse_features`,
+    ``max`` merges the crops' own top-k lists with :func:`merge_ranked` (exact).
+
+    Raises:
+        ValueError: an unknown ``fuse``, or ``camids`` of another length than ``feats``.
+    """
+    if fuse not in FUSE_MODES:
+        raise ValueError(f"fuse must be one of {FUSE_MODES}, not {fuse!r}")
+    feats = np.atleast_2d(feats)
+    if len(camids) != len(feats):
+        raise ValueError(f"{len(feats)} crops but {len(camids)} camids")
+    if len(feats) == 1:
+        return engine.search(feats, top_k=top_k, camids=list(camids), rerank=rerank, where=where,
+                             keep_same_camera=keep_same_camera)[0]
+    if not keep_same_camera:
+        from indexer.protocol import SearchFilter
+
+        where = where if where is not None else SearchFilter()
+        for c in camids:
+            where = where.excluding_camera(c)
+    if fuse == "mean":
+        return engine.search(fuse_features(feats)[None], top_k=top_k, rerank=rerank, where=where,
+                             keep_same_camera=True)[0]
+    per_crop = engine.search(feats, top_k=top_k, rerank=rerank, where=[where] * len(feats), keep_same_camera=True)
+    merged = merge_ranked([[(h.id, h.distance, h) for h in hs] for hs in per_crop], top_k)
+    return [replace(h, rank=r + 1, distance=d) for r, (_, d, h) in enumerate(merged)]

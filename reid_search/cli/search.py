@@ -94,6 +94,7 @@ def query(app: App, images: tuple[Path, ...], top_k: int, rerank: bool, camid: i
     """
     from reid_search.extract import load_image  # torch: only when it runs
     from reid_search.filters import check_label, describe_filter, filter_dict, make_search_filter
+    from reid_search.multiquery import search_crops
     from reid_search.thresholds import decide, load_calibration
 
     # Arguments first: a bad filter fails before the model and the gallery load.
@@ -166,26 +167,6 @@ def query(app: App, images: tuple[Path, ...], top_k: int, rerank: bool, camid: i
                 click.echo(f"({len(hits)} of {top_k}: no more gallery crops pass the filter)")
     if show is not None and not as_json:
         click.echo(f"picture: {show}")
-
-
-def search_crops(engine, feats, camids, fuse: str, *, top_k: int, rerank: bool, where, keep_same_camera: bool):
-    """Hits of one query made of one or several crops (several: fused, all their cameras dropped)."""
-    if len(feats) == 1:
-        return engine.search(feats, top_k=top_k, camids=camids, rerank=rerank, where=where,
-                             keep_same_camera=keep_same_camera)[0]
-    from dataclasses import replace
-
-    from reid_search.multiquery import fuse_features, merge_ranked
-
-    if not keep_same_camera:
-        for c in camids:
-            where = where.excluding_camera(c)
-    if fuse == "mean":
-        return engine.search(fuse_features(feats)[None], top_k=top_k, rerank=rerank, where=where,
-                             keep_same_camera=True)[0]
-    per_crop = engine.search(feats, top_k=top_k, rerank=rerank, where=where, keep_same_camera=True)
-    merged = merge_ranked([[(h.id, h.distance, h) for h in hs] for hs in per_crop], top_k)
-    return [replace(h, rank=r + 1, distance=d) for r, (_, d, h) in enumerate(merged)]
 
 
 def default_query_dir(engine, remedy: str) -> Path:
