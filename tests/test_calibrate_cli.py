@@ -102,3 +102,39 @@ def test_threshold_helper_matches_cli_float_kind() -> None:
     d = np.array([[0.25, 0.5, 0.75]], np.float32)
     s = collect_pairs(d, np.array([1]), np.array([1, 2, 3]), np.array([0]), np.array([1, 1, 1]), fprs=(0.6,))
     assert threshold_at_fpr(s, 0.6) == 0.5
+
+
+def test_query_marks_matches_fuses_crops_and_groups_sightings(indexed, tiny_ckpt: Path) -> None:  # noqa: F811
+    ws, root = indexed
+    q1, q2 = root / "query" / "0005_c1s1_000000_00.jpg", root / "query" / "0006_c1s1_000000_00.jpg"
+    out = json.loads(run(ws, "query", str(q1), "--json").output)
+    assert out["decision"] == "uncalibrated" and out["threshold"] is None
+    assert all(h["match"] is None for h in out["hits"])
+    from reid_search.extract import load_extractor
+
+    assert run(ws, "calibrate", "--fpr", "0.1").exit_code == 0
+    cal = load_calibration(Workspace(ws), load_extractor(tiny_ckpt, "cpu").fingerprint, False)
+    out = json.loads(run(ws, "query", str(q1), "--json").output)
+    assert out["threshold"] == cal.threshold
+    assert [h["match"] for h in out["hits"]] == [h["distance"] <= cal.threshold for h in out["hits"]]
+    assert out["decision"] == ("match" if any(h["match"] for h in out["hits"]) else "no-match")
+    # --threshold overrides; the table marks matches.
+    out = json.loads(run(ws, "query", str(q1), "--json", "--threshold", "1e9").output)
+    assert out["decision"] == "match" and all(h["match"] for h in out["hits"])
+    assert "decision: no-match" in run(ws, "query", str(q1), "--threshold", "-1").output
+    # Two crops: the mean of their features, both cameras dropped.
+    g, gf = brute(tiny_ckpt, root / "bounding_box_test")
+    q, qf = brute(tiny_ckpt, root / "query")
+    rows = [[x.path for x in q].index(p) for p in (q1, q2)]
+    f = qf[rows].mean(0)
+    f /= np.linalg.norm(f)
+    d = np.maximum(2 - 2 * gf @ f, 0)
+    out = json.loads(run(ws, "query", str(q1), str(q2), "--json", "--top-k", "50").output)
+    keep = [i for i, rec in enumerate(g) if rec.camid != 1]
+    assert [h["path"] for h in out["hits"]] == [str(g[i].path) for i in sorted(keep, key=lambda i: (d[i], str(g[i].path)))]
+    assert out["fuse"] == "mean" and out["camid"] == [1]
+    # Sightings per camera: one per camera left, best hit first.
+    out = json.loads(run(ws, "query", str(q1), "--json", "--group-by", "camera").output)
+    keys = [s["key"] for s in out["sightings"]]
+    assert sorted(keys) == sorted({h.camid for h in g} - {1})
+    assert out["sightings"][0]["best"]["id"] == out["hits"][0]["id"]

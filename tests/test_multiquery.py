@@ -93,3 +93,33 @@ def test_group_hits_by_camera_and_track():
     assert cams[0].to_dict()["best"] == {"rank": 1, "distance": 0.1}
     with pytest.raises(ValueError, match="camera, track"):
         group_hits(hits, "pid")
+
+
+def test_search_crops_against_brute_force_on_a_memory_store(tmp_path) -> None:
+    """Fused multi-crop search through the engine equals brute force: all crop cameras dropped,
+    mean = fused feature, max = each item's best crop; sightings group the same hits."""
+    from reid_search.engine import SearchEngine
+    from reid_search.multiquery import search_crops
+    from tests.test_engine_filters import FakeExtractor, make_store
+
+    store, feats, _ = make_store(90, seed=4)
+    engine = SearchEngine(store, FakeExtractor(), cache_dir=tmp_path)
+    ids = np.array(sorted(store._metas))
+    metas = store.metadata(ids)
+    g = np.stack([store.vectors([i])[0] for i in ids]).astype(np.float64)
+    rng = np.random.default_rng(0)
+    crops = _unit(feats[3] + 0.3 * rng.standard_normal((3, feats.shape[1]))).astype(np.float32)
+    cams = [1, 2, None]
+    allowed = np.array([m.camid not in (1, 2) for m in metas])
+    for fuse, d in (("mean", 2 - 2 * g @ fuse_features(crops).astype(np.float64)),
+                    ("max", (2 - 2 * g @ crops.T.astype(np.float64)).min(axis=1))):
+        hits = search_crops(engine, crops, cams, fuse, top_k=12)
+        want = sorted(np.flatnonzero(allowed), key=lambda j: (d[j], ids[j]))[:12]
+        assert [h.id for h in hits] == ids[want].tolist(), fuse
+        np.testing.assert_allclose([h.distance for h in hits], np.maximum(d[want], 0), atol=1e-5)
+        assert [h.rank for h in hits] == list(range(1, 13))
+        by_cam = group_hits(hits, "camera", threshold=hits[5].distance)
+        assert sum(s.hits for s in by_cam) == 12 and sum(s.matches for s in by_cam) == 6
+        assert by_cam[0].best.id == hits[0].id
+    with pytest.raises(ValueError, match="fuse"):
+        search_crops(engine, crops, cams, "median", top_k=3)
