@@ -66,7 +66,7 @@ from starlette.concurrency import run_in_threadpool
 from torchvision.transforms import Resize
 
 from indexer.protocol import NewImage, RemoveFilter, SearchFilter
-from reid_search.engine import SearchEngine, query_filter
+from reid_search.engine import Hit, SearchEngine, query_filter
 from reid_search.errors import DataError, GalleryError, ReidSearchError
 from reid_search.extract import ImageLoadError, load_extractor, load_image
 from reid_search.filters import (
@@ -79,6 +79,8 @@ from reid_search.filters import (
     make_search_filter,
     parse_time,
 )
+from reid_search.multiquery import FUSE_MODES, search_crops
+from reid_search.thresholds import decide, load_calibration
 from reid_search.limits import (
     API_KEY_HEADER,
     DEFAULT_MAX_FILES,
@@ -358,6 +360,17 @@ class QueryJob:
     rerank: bool
     where: SearchFilter | None = None
     keep_same_camera: bool = False
+    more: tuple[Image.Image, ...] = ()  # further crops of the same person (together=true)
+    more_camids: tuple[int | None, ...] = ()
+    fuse: str = "mean"
+
+
+@dataclass(frozen=True)
+class QueryAnswer:
+    """The hits of one /query job and the threshold they were judged by (None: uncalibrated)."""
+
+    hits: list[Hit]
+    threshold: float | None
 
 
 class SearchCore:
@@ -463,45 +476,57 @@ class SearchCore:
         return self.extractor.embed(torch.stack([self._transform(im) for im in images]))
 
     def search_batch(self, jobs: list[QueryJob]) -> list[Any]:
-        """Embed ``jobs`` in one forward pass, then search each: hits or an exception per job."""
+        """Embed ``jobs`` (all their crops) in one forward pass, then search each: a QueryAnswer or an exception per job."""
         self._refresh()
         try:
             engine = self.engine()
         except ApiError as exc:
             return [exc] * len(jobs)
+        images = [im for j in jobs for im in (j.image, *j.more)]
         try:
-            feats = engine.embed_images([j.image for j in jobs])
+            feats = engine.embed_images(images)
             rows: list[Any] = list(feats)
         except Exception:
-            log.exception("embedding a batch of %d failed; embedding its images one by one", len(jobs))
+            log.exception("embedding a batch of %d failed; embedding its images one by one", len(images))
             rows = []
-            for j in jobs:
+            for im in images:
                 try:
-                    rows.append(engine.embed_images([j.image])[0])
+                    rows.append(engine.embed_images([im])[0])
                 except Exception as exc:
                     rows.append(exc)
-        out: list[Any] = [as_api_error(f, "embedding the query") if isinstance(f, BaseException) else None
-                          for f in rows]
-        # k-NN queries with one top_k go to the store in one call, each with its own filter.
+        # Each job's crops are consecutive in ``rows``; a job is an error, or its features.
+        out: list[Any] = []
+        feats_of: list[np.ndarray | None] = []
+        at = 0
+        for j in jobs:
+            mine, at = rows[at:at + 1 + len(j.more)], at + 1 + len(j.more)
+            bad = next((f for f in mine if isinstance(f, BaseException)), None)
+            out.append(None if bad is None else as_api_error(bad, "embedding the query"))
+            feats_of.append(None if bad is not None else np.stack(mine))
+        thresholds = {rr: (lambda c: None if c is None else c.threshold)(
+            load_calibration(self.workspace, self.extractor.fingerprint, rr)) for rr in {j.rerank for j in jobs}}
+        # Single-crop k-NN queries with one top_k go to the store in one call, each with its own filter.
         groups: dict[int, list[int]] = {}
         for i, j in enumerate(jobs):
-            if out[i] is None and not j.rerank:
+            if out[i] is None and not j.rerank and not j.more:
                 groups.setdefault(j.top_k, []).append(i)
         for k, idx in groups.items():
             try:
-                hits = engine.search(np.stack([rows[i] for i in idx]), top_k=k, camids=[jobs[i].camid for i in idx],
+                hits = engine.search(np.concatenate([feats_of[i] for i in idx]), top_k=k,
+                                     camids=[jobs[i].camid for i in idx],
                                      where=[query_filter(jobs[i].where, jobs[i].camid, jobs[i].keep_same_camera)
                                             for i in idx], keep_same_camera=True)
                 for i, h in zip(idx, hits):
-                    out[i] = h
+                    out[i] = QueryAnswer(h, thresholds[False])
             except Exception:
                 log.exception("a batched search of %d queries failed; searching them one by one", len(idx))
-        for i, (j, f) in enumerate(zip(jobs, rows)):
+        for i, j in enumerate(jobs):
             if out[i] is not None:
                 continue
             try:
-                out[i] = engine.search(f[None], top_k=j.top_k, camids=[j.camid], rerank=j.rerank, where=j.where,
-                                       keep_same_camera=j.keep_same_camera)[0]
+                hits = search_crops(engine, feats_of[i], [j.camid, *j.more_camids], j.fuse, top_k=j.top_k,
+                                    rerank=j.rerank, where=j.where, keep_same_camera=j.keep_same_camera)
+                out[i] = QueryAnswer(hits, thresholds[j.rerank])
             except Exception as exc:
                 out[i] = as_api_error(exc, "the search")
         return out
@@ -664,6 +689,7 @@ class HitOut(BaseModel):
     distance: float
     time: str | None
     track: str | None
+    match: bool | None = None  # distance <= the calibrated threshold; None when uncalibrated
 
 
 class FilterOut(BaseModel):
@@ -680,10 +706,13 @@ class FilterOut(BaseModel):
 class QueryOut(BaseModel):
     """The answer to ``POST /query``: ``reid-search query --json``'s object."""
 
-    query: str
-    camid: int | None
+    query: str | list[str]
+    camid: int | None | list[int]
     rerank: bool
     filter: FilterOut
+    threshold: float | None = None
+    decision: str = "uncalibrated"  # match, no-match or uncalibrated
+    fuse: str | None = None  # how several crops (together=true) were fused
     hits: list[HitOut]
 
 
@@ -752,9 +781,7 @@ class ServiceLimits:
 
     def body_limit(self, method: str, path: str) -> int:
         """Largest request body accepted for a route (files + multipart overhead)."""
-        if method == "POST" and path == "/query":
-            return self.max_upload_bytes + FORM_OVERHEAD_BYTES
-        if method == "POST" and path == "/gallery":
+        if method == "POST" and path in ("/query", "/gallery"):  # /query: several crops with together=true
             return self.max_files * (self.max_upload_bytes + FORM_OVERHEAD_BYTES)
         return FORM_OVERHEAD_BYTES
 
@@ -966,13 +993,14 @@ def create_app(
             raise as_api_error(exc, doing) from None
 
     query_fields = frozenset({"top_k", "rerank", "camid", "cameras", "exclude_cameras", "since", "until",
-                              "exclude_track", "keep_same_camera"})
+                              "exclude_track", "keep_same_camera", "together", "fuse"})
 
     @app.post("/query", response_model=QueryOut, responses=errors,
               dependencies=[Depends(_only(query_fields, query_fields | {"file"}))])
     async def query(
         request: Request,
-        file: Annotated[UploadFile, File(description="The query image (any format Pillow reads).")],
+        file: Annotated[list[UploadFile], File(description="The query image (any format Pillow reads); several "
+                                               "crops of one person with together=true.")],
         top_k: Annotated[int | None, Form(ge=1, le=MAX_TOP_K,
                                           description=f"Hits to return [default {DEFAULT_TOP_K}].")] = None,
         rerank: Annotated[bool | None, Form(description="k-reciprocal re-ranking [default false].")] = None,
@@ -996,6 +1024,12 @@ def create_app(
         until_q: Annotated[str | None, Query(alias="until")] = None,
         exclude_track_q: Annotated[list[str] | None, Query(alias="exclude_track")] = None,
         keep_same_camera_q: Annotated[bool | None, Query(alias="keep_same_camera")] = None,
+        together: Annotated[bool | None, Form(description="The files are crops of one person, fused into one "
+                                              "query; all their cameras are dropped [default false].")] = None,
+        fuse: Annotated[str | None, Form(description="With together: `mean` of the crop features (default) or "
+                                         "`max`, each gallery item's best crop.")] = None,
+        together_q: Annotated[bool | None, Query(alias="together")] = None,
+        fuse_q: Annotated[str | None, Query(alias="fuse")] = None,
     ) -> dict[str, Any]:
         """Find the person in the uploaded image among the gallery (same hits as `reid-search query --json`).
 
@@ -1005,8 +1039,16 @@ def create_app(
         from reid_search.data import parse_name
 
         form = await request.form()
-        if len(form.getlist("file")) != 1:
-            raise ApiError(422, "one-file", "send exactly one image in field 'file'")
+        tog = _merge("together", together, together_q, False)
+        fz = _merge("fuse", fuse, fuse_q, "mean")
+        if fz not in FUSE_MODES:
+            raise ApiError(422, "bad-fuse", f"fuse must be one of {', '.join(FUSE_MODES)}, not {fz!r}")
+        n_files = len(form.getlist("file"))
+        if n_files != 1 and not tog:
+            raise ApiError(422, "one-file", "send exactly one image in field 'file', or several crops of one "
+                                            "person with together=true")
+        if n_files > max_files:
+            raise ApiError(413, "too-many-files", f"at most {max_files} files per request")
         k = _merge("top_k", top_k, top_k_q, DEFAULT_TOP_K)
         rr = _merge("rerank", rerank, rerank_q, False)
         cam = _merge("camid", camid, camid_q, None)
@@ -1019,15 +1061,25 @@ def create_app(
                 _merge("exclude_track", exclude_track, exclude_track_q, None) or (), cli=False)
         except DataError as exc:
             raise ApiError(422, "bad-filter", str(exc)) from None
-        name = file.filename or "upload"
-        if cam is None:
+        names = [f.filename or "upload" for f in file]
+
+        def camid_of(name: str) -> int | None:
             info = parse_name(Path(name.replace("\\", "/")).name)
-            cam = info.camid if info is not None and 0 <= info.camid <= MAX_LABEL else None
+            return info.camid if info is not None and 0 <= info.camid <= MAX_LABEL else None
+
+        cams = [cam if cam is not None else camid_of(n) for n in names]
         with batcher.coming():
-            st = await staged(file, None, keep=False)
-        hits = await batcher.submit(QueryJob(st.image, k, cam, rr, where, keep))
-        return {"query": name, "camid": cam, "rerank": rr, "filter": filter_dict(where, keep),
-                "hits": [h.to_dict() for h in hits]}
+            sts = [await staged(f, None, keep=False) for f in file]
+        ans = await batcher.submit(QueryJob(sts[0].image, k, cams[0], rr, where, keep,
+                                            tuple(st.image for st in sts[1:]), tuple(cams[1:]), fz))
+        flags, decision = decide([h.distance for h in ans.hits], ans.threshold)
+        out = {"query": names[0] if len(names) == 1 else names,
+               "camid": cams[0] if len(names) == 1 else sorted({c for c in cams if c is not None}),
+               "rerank": rr, "filter": filter_dict(where, keep), "threshold": ans.threshold, "decision": decision,
+               "hits": [{**h.to_dict(), "match": m} for h, m in zip(ans.hits, flags)]}
+        if len(names) > 1:
+            out["fuse"] = fz
+        return out
 
     gallery_fields = frozenset({"pid", "camid", "time", "track"})
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from reid_search.cli._common import main
+from reid_search.cli.calibrate import calibrate
 from reid_search.cli.demo import demo
 from reid_search.cli.embed import embed
 from reid_search.cli.export import export
@@ -21,6 +22,7 @@ main.add_command(remove)
 main.add_command(db)
 main.add_command(query)
 main.add_command(evaluate_cmd)
+main.add_command(calibrate)
 main.add_command(train)
 main.add_command(serve)
 

@@ -105,7 +105,7 @@ def demo(ctx: click.Context, app: App, data_root: Path | None, ids: int, epochs:
     q = sorted((data_root / QUERY_DIR).iterdir())[0]
     picture = ws.root / "demo-query.png"
     click.secho(f"== 6. query {q.name} --rerank --show {picture}", bold=True)
-    ctx.invoke(query, image=q, top_k=8, rerank=True, camid=None, as_json=False, show=picture, model=None, device="auto")
+    ctx.invoke(query, images=(q,), top_k=8, rerank=True, camid=None, as_json=False, show=picture, model=None, device="auto")
 
     plain, rr = results["off"], results["batch"]
     click.secho("== summary", bold=True)
