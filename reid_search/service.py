@@ -2,11 +2,16 @@
 
 Routes (OpenAPI schema at ``/openapi.json``, interactive docs at ``/docs``):
 
-- ``POST /query``: one uploaded image (multipart field ``file``) → the same hits
-  as ``reid-search query --json``;
-- ``POST /gallery``: add uploaded images (optional ``pid``/``camid``); their bytes
-  are kept under ``WORKSPACE/uploads/`` with content-addressed names;
-- ``DELETE /gallery/{id}``: remove one image;
+- ``POST /query``: one uploaded image (multipart field ``file``) and optional
+  filters (``cameras``, ``exclude_cameras``, ``since``, ``until``,
+  ``exclude_track``, ``keep_same_camera``) → the same hits as
+  ``reid-search query --json``, with ``time`` and ``track``;
+- ``POST /gallery``: add uploaded images (optional ``pid``/``camid``, ``time``,
+  ``track``); their bytes are kept under ``WORKSPACE/uploads/`` with
+  content-addressed names;
+- ``DELETE /gallery/{id}``: remove one image; ``DELETE /gallery?pid=&camid=&before=&track=``:
+  remove every image the filter matches (retention, erasure; ``dry_run=true`` counts);
+  files this service stored for removed images are deleted too;
 - ``GET /healthz``, ``GET /stats``.
 
 How it holds up:
@@ -45,6 +50,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, Callable, Generic, Iterator, Sequence, TypeVar
 
@@ -59,9 +65,20 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from torchvision.transforms import Resize
 
-from reid_search.engine import Hit, SearchEngine
-from reid_search.errors import GalleryError, ReidSearchError
+from indexer.protocol import NewImage, RemoveFilter, SearchFilter
+from reid_search.engine import SearchEngine
+from reid_search.errors import DataError, GalleryError, ReidSearchError
 from reid_search.extract import ImageLoadError, load_extractor, load_image
+from reid_search.filters import (
+    MAX_ID,
+    MAX_LABEL,
+    MIN_PID,
+    filter_dict,
+    format_time,
+    make_remove_filter,
+    make_search_filter,
+    parse_time,
+)
 from reid_search.limits import (
     API_KEY_HEADER,
     DEFAULT_MAX_FILES,
@@ -76,7 +93,6 @@ from reid_search.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-UPLOADS_DIR = "uploads"
 # Multipart boundaries, part headers and the small form fields.
 FORM_OVERHEAD_BYTES = 64 * 1024
 
@@ -338,6 +354,8 @@ class QueryJob:
     top_k: int
     camid: int | None
     rerank: bool
+    where: SearchFilter | None = None
+    keep_same_camera: bool = False
 
 
 class SearchCore:
@@ -354,10 +372,11 @@ class SearchCore:
         from indexer import open_gallery
 
         self.workspace = workspace
-        self.extractor = load_extractor(workspace.model_path(model), device=device, flip=flip)
+        self.model_file = workspace.model_path(model)
+        self.extractor = load_extractor(self.model_file, device=device, flip=flip)
         self.gallery = open_gallery(workspace)
         self.gallery.check_model(self.extractor.fingerprint, self.extractor.dim)
-        self.uploads = (workspace.root / UPLOADS_DIR).resolve()
+        self.uploads = workspace.uploads_dir.resolve()
         self.refresh_interval_s = refresh_interval_s
         self._last_refresh = time.monotonic()
         self._transform = build_eval_transform(self.extractor.preprocess)
@@ -465,24 +484,26 @@ class SearchCore:
                 out.append(as_api_error(f, "embedding the query"))
                 continue
             try:
-                out.append(engine.search(f[None], top_k=j.top_k, camids=[j.camid], rerank=j.rerank)[0])
+                out.append(engine.search(f[None], top_k=j.top_k, camids=[j.camid], rerank=j.rerank, where=j.where,
+                                         keep_same_camera=j.keep_same_camera)[0])
             except Exception as exc:
                 out.append(as_api_error(exc, "the search"))
         return out
 
-    def add(self, staged: Sequence[StagedUpload], pid: int | None, camid: int | None) -> list[dict[str, Any]]:
+    def add(self, staged: Sequence[StagedUpload], pid: int | None, camid: int | None,
+            capture_time: datetime | None = None, track: str | None = None) -> list[dict[str, Any]]:
         """Move staged uploads into ``uploads/`` under their content names and index the new ones.
 
-        An image already in the gallery under the same name (same bytes, same labels)
-        keeps its id. Returns one item per upload, in order.
+        An image already in the gallery under the same name (same bytes, same labels,
+        time and track) keeps its id; with another time or track it is replaced.
+        Returns one item per upload, in order.
 
         Raises:
             GalleryError: the indexer refused the images.
         """
-        from indexer import NewImage
-
         self._refresh()
-        known = self.gallery.existing(self.uploads) if self.gallery.ntotal else {}
+        was_empty = self.gallery.ntotal == 0
+        known = self.gallery.existing(self.uploads) if not was_empty else {}
         items: list[dict[str, Any]] = []
         new: dict[str, tuple[NewImage, Image.Image]] = {}
         placed: list[Path] = []
@@ -490,9 +511,11 @@ class SearchCore:
             for st in staged:
                 name = upload_name(st.sha256, st.ext, pid, camid)
                 dest = self.uploads / name
-                item = {"filename": st.filename, "path": str(dest), "sha256": st.sha256, "pid": pid, "camid": camid}
+                item = {"filename": st.filename, "path": str(dest), "sha256": st.sha256, "pid": pid, "camid": camid,
+                        "time": format_time(capture_time), "track": track}
                 items.append(item)
-                if name in known and known[name][1] == st.sha256 and dest.is_file():
+                if (name in known and known[name][1] == st.sha256 and dest.is_file()
+                        and self._same_fields(known[name][0], capture_time, track)):
                     item.update(id=known[name][0], new=False)
                     st.tmp.unlink(missing_ok=True)
                     continue
@@ -504,7 +527,8 @@ class SearchCore:
                 os.replace(st.tmp, dest)
                 if not existed:
                     placed.append(dest)
-                new[name] = (NewImage(dest, st.sha256, st.size), st.image)
+                new[name] = (NewImage(dest, st.sha256, st.size, pid=pid, camid=camid, time=capture_time, track=track),
+                             st.image)
             if new:
                 _fsync_dir(self.uploads)  # the files must be durable before the rows that name them
                 imgs = [im for _, im in new.values()]
@@ -521,7 +545,52 @@ class SearchCore:
                 p.unlink(missing_ok=True)
             raise
         self.gallery.maybe_save()
+        if was_empty and new:
+            # The gallery is now this server's model's: `reid-search query` without --model uses it too.
+            try:
+                self.workspace.set_gallery_model(self.model_file, self.extractor.fingerprint)
+            except OSError as exc:
+                log.warning("could not record the gallery's model in %s (%s)", self.workspace.model_pointer, exc)
         return items
+
+    def _same_fields(self, image_id: int, capture_time: datetime | None, track: str | None) -> bool:
+        try:
+            m = self.gallery.metadata([image_id])[0]
+        except GalleryError:
+            return False
+        return m.time == capture_time and m.track == track
+
+    def remove_where(self, where: RemoveFilter, dry_run: bool) -> dict[str, Any]:
+        """Remove every image ``where`` matches, and the files this service stored for them."""
+        self._refresh()
+        metas = self.gallery.remove_where(where, dry_run=dry_run)
+        files = 0
+        if not dry_run:
+            # After the commit: a crash here leaves orphan files (swept at the next start), never a row without its file.
+            files = self.workspace.remove_uploads(m.path for m in metas)
+            self.gallery.maybe_save()
+        return {"removed": 0 if dry_run else len(metas), "matched": len(metas), "dry_run": dry_run,
+                "ids": [m.id for m in metas], "files_deleted": files}
+
+    def sweep_uploads(self) -> int:
+        """Delete files under ``uploads/`` that no gallery row names (left by a crash between a
+        removal's commit and its file deletion, or by an add that never committed)."""
+        if not self.uploads.is_dir():
+            return 0
+        known = {m.path.name for batch in self.gallery.iter_metadata() for m in batch if m.path.parent == self.uploads}
+        now, n = time.time(), 0
+        for p in self.uploads.iterdir():
+            if not p.is_file() or p.name in known:
+                continue
+            # A staged upload (hidden .tmp) may belong to a request in flight in another process: only old ones.
+            if p.name.startswith(".") and now - p.stat().st_mtime < 3600:
+                continue
+            with contextlib.suppress(OSError):
+                p.unlink()
+                n += 1
+        if n:
+            log.info("deleted %d file(s) under %s that no gallery row names", n, self.uploads)
+        return n
 
     def remove(self, image_id: int) -> dict[str, Any]:
         """Remove one image; its file goes too when it was uploaded through the API.
@@ -567,13 +636,38 @@ class SearchCore:
 # --------------------------------------------------------------------------- response schemas
 
 
+class HitOut(BaseModel):
+    """One gallery match (:class:`reid_search.engine.Hit`); ``time`` is ISO 8601 UTC."""
+
+    rank: int
+    id: int
+    path: str
+    pid: int | None
+    camid: int | None
+    distance: float
+    time: str | None
+    track: str | None
+
+
+class FilterOut(BaseModel):
+    """The filter a query ran with (the query's own camera is dropped unless ``keep_same_camera``)."""
+
+    cameras: list[int] | None
+    exclude_cameras: list[int]
+    since: str | None
+    until: str | None
+    exclude_tracks: list[str]
+    keep_same_camera: bool
+
+
 class QueryOut(BaseModel):
     """The answer to ``POST /query``: ``reid-search query --json``'s object."""
 
     query: str
     camid: int | None
     rerank: bool
-    hits: list[Hit]  # the engine's dataclass: pydantic validates and documents it as is
+    filter: FilterOut
+    hits: list[HitOut]
 
 
 class AddedItem(BaseModel):
@@ -585,6 +679,8 @@ class AddedItem(BaseModel):
     sha256: str
     pid: int | None
     camid: int | None
+    time: str | None
+    track: str | None
     new: bool
 
 
@@ -603,6 +699,18 @@ class RemovedOut(BaseModel):
     id: int
     path: str
     removed: bool
+    gallery_size: int
+    generation: int
+
+
+class RemovedWhereOut(BaseModel):
+    """The answer to ``DELETE /gallery?pid=&camid=&before=&track=``."""
+
+    removed: int
+    matched: int
+    dry_run: bool
+    ids: list[int]
+    files_deleted: int
     gallery_size: int
     generation: int
 
@@ -761,7 +869,11 @@ def create_app(
 
     limits = ServiceLimits(max_upload_bytes, max_pixels, max_files)
     core = SearchCore(workspace, model, device, flip, refresh_interval_s)
-    core.uploads.mkdir(parents=True, exist_ok=True)
+    try:
+        core.uploads.mkdir(parents=True, exist_ok=True)
+        core.sweep_uploads()
+    except OSError as exc:  # a read-only workspace still serves queries
+        log.warning("cannot write %s (%s): POST /gallery will fail", core.uploads, exc.strerror)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reid-model")
     batcher: QueryBatcher[QueryJob, Any] = QueryBatcher(core.search_batch, executor, max_batch=max_batch,
                                                         max_wait_s=max_wait_ms / 1000.0, max_queue=max_queue)
@@ -835,22 +947,43 @@ def create_app(
         except Exception as exc:
             raise as_api_error(exc, doing) from None
 
+    query_fields = frozenset({"top_k", "rerank", "camid", "cameras", "exclude_cameras", "since", "until",
+                              "exclude_track", "keep_same_camera"})
+
     @app.post("/query", response_model=QueryOut, responses=errors,
-              dependencies=[Depends(_only(frozenset({"top_k", "rerank", "camid"}),
-                                          frozenset({"file", "top_k", "rerank", "camid"})))])
+              dependencies=[Depends(_only(query_fields, query_fields | {"file"}))])
     async def query(
         request: Request,
         file: Annotated[UploadFile, File(description="The query image (any format Pillow reads).")],
         top_k: Annotated[int | None, Form(ge=1, le=MAX_TOP_K,
                                           description=f"Hits to return [default {DEFAULT_TOP_K}].")] = None,
         rerank: Annotated[bool | None, Form(description="k-reciprocal re-ranking [default false].")] = None,
-        camid: Annotated[int | None, Form(description="The query's camera; its gallery matches are dropped "
+        camid: Annotated[int | None, Form(ge=0, le=MAX_LABEL,
+                                          description="The query's camera; its gallery matches are dropped "
                                           "[default: from a Market-style upload name, else none].")] = None,
+        cameras: Annotated[str | None, Form(description="Only gallery crops from these cameras, e.g. `1,3`.")] = None,
+        exclude_cameras: Annotated[str | None, Form(description="No gallery crops from these cameras, e.g. `4,5`.")] = None,
+        since: Annotated[str | None, Form(description="Only crops captured at or after this ISO 8601 time "
+                                          "(no zone = UTC); crops without a time never pass.")] = None,
+        until: Annotated[str | None, Form(description="Only crops captured at or before this ISO 8601 time.")] = None,
+        exclude_track: Annotated[list[str] | None, Form(description="No crops of this track (repeatable).")] = None,
+        keep_same_camera: Annotated[bool | None, Form(description="Keep crops from the query's own camera "
+                                                      "[default false].")] = None,
         top_k_q: Annotated[int | None, Query(alias="top_k", ge=1, le=MAX_TOP_K)] = None,
         rerank_q: Annotated[bool | None, Query(alias="rerank")] = None,
-        camid_q: Annotated[int | None, Query(alias="camid")] = None,
+        camid_q: Annotated[int | None, Query(alias="camid", ge=0, le=MAX_LABEL)] = None,
+        cameras_q: Annotated[str | None, Query(alias="cameras")] = None,
+        exclude_cameras_q: Annotated[str | None, Query(alias="exclude_cameras")] = None,
+        since_q: Annotated[str | None, Query(alias="since")] = None,
+        until_q: Annotated[str | None, Query(alias="until")] = None,
+        exclude_track_q: Annotated[list[str] | None, Query(alias="exclude_track")] = None,
+        keep_same_camera_q: Annotated[bool | None, Query(alias="keep_same_camera")] = None,
     ) -> dict[str, Any]:
-        """Find the person in the uploaded image among the gallery (same hits as `reid-search query --json`)."""
+        """Find the person in the uploaded image among the gallery (same hits as `reid-search query --json`).
+
+        The filters are ANDed and evaluated inside the gallery's search: `top_k` hits
+        come back whenever that many crops pass.
+        """
         from reid_search.data import parse_name
 
         form = await request.form()
@@ -859,27 +992,52 @@ def create_app(
         k = _merge("top_k", top_k, top_k_q, DEFAULT_TOP_K)
         rr = _merge("rerank", rerank, rerank_q, False)
         cam = _merge("camid", camid, camid_q, None)
+        keep = _merge("keep_same_camera", keep_same_camera, keep_same_camera_q, False)
+        try:
+            where = make_search_filter(
+                _merge("cameras", cameras, cameras_q, None), _merge("exclude_cameras", exclude_cameras,
+                                                                    exclude_cameras_q, None),
+                _merge("since", since, since_q, None), _merge("until", until, until_q, None),
+                _merge("exclude_track", exclude_track, exclude_track_q, None) or (), cli=False)
+        except DataError as exc:
+            raise ApiError(422, "bad-filter", str(exc)) from None
         name = file.filename or "upload"
         if cam is None:
             info = parse_name(Path(name.replace("\\", "/")).name)
-            cam = info.camid if info is not None else None
+            cam = info.camid if info is not None and 0 <= info.camid <= MAX_LABEL else None
         with batcher.coming():
             st = await staged(file, None, keep=False)
-        hits = await batcher.submit(QueryJob(st.image, k, cam, rr))
-        return {"query": name, "camid": cam, "rerank": rr, "hits": [h.to_dict() for h in hits]}
+        hits = await batcher.submit(QueryJob(st.image, k, cam, rr, where, keep))
+        return {"query": name, "camid": cam, "rerank": rr, "filter": filter_dict(where, keep),
+                "hits": [h.to_dict() for h in hits]}
+
+    gallery_fields = frozenset({"pid", "camid", "time", "track"})
 
     @app.post("/gallery", response_model=AddedOut, responses=errors,
-              dependencies=[Depends(_only(frozenset({"pid", "camid"}), frozenset({"file", "pid", "camid"})))])
+              dependencies=[Depends(_only(gallery_fields, gallery_fields | {"file"}))])
     async def add_to_gallery(
         file: Annotated[list[UploadFile], File(description=f"One or more images (at most {max_files}).")],
-        pid: Annotated[int | None, Form(ge=-1, description="Identity of every image (-1 junk, 0 distractor).")] = None,
-        camid: Annotated[int | None, Form(ge=0, description="Camera of every image.")] = None,
-        pid_q: Annotated[int | None, Query(alias="pid", ge=-1)] = None,
-        camid_q: Annotated[int | None, Query(alias="camid", ge=0)] = None,
+        pid: Annotated[int | None, Form(ge=MIN_PID, le=MAX_LABEL,
+                                        description="Identity of every image (-1 junk, 0 distractor).")] = None,
+        camid: Annotated[int | None, Form(ge=0, le=MAX_LABEL, description="Camera of every image.")] = None,
+        capture_time: Annotated[str | None, Form(alias="time", description="Capture time of every image, ISO 8601 "
+                                                 "(no zone = UTC).")] = None,
+        track: Annotated[str | None, Form(min_length=1, max_length=256,
+                                          description="Track (tracklet) of every image.")] = None,
+        pid_q: Annotated[int | None, Query(alias="pid", ge=MIN_PID, le=MAX_LABEL)] = None,
+        camid_q: Annotated[int | None, Query(alias="camid", ge=0, le=MAX_LABEL)] = None,
+        time_q: Annotated[str | None, Query(alias="time")] = None,
+        track_q: Annotated[str | None, Query(alias="track", min_length=1, max_length=256)] = None,
     ) -> dict[str, Any]:
         """Add images to the gallery; returns their ids (an identical upload keeps its id)."""
         p = _merge("pid", pid, pid_q, None)
         c = _merge("camid", camid, camid_q, None)
+        t_text = _merge("time", capture_time, time_q, None)
+        tr = _merge("track", track, track_q, None)
+        try:
+            t = parse_time(t_text, "time") if t_text is not None else None
+        except DataError as exc:
+            raise ApiError(422, "bad-time", str(exc)) from None
         if (p is None) != (c is None):
             # The indexer reads labels from Market-style names, which carry both.
             raise ApiError(422, "labels", "give pid and camid together, or neither")
@@ -896,14 +1054,37 @@ def create_app(
                 for st in items:
                     st.tmp.unlink(missing_ok=True)
                 raise
-            added = await in_model_thread("adding to the gallery", core.add, items, p, c)
+            added = await in_model_thread("adding to the gallery", core.add, items, p, c, t, tr)
         return {"ids": [a["id"] for a in added], "items": added, "gallery_size": core.gallery.ntotal,
                 "generation": core.gallery.generation}
+
+    @app.delete("/gallery", response_model=RemovedWhereOut, responses=errors,
+                dependencies=[Depends(_only(frozenset({"pid", "camid", "before", "track", "dry_run"})))])
+    async def remove_where(
+        pid: Annotated[int | None, Query(ge=MIN_PID, le=MAX_LABEL, description="Images of this person.")] = None,
+        camid: Annotated[int | None, Query(ge=0, le=MAX_LABEL, description="Images from this camera.")] = None,
+        before: Annotated[str | None, Query(description="Images captured before this ISO 8601 time "
+                                            "(no zone = UTC); images without a time never match.")] = None,
+        track: Annotated[str | None, Query(min_length=1, description="Images of this track.")] = None,
+        dry_run: Annotated[bool, Query(description="Only count and list what matches.")] = False,
+    ) -> dict[str, Any]:
+        """Remove every image the filter matches (fields ANDed; at least one): retention and erasure.
+
+        Files this service stored for them under `uploads/` are deleted too.
+        """
+        try:
+            where = make_remove_filter(pid, camid, before, track, cli=False)
+        except DataError as exc:
+            raise ApiError(422, "bad-filter", str(exc)) from None
+        async with write_lock:
+            out = await in_model_thread("removing from the gallery", core.remove_where, where, dry_run)
+        return {**out, "gallery_size": core.gallery.ntotal, "generation": core.gallery.generation}
 
     @app.delete("/gallery/{image_id}", response_model=RemovedOut, responses={404: {"model": ErrorOut}, **errors},
                 dependencies=[Depends(_only())])
     async def remove_from_gallery(
-        image_id: Annotated[int, PathParam(description="Gallery id (from /query hits or POST /gallery).")],
+        image_id: Annotated[int, PathParam(ge=0, le=MAX_ID,
+                                           description="Gallery id (from /query hits or POST /gallery).")],
     ) -> dict[str, Any]:
         """Remove one image from the gallery (and its file, if it was uploaded through this API)."""
         async with write_lock:

@@ -7,6 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterable
 
 from reid_search.atomic import atomic_write_json
 from reid_search.errors import ModelError
@@ -27,13 +28,36 @@ class Workspace:
 
     @property
     def model_pointer(self) -> Path:
-        """JSON file naming the model that index/query/eval use by default."""
+        """JSON file naming the models that index/query/eval use by default (see :meth:`model_path`)."""
         return self.root / "model.json"
 
     @property
     def index_dir(self) -> Path:
         """Folder of the FAISS index files."""
         return self.root / "index"
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Folder where the HTTP service keeps the images uploaded to the gallery."""
+        return self.root / "uploads"
+
+    def remove_uploads(self, paths: Iterable[str | os.PathLike[str]]) -> int:
+        """Delete those of ``paths`` that the service stored under :attr:`uploads_dir` (others are the
+        user's own files and stay); call after the rows are committed gone. Returns how many were deleted."""
+        uploads = self.uploads_dir.resolve()
+        n = 0
+        for p in paths:
+            p = Path(p)
+            if p.parent.resolve() != uploads:
+                continue
+            try:
+                p.unlink()
+                n += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("could not delete the uploaded file %s (%s)", p, exc.strerror)
+        return n
 
     @property
     def runs_dir(self) -> Path:
@@ -55,28 +79,73 @@ class Workspace:
         self.root.mkdir(parents=True, exist_ok=True)
         return self
 
+    def _pointer(self) -> dict[str, Any]:
+        """``model.json``: ``{"path": trained model, "gallery": {"path", "fingerprint"}}`` (either may be absent)."""
+        try:
+            data = json.loads(self.model_pointer.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"the workspace's model pointer {self.model_pointer} is unreadable ({exc}); "
+                             "delete it and pass --model") from None
+        return data if isinstance(data, dict) else {}
+
     def set_model(self, path: str | os.PathLike[str]) -> None:
-        """Point the workspace at ``path`` (atomically)."""
+        """Point the workspace at ``path``, e.g. a freshly trained model (atomically).
+
+        The record of the model that built the gallery is kept: queries keep using
+        it until the gallery is re-indexed.
+        """
         self.ensure()
-        atomic_write_json(self.model_pointer, {"path": str(Path(path).resolve())})
+        data = self._pointer()
+        data["path"] = str(Path(path).resolve())
+        atomic_write_json(self.model_pointer, data)
         log.info("workspace %s now uses model %s", self.root, path)
 
-    def model_path(self, explicit: str | os.PathLike[str] | None = None) -> Path:
+    def set_gallery_model(self, path: str | os.PathLike[str], fingerprint: str) -> None:
+        """Record that the model at ``path`` (with ``fingerprint``) built the gallery (atomically)."""
+        self.ensure()
+        data = self._pointer()
+        entry = {"path": str(Path(path).resolve()), "fingerprint": fingerprint}
+        if data.get("gallery") == entry:
+            return
+        data["gallery"] = entry
+        atomic_write_json(self.model_pointer, data)
+        log.info("workspace %s: the gallery is embedded with model %s (%s)", self.root, path, fingerprint)
+
+    def gallery_model(self) -> tuple[Path, str] | None:
+        """``(path, fingerprint)`` of the model recorded as having built the gallery, if any."""
+        g = self._pointer().get("gallery")
+        if not isinstance(g, dict) or "path" not in g:
+            return None
+        return Path(g["path"]), str(g.get("fingerprint", ""))
+
+    def model_path(self, explicit: str | os.PathLike[str] | None = None, *, gallery: bool = True) -> Path:
         """The model to use: ``explicit`` if given, else the workspace's.
 
+        The workspace knows two: the model that built the gallery (recorded by
+        ``index``) and the one ``train`` last made. ``gallery=True`` (query, eval,
+        embed, serve, incremental index) prefers the first, so features stay
+        comparable with the gallery's; ``gallery=False`` (``index --reindex``,
+        export) prefers the trained one. Either falls back to the other.
+
         Raises:
-            ModelError: neither exists, with the command that fixes it.
+            ModelError: none exists, with the command that fixes it.
         """
         if explicit is not None:
             p = Path(explicit)
             if not p.is_file():
                 raise ModelError(f"no model at {p}: pass an existing checkpoint (.pt) or ONNX file (.onnx)")
             return p
-        if not self.model_pointer.is_file():
+        data = self._pointer()
+        g = data.get("gallery") if isinstance(data.get("gallery"), dict) else {}
+        candidates = [g.get("path"), data.get("path")] if gallery else [data.get("path"), g.get("path")]
+        known = [Path(c) for c in candidates if c]
+        if not known:
             raise ModelError(
                 f"no model in workspace {self.root}: run `reid-search train` or pass --model CHECKPOINT"
             )
-        p = Path(json.loads(self.model_pointer.read_text())["path"])
-        if not p.is_file():
-            raise ModelError(f"the workspace's model {p} is gone: run `reid-search train` again or pass --model")
-        return p
+        for p in known:
+            if p.is_file():
+                return p
+        raise ModelError(f"the workspace's model {known[0]} is gone: run `reid-search train` again or pass --model")

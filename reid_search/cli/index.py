@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +26,11 @@ MAX_SKIPPED_LINES = 20
 @click.command()
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--model", "-m", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Checkpoint (.pt) or ONNX file [default: the workspace's model].")
+              help="Checkpoint (.pt) or ONNX file [default: the model that built the gallery, else the workspace's; "
+                   "with --reindex the one `train` made last]. Recorded: query, eval, embed and serve then use it.")
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="CSV or JSON Lines file with a `path` column (relative to FOLDER) and any of camid, time "
+                   "(ISO 8601, UTC when no zone), track, pid. Bad rows are reported and skipped.")
 @click.option("--index-type", type=click.Choice(INDEX_KINDS), default=None,
               help="FAISS index: flat (exact), ivf, ivfpq (compact: ~0.6 GB per million 2048-d images) or hnsw "
                    "[default: the gallery's, flat when new]. "
@@ -39,56 +45,86 @@ MAX_SKIPPED_LINES = 20
 @click.option("--flip/--no-flip", default=False, show_default=True,
               help="Average with the horizontally flipped image (queries must use the same).")
 @click.option("--prune", is_flag=True, help="Also remove gallery images under FOLDER whose files are gone.")
-@click.option("--reindex", is_flag=True, help="Drop the whole gallery first (needed to switch models).")
+@click.option("--reindex", is_flag=True,
+              help="Build a new gallery of FOLDER beside the current one and switch to it when complete (needed to "
+                   "switch models). Until then queries see the old gallery; a failure or a kill keeps it whole.")
 @click.option("--commit-every", default=1024, show_default=True, type=click.IntRange(1),
               help="Commit (and so never lose) progress every N images (and at least every 10 s).")
 @pass_app
-def index(app: App, folder: Path, model: Path | None, index_type: str | None, index_params: tuple[str, ...],
-          batch_size: int, workers: int | None, device: str, flip: bool, prune: bool, reindex: bool,
-          commit_every: int) -> None:
+def index(app: App, folder: Path, model: Path | None, manifest: Path | None, index_type: str | None,
+          index_params: tuple[str, ...], batch_size: int, workers: int | None, device: str, flip: bool, prune: bool,
+          reindex: bool, commit_every: int) -> None:
     """Add the images under FOLDER (recursively) to the workspace's gallery.
 
     Incremental: unchanged files are skipped, changed files (by content hash)
     replaced; re-running after an interruption finishes the job. Unreadable
     images are skipped with their reason; the exit code is 1 only when nothing
-    could be indexed.
+    could be indexed. Labels come from the manifest, else from Market-style
+    names (0002_c1s1_000451_03.jpg: pid 2, camera 1; no capture time).
 
     \b
     Examples:
       reid-search index data/market/bounding_box_test
+      reid-search index /data/cams --manifest /data/cams/crops.csv
       reid-search index /data/cams --index-type ivfpq --index-param nprobe=64 --prune
       reid-search index data/market/bounding_box_test --model runs/new/model.pt --reindex
+
+    \b
+    A manifest (CSV; JSON Lines takes the same fields):
+      path,camid,time,track
+      cam1/000001.jpg,1,2024-05-01T08:00:03Z,cam1-0007
     """
     from indexer.store import open_gallery
-    from indexer.vectors import parse_index_spec
     from reid_search.extract import load_extractor
 
     if not folder.exists():
         raise DataError(f"no such folder: {folder}; pass the folder of gallery crops (e.g. bounding_box_test)")
     if not folder.is_dir():
         raise DataError(f"{folder} is a file, not a folder; pass the folder that holds the gallery crops")
-    extractor = load_extractor(app.workspace.model_path(model), device=device, flip=flip)
+    if manifest is not None and not manifest.is_file():
+        raise DataError(f"no manifest at {manifest}: pass a CSV or JSON Lines file with a `path` column")
+    model_file = app.workspace.model_path(model, gallery=not reindex)
+    extractor = load_extractor(model_file, device=device, flip=flip)
     app.workspace.ensure()
-    gallery = open_gallery(app.workspace)
+    store = open_gallery(app.workspace)
     try:
-        dropped = 0
+        run = dict(folder=folder, extractor=extractor, manifest=manifest, index_type=index_type,
+                   index_params=index_params, batch_size=batch_size, workers=workers, prune=prune,
+                   commit_every=commit_every, quiet=app.quiet)
         if reindex:
-            dropped = gallery.clear()
+            dropped = store.ntotal
+            # The new gallery is built beside the old one; leaving this block by an
+            # exception (nothing indexable, a bad model, Ctrl-C) keeps the old one whole.
+            with store.replacing() as new:
+                report = _index_into(new, **run)
+            report.dropped = dropped
         else:
-            gallery.check_model(extractor.fingerprint, extractor.dim)
-        if index_type is not None or index_params:
-            gallery.set_spec(parse_index_spec(index_type or gallery.spec.kind, index_params, base=gallery.spec))
-        total = sum(1 for _ in iter_image_paths(folder))
-        with progress_bar(total, "index", quiet=app.quiet) as advance:
-            report = gallery.add_folder(folder, extractor, batch_size=batch_size, num_workers=workers,
-                                        prune=prune, commit_every=commit_every, progress=advance)
-        report.dropped = dropped
-        if report.usable == 0:
-            raise GalleryError(_nothing_indexed(report))
-        _print_report(report, gallery.describe())
-        _refresh_rerank(app, gallery)
+            store.check_model(extractor.fingerprint, extractor.dim)
+            report = _index_into(store, **run)
+        app.workspace.set_gallery_model(model_file, extractor.fingerprint)
+        _print_report(report, store.describe())
+        _refresh_rerank(app, store)
     finally:
-        gallery.close()
+        store.close()
+
+
+def _index_into(store, *, folder: Path, extractor, manifest: Path | None, index_type: str | None,
+                index_params: tuple[str, ...], batch_size: int, workers: int | None, prune: bool,
+                commit_every: int, quiet: bool) -> IndexReport:
+    """Index FOLDER into ``store``; GalleryError when nothing could be indexed."""
+    from indexer.pipeline import index_folder
+    from indexer.vectors import parse_index_spec
+
+    if index_type is not None or index_params:
+        store.set_spec(parse_index_spec(index_type or store.spec.kind, index_params, base=store.spec))
+    total = sum(1 for _ in iter_image_paths(folder))
+    extra = {"manifest": manifest} if manifest is not None else {}
+    with progress_bar(total, "index", quiet=quiet) as advance:
+        report = index_folder(store, folder, extractor, batch_size=batch_size, num_workers=workers, prune=prune,
+                              commit_every=commit_every, progress=advance, **extra)
+    if report.usable == 0:
+        raise GalleryError(_nothing_indexed(report))
+    return report
 
 
 # Above this size the cached re-ranking structures are built on the first
@@ -96,15 +132,25 @@ def index(app: App, folder: Path, model: Path | None, index_type: str | None, in
 RERANK_PRECOMPUTE_LIMIT = 200_000
 
 
-def _refresh_rerank(app: App, gallery) -> None:
-    """Keep the gallery's k-reciprocal structures (used by `query --rerank`) in step with the gallery."""
-    from reid_search.engine import refresh_rerank_cache
+def _refresh_rerank(app: App, store) -> None:
+    """Keep the gallery's k-reciprocal structures (used by `query --rerank`) in step with the gallery.
 
-    gallery.save()  # the cache is keyed by the committed generation
-    if gallery.ntotal > RERANK_PRECOMPUTE_LIMIT:
-        (app.workspace.index_dir / "rerank.npz").unlink(missing_ok=True)
-        return
-    refresh_rerank_cache(gallery, app.workspace.index_dir)
+    Runs after the change is committed, so it never fails the command: a cache
+    that cannot be rebuilt now is rebuilt by the next `query --rerank`.
+    """
+    from reid_search.engine import RERANK_CACHE, refresh_rerank_cache
+
+    cache = app.workspace.index_dir / RERANK_CACHE
+    try:
+        if store.ntotal > RERANK_PRECOMPUTE_LIMIT:
+            cache.unlink(missing_ok=True)
+            return
+        refresh_rerank_cache(store, app.workspace.index_dir)
+    except Exception as exc:  # noqa: BLE001 - the gallery change is committed; the cache is optional
+        logging.getLogger(__name__).warning("could not rebuild the re-ranking cache %s (%s: %s); "
+                                            "`query --rerank` will rebuild it", cache, type(exc).__name__, exc)
+        with contextlib.suppress(OSError):
+            cache.unlink(missing_ok=True)
 
 
 def _nothing_indexed(report: IndexReport) -> str:
@@ -124,36 +170,81 @@ def _print_report(report: IndexReport, gallery: str) -> None:
 
 
 @click.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--pid", type=int, default=None, help="Crops of this person id.")
+@click.option("--camid", type=int, default=None, help="Crops from this camera.")
+@click.option("--before", metavar="TIME", default=None,
+              help="Crops captured before TIME (ISO 8601, e.g. 2024-05-01T00:00:00Z; no zone = UTC). "
+                   "Crops without a capture time never match.")
+@click.option("--track", default=None, help="Crops of this track.")
+@click.option("--dry-run", is_flag=True, help="Count (and list) what the filter matches; remove nothing.")
 @pass_app
-def remove(app: App, paths: tuple[Path, ...]) -> None:
-    """Remove images (files, or whole folders) from the gallery's DB and index.
+def remove(app: App, paths: tuple[Path, ...], pid: int | None, camid: int | None, before: str | None,
+           track: str | None, dry_run: bool) -> None:
+    """Remove images from the gallery: by path (files or whole folders), or by filter.
 
-    Files need not exist any more; to drop every file gone from disk under a
-    folder, use `reid-search index FOLDER --prune`.
+    By path, files need not exist any more; to drop every file gone from
+    disk under a folder, use `reid-search index FOLDER --prune`. By filter
+    (retention, erasure), --pid, --camid, --before and --track are ANDed.
+    Rows, vectors and re-ranking structures go; so do the files that the HTTP
+    service stored for them under WORKSPACE/uploads (your own image folders
+    are never touched).
 
     \b
     Examples:
       reid-search remove data/market/bounding_box_test/0001_c1s1_001051_00.jpg
       reid-search remove data/old_camera/
+      reid-search remove --before 2024-04-01T00:00:00Z --dry-run
+      reid-search remove --pid 17
+      reid-search remove --camid 4 --before 2024-04-01 --track cam4-0031
     """
+    from reid_search.filters import make_remove_filter
+
+    by_filter = any(v is not None for v in (pid, camid, before, track))
+    if paths and by_filter:
+        raise DataError("give PATHs or --pid/--camid/--before/--track, not both (run remove twice)")
+    if not paths and not by_filter:
+        raise DataError("say what to remove: PATHs (files or folders) or --pid/--camid/--before/--track")
+    if dry_run and not by_filter:
+        raise DataError("--dry-run counts what --pid/--camid/--before/--track match; it does not take PATHs")
+    where = make_remove_filter(pid, camid, before, track) if by_filter else None
+
     from indexer.store import open_gallery
 
-    gallery = open_gallery(app.workspace)
+    store = open_gallery(app.workspace)
     try:
-        removed, unmatched = gallery.remove(paths)
-        if removed == 0 and unmatched:
-            raise GalleryError(
-                f"nothing in the gallery matches {', '.join(unmatched)}; gallery roots: "
-                + (", ".join(map(str, gallery.roots())) or "none")
-            )
-        click.echo(f"removed {removed} image(s)")
-        for p in unmatched:
-            click.echo(f"  not in the gallery: {p}")
-        click.echo(f"gallery: {gallery.describe()}")
-        _refresh_rerank(app, gallery)
+        if where is not None:
+            metas = store.remove_where(where, dry_run=dry_run)
+            what = _describe_remove(pid, camid, before, track)
+            if dry_run:
+                click.echo(f"would remove {len(metas)} image(s) matching {what} (dry run: nothing removed)")
+                for m in metas[:MAX_SKIPPED_LINES]:
+                    click.echo(f"  {m.path}")
+                if len(metas) > MAX_SKIPPED_LINES:
+                    click.echo(f"  ... and {len(metas) - MAX_SKIPPED_LINES} more")
+                return
+            files = app.workspace.remove_uploads(m.path for m in metas)
+            click.echo(f"removed {len(metas)} image(s) matching {what}"
+                       + (f" ({files} uploaded file(s) deleted)" if files else ""))
+        else:
+            removed, unmatched = store.remove([str(p) for p in paths])
+            if removed == 0 and unmatched:
+                roots = sorted({str(m.root) for batch in store.iter_metadata() for m in batch})
+                raise GalleryError(f"nothing in the gallery matches {', '.join(unmatched)}; gallery roots: "
+                                   + (", ".join(roots) or "none"))
+            click.echo(f"removed {removed} image(s)")
+            for p in unmatched:
+                click.echo(f"  not in the gallery: {p}")
+        click.echo(f"gallery: {store.describe()}")
+        _refresh_rerank(app, store)
     finally:
-        gallery.close()
+        store.close()
+
+
+def _describe_remove(pid: int | None, camid: int | None, before: str | None, track: str | None) -> str:
+    parts = [f"{k} {v}" for k, v in (("pid", pid), ("camid", camid), ("before", before), ("track", track))
+             if v is not None]
+    return ", ".join(parts)
 
 
 @click.group()
