@@ -660,3 +660,66 @@ def open_backend(location: StoreLocation, collection: str, spec: MilvusIndexSpec
         GalleryError: see :func:`connect` and :class:`MilvusBackend`.
     """
     return MilvusBackend(connect(location), collection, spec, lite=location.is_lite)
+
+
+# ---- plugging into the coordinator ----------------------------------------------
+
+# FAISS-style index kinds (what the SQL state records) -> Milvus kinds; parameters renamed alike.
+_FROM_FAISS_KIND = {"flat": "flat", "ivf": "ivf", "ivfpq": "ivfpq", "hnsw": "hnsw"}
+_FROM_FAISS_PARAM = {"nlist": "nlist", "nprobe": "nprobe", "pq_m": "m", "hnsw_m": "M",
+                     "ef_construction": "efConstruction", "ef_search": "ef"}
+
+
+def spec_from_index_spec(spec: Any, lite: bool = False) -> MilvusIndexSpec:
+    """The Milvus index for a gallery's recorded :class:`indexer.vectors.IndexSpec`.
+
+    ``flat``/``ivf``/``ivfpq``/``hnsw`` become FLAT/IVF_FLAT/IVF_PQ/HNSW with the
+    parameters that have a Milvus counterpart (0 = automatic is left to Milvus).
+
+    Raises:
+        GalleryError: a type Milvus Lite cannot build, on Lite.
+    """
+    if spec is None:
+        return MilvusIndexSpec()
+    kind = _FROM_FAISS_KIND.get(getattr(spec, "kind", "flat"), "flat")
+    params = []
+    for name, milvus_name in _FROM_FAISS_PARAM.items():
+        v = int(getattr(spec, name, 0) or 0)
+        if v > 0 and milvus_name in BUILD_PARAMS[kind] + SEARCH_PARAMS[kind]:
+            params.append(f"{milvus_name}={v}")
+    return parse_milvus_spec(kind, params, lite=lite)
+
+
+def collection_name(store_id: str | None, version: int) -> str:
+    """The collection of one gallery version: ``reid_<SQL DB id>_v<version>`` (one server holds many galleries)."""
+    sid = re.sub(r"[^A-Za-z0-9_]", "", store_id or "")[:32] or "gallery"
+    return f"reid_{sid}_v{int(version)}"
+
+
+class MilvusFactory:
+    """A coordinator backend factory, ``(version, dim, spec, store_id, source) -> MilvusBackend``.
+
+    One connection is shared by every version's backend; ``holds_vectors`` tells the
+    coordinator to keep no vectors in SQL.
+    """
+
+    holds_vectors = True
+
+    def __init__(self, location: StoreLocation) -> None:
+        self.location = location
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        """The shared ``MilvusClient`` (connected at first use)."""
+        if self._client is None:
+            self._client = connect(self.location)
+        return self._client
+
+    def __call__(self, version: int, dim: int, spec: Any, store_id: str | None, source: Any) -> MilvusBackend:
+        b = MilvusBackend(self.client, collection_name(store_id, version),
+                          spec_from_index_spec(spec, lite=self.location.is_lite), lite=self.location.is_lite)
+        if b.dim is not None and dim and b.dim != dim:
+            raise GalleryError(f"the Milvus collection {b.collection} holds {b.dim}-d vectors but the gallery is {dim}-d; "
+                               "re-index with `reid-search index DIR --reindex`")
+        return b
