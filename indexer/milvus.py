@@ -723,3 +723,8 @@ class MilvusFactory:
             raise GalleryError(f"the Milvus collection {b.collection} holds {b.dim}-d vectors but the gallery is {dim}-d; "
                                "re-index with `reid-search index DIR --reindex`")
         return b
+
+
+def factory_for(location: StoreLocation) -> MilvusFactory | None:
+    """The coordinator's backend factory for a resolved store: ``None`` (FAISS, the default) or Milvus."""
+    return MilvusFactory(location) if location.kind == "milvus" else None
