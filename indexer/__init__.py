@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 _HOME = {
     "IndexReport": "pipeline", "index_folder": "pipeline",
     "ChangeEvent": "store", "Gallery": "store", "ImageMeta": "store", "NewImage": "store",
+    "RemoveFilter": "protocol", "SearchFilter": "protocol", "GalleryStore": "protocol",
     "open_gallery": "store", "sha256_file": "store",
     "KINDS": "vectors", "IndexSpec": "vectors", "VectorIndex": "vectors", "exact_search": "vectors",
     "parse_index_spec": "vectors",
@@ -27,6 +28,7 @@ _HOME = {
 
 if TYPE_CHECKING:
     from indexer.pipeline import IndexReport, index_folder
+    from indexer.protocol import GalleryStore, RemoveFilter, SearchFilter
     from indexer.store import ChangeEvent, Gallery, ImageMeta, NewImage, open_gallery, sha256_file
     from indexer.vectors import KINDS, IndexSpec, VectorIndex, exact_search, parse_index_spec
 
@@ -42,6 +44,7 @@ def __getattr__(name: str) -> Any:
 
 # Spelled out (not derived from _HOME) so that type checkers and linters see the exports.
 __all__ = [
-    "KINDS", "ChangeEvent", "Gallery", "ImageMeta", "IndexReport", "IndexSpec", "NewImage", "VectorIndex",
+    "KINDS", "ChangeEvent", "Gallery", "GalleryStore", "ImageMeta", "IndexReport", "IndexSpec", "NewImage",
+    "RemoveFilter", "SearchFilter", "VectorIndex",
     "exact_search", "index_folder", "open_gallery", "parse_index_spec", "sha256_file",
 ]

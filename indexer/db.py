@@ -52,18 +52,28 @@ class GalleryRoot(Base):
 
 
 class ImageRow(Base):
-    """One indexed crop. ``id`` is also its FAISS id."""
+    """One indexed crop. ``id`` is also its vector id in the backend.
+
+    ``gallery`` is the version of the gallery the row belongs to: readers see
+    only the active one (``gallery_state.active_gallery``); a re-index fills
+    the next version beside it and switches in one transaction.
+    ``rel_path`` is stored in the DB-safe form of :func:`indexer.metadata.db_path`
+    (a file name that is not UTF-8 is kept losslessly, escaped).
+    """
 
     __tablename__ = "images"
     # AUTOINCREMENT: SQLite must never hand a deleted row's id to a new image,
     # or a stale FAISS vector (or a derived cache) could be taken for the new one.
-    __table_args__ = (UniqueConstraint("root_id", "rel_path"), {"sqlite_autoincrement": True})
+    __table_args__ = (UniqueConstraint("gallery", "root_id", "rel_path"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(IdType, primary_key=True)
+    gallery: Mapped[int] = mapped_column(Integer, server_default="0")
     root_id: Mapped[int] = mapped_column(IdType, ForeignKey("gallery_roots.id", ondelete="RESTRICT"), index=True)
     rel_path: Mapped[str] = mapped_column(Text)
     pid: Mapped[int | None] = mapped_column(Integer, index=True)
-    camid: Mapped[int | None] = mapped_column(Integer)
+    camid: Mapped[int | None] = mapped_column(Integer, index=True)
+    time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)  # capture time, UTC
+    track: Mapped[str | None] = mapped_column(String(255), index=True)
     seq: Mapped[int | None] = mapped_column(Integer)
     frame: Mapped[int | None] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64))
@@ -94,3 +104,11 @@ class GalleryState(Base):
     # (another process, a derived cache) can tell it is stale by comparing.
     generation: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The gallery version readers see, and the one a re-index is filling (NULL: none).
+    active_gallery: Mapped[int] = mapped_column(Integer, server_default="0")
+    building_gallery: Mapped[int | None] = mapped_column(Integer)
+    building_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    building_dim: Mapped[int | None] = mapped_column(Integer)
+    # Identity of this DB: saved with each vector index, so an index made against
+    # another DB (same model, same ids) is told apart and rebuilt.
+    store_id: Mapped[str | None] = mapped_column(String(32))

@@ -11,24 +11,40 @@ Results are committed every ``commit_every`` images or ``commit_seconds``
 seconds, whichever comes first; each commit is what the report counts, so
 an interrupted run loses at most the uncommitted tail and a re-run skips
 everything committed (as unchanged).
+
+Labels: a crop's pid/camid/seq/frame come from its Market/Duke-style name;
+a *manifest* (CSV or JSON Lines with a ``path`` column relative to the folder
+and any of ``camid``, ``time`` (ISO 8601; naive means UTC), ``track``,
+``pid``) lists the crops to index and overrides those labels. A bad manifest
+row is skipped with its reason (``bad-manifest-row``); the rest is indexed.
+
+A re-index (``reindex=True``) validates the folder, then builds the new
+gallery beside the old one (:meth:`GalleryStore.replacing`) and switches only
+when at least one crop was embedded; otherwise the old gallery stays.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
+import mimetypes
 import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
 
 import numpy as np
 
-from indexer.store import Gallery, NewImage, sha256_file
-from reid_search.data import IMAGE_EXTENSIONS, iter_image_paths
-from reid_search.errors import DataError
+from indexer.protocol import NewImage, as_utc
+from indexer.store import Gallery, sha256_file
+from reid_search.data import IMAGE_EXTENSIONS, parse_name
+from reid_search.errors import DataError, GalleryError
 from reid_search.extract import Extractor, iter_features
 
 log = logging.getLogger(__name__)
@@ -71,19 +87,181 @@ class IndexReport:
                 f"removed {self.removed}, {skipped}")
 
 
+@dataclass(frozen=True)
+class Labels:
+    """What is known about a crop besides its pixels (manifest values, else its name)."""
+
+    pid: int | None = None
+    camid: int | None = None
+    seq: int | None = None
+    frame: int | None = None
+    time: datetime | None = None
+    track: str | None = None
+
+
 @dataclass
 class _Todo:
     path: Path
     sha256: str
     size: int
     old_id: int | None
+    labels: Labels
+
+
+MANIFEST_COLUMNS = ("path", "camid", "time", "track", "pid")
+_INT32 = 2**31 - 1
+TRACK_MAX = 255
+
+
+def name_labels(path: Path) -> Labels:
+    """Labels a Market/Duke-style file name gives (all ``None`` for other names)."""
+    info = parse_name(path.name)
+    return Labels(info.pid, info.camid, info.seq, info.frame) if info else Labels()
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 time as aware UTC (naive means UTC; a trailing ``Z`` is accepted).
+
+    Raises:
+        ValueError: not ISO 8601.
+    """
+    t = text.strip()
+    if t.endswith(("Z", "z")):
+        t = t[:-1] + "+00:00"
+    return as_utc(datetime.fromisoformat(t))
+
+
+def _int(value: Any, name: str, low: int) -> int | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{name} {value!r} is not an integer")
+    try:
+        n = int(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} {value!r} is not an integer") from None
+    if not low <= n <= _INT32:
+        raise ValueError(f"{name} {n} is out of range ({low}..{_INT32})")
+    return n
+
+
+def _manifest_row(raw: dict[str, Any], folder: Path) -> tuple[str, Labels]:
+    """``(path relative to folder, labels)`` of one manifest row; ``ValueError`` says what is wrong."""
+    path = raw.get("path")
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError("no path")
+    rel = PurePosixPath(path.strip().replace("\\", "/"))
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"path {path!r} must be relative to {folder} and stay inside it")
+    t = raw.get("time")
+    when = None
+    if t is not None and not (isinstance(t, str) and not t.strip()):
+        if not isinstance(t, str):
+            raise ValueError(f"time {t!r} is not an ISO 8601 string")
+        try:
+            when = parse_time(t)
+        except ValueError:
+            raise ValueError(f"time {t!r} is not ISO 8601 (e.g. 2024-05-01T13:45:00Z)") from None
+    track = raw.get("track")
+    if track is not None and not isinstance(track, (str, int)):
+        raise ValueError(f"track {track!r} is not text")
+    track = None if track is None or str(track).strip() == "" else str(track).strip()
+    if track is not None and len(track) > TRACK_MAX:
+        raise ValueError(f"track is longer than {TRACK_MAX} characters")
+    pid = _int(raw.get("pid"), "pid", -1)
+    camid = _int(raw.get("camid"), "camid", 0)
+    named = name_labels(Path(rel.name))
+    return rel.as_posix(), Labels(named.pid if pid is None else pid, named.camid if camid is None else camid,
+                                  named.seq, named.frame, when, track)
+
+
+def read_manifest(manifest: str | os.PathLike[str], folder: Path) -> tuple[dict[str, Labels], list[tuple[str, str, str]]]:
+    """Parse a CSV or JSON Lines manifest: ``(relative path -> labels, skipped rows)``.
+
+    Each skipped row is ``(where, "bad-manifest-row", reason)``.
+
+    Raises:
+        DataError: the file is missing, unreadable, or has no ``path`` column.
+    """
+    manifest = Path(manifest)
+    try:
+        text = manifest.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"no such manifest: {manifest}; pass a CSV or JSON Lines file with a path column") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read the manifest {manifest} ({exc}); it must be UTF-8 CSV or JSON Lines") from None
+    jsonl = manifest.suffix.lower() in (".jsonl", ".ndjson", ".json") or text.lstrip().startswith("{")
+    rows: list[tuple[int, dict[str, Any] | str]] = []
+    if jsonl:
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                rows.append((n, f"not JSON ({exc.msg})"))
+                continue
+            rows.append((n, obj if isinstance(obj, dict) else "not a JSON object"))
+    else:
+        reader = csv.DictReader(io.StringIO(text))
+        if not reader.fieldnames or "path" not in [f.strip() for f in reader.fieldnames]:
+            raise DataError(f"the manifest {manifest} has no path column; its first line must name the columns, "
+                            f"e.g. {','.join(MANIFEST_COLUMNS)}")
+        for rec in reader:
+            extra = rec.pop(None, None)  # type: ignore[call-overload]
+            rows.append((reader.line_num, "more fields than columns" if extra else {k.strip(): v for k, v in rec.items() if k}))
+    if not rows:
+        raise DataError(f"the manifest {manifest} lists no crops; give one row per crop with at least a path")
+    out: dict[str, Labels] = {}
+    skipped: list[tuple[str, str, str]] = []
+    for n, rec in rows:
+        where = f"{manifest}:{n}"
+        if isinstance(rec, str):
+            skipped.append((where, "bad-manifest-row", rec))
+            continue
+        try:
+            rel, labels = _manifest_row(rec, folder)
+        except ValueError as exc:
+            skipped.append((where, "bad-manifest-row", str(exc)))
+            continue
+        if rel in out:
+            skipped.append((where, "bad-manifest-row", f"path {rel} is listed twice; the first row counts"))
+            continue
+        out[rel] = labels
+    return out, skipped
+
+
+def _unsupported(name: str) -> bool:
+    """An image file the indexer does not read (e.g. GIF)."""
+    if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+        return False
+    kind = mimetypes.guess_type(name)[0]
+    return bool(kind and kind.startswith("image/"))
+
+
+def walk_images(folder: Path) -> tuple[list[Path], list[tuple[str, str, str]]]:
+    """Image files under ``folder`` (sorted; hidden files ignored) and the image files it cannot index."""
+    paths: list[Path] = []
+    skipped: list[tuple[str, str, str]] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames.sort()
+        for fn in sorted(filenames):
+            if fn.startswith("."):
+                continue
+            if Path(fn).suffix.lower() in IMAGE_EXTENSIONS:
+                paths.append(Path(dirpath) / fn)
+            elif _unsupported(fn):
+                exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+                skipped.append((str(Path(dirpath) / fn), "unsupported-format",
+                                f"{Path(fn).suffix or 'this'} images are not indexed; convert to one of {exts}"))
+    return paths, skipped
 
 
 def _hash(path: Path) -> tuple[str, int] | tuple[None, tuple[str, str]]:
     try:
         return sha256_file(path)
     except FileNotFoundError:
-        return None, ("missing", "file not found (broken link?)")
+        return None, ("missing", "file not found (broken link, or a manifest path that does not exist)")
     except PermissionError as exc:
         return None, ("unreadable", f"permission denied: {exc.strerror}")
     except IsADirectoryError:
@@ -97,6 +275,7 @@ def index_folder(
     folder: str | os.PathLike[str],
     extractor: Extractor,
     *,
+    manifest: str | os.PathLike[str] | None = None,
     batch_size: int = 32,
     num_workers: int | None = None,
     prune: bool = False,
@@ -106,17 +285,21 @@ def index_folder(
     progress: Callable[[int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
 ) -> IndexReport:
-    """Bring the gallery up to date with the images under ``folder``.
+    """Bring the gallery up to date with the images under ``folder`` (or those a manifest lists).
 
     Args:
+        manifest: CSV or JSON Lines file listing the crops (``path`` relative to
+            ``folder``) with any of ``camid``, ``time``, ``track``, ``pid``.
         prune: also delete gallery images under ``folder`` whose files are gone.
-        reindex: drop the whole gallery first (e.g. to switch models).
+        reindex: replace the whole gallery (e.g. to switch models): built beside
+            the old one and switched atomically once something was embedded.
         commit_every / commit_seconds: commit after this many images or seconds.
         progress: called with the number of files handled, as they are.
         on_total: called once with the number of image files found.
 
     Raises:
-        DataError: ``folder`` is missing, not a folder, or holds no image files.
+        DataError: ``folder`` is missing, not a folder, or holds no image files; a bad
+            manifest file; with ``reindex``, no image could be embedded (the old gallery stays).
         GalleryError: the gallery was indexed with another model (and not ``reindex``).
     """
     t0 = time.perf_counter()
@@ -126,23 +309,53 @@ def index_folder(
     if not folder.is_dir():
         raise DataError(f"{folder} is a file, not a folder; pass the folder that holds the gallery crops")
     report = IndexReport(folder)
-    if reindex:
-        report.dropped = gallery.clear()
-    gallery.check_model(extractor.fingerprint, extractor.dim)
-
-    paths = list(iter_image_paths(folder, recursive=True))
+    if manifest is not None:
+        listed, report.skipped = read_manifest(manifest, folder)
+        items = [(folder / PurePosixPath(rel), labels) for rel, labels in listed.items()]
+    else:
+        paths, report.skipped = walk_images(folder)
+        items = [(p, name_labels(p)) for p in paths]
     if on_total is not None:
-        on_total(len(paths))
-    if not paths:
+        on_total(len(items) + len(report.skipped))
+    if progress is not None and report.skipped:
+        progress(len(report.skipped))
+    if not items:
+        if manifest is not None:
+            raise DataError(f"no usable rows in the manifest {manifest} ({len(report.skipped)} bad); "
+                            f"first: {report.skipped[0][2] if report.skipped else '-'}")
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise DataError(f"no images in {folder} (or its subfolders); expected files ending in {exts}")
+    if not reindex:
+        gallery.check_model(extractor.fingerprint, extractor.dim)
+        _index_items(gallery, folder, items, extractor, report, batch_size=batch_size, num_workers=num_workers,
+                     prune=prune, commit_every=commit_every, commit_seconds=commit_seconds, progress=progress)
+    else:
+        old = gallery.ntotal
+        with gallery.replacing() as new:
+            _index_items(new, folder, items, extractor, report, batch_size=batch_size, num_workers=num_workers,
+                         prune=False, commit_every=commit_every, commit_seconds=commit_seconds, progress=progress)
+            if report.indexed == 0:
+                reasons = ", ".join(f"{r} {n}" for r, n in report.skipped_by_reason().items()) or "none"
+                raise DataError(f"re-index of {folder}: no image could be embedded (skipped: {reasons}); "
+                                "the gallery is unchanged; check the model and the images")
+        report.dropped = old
+    report.seconds = time.perf_counter() - t0
+    log.info("%s: %s in %.1fs", folder, report.summary(), report.seconds)
+    return report
 
+
+def _index_items(gallery: Gallery, folder: Path, items: list[tuple[Path, Labels]], extractor: Extractor,
+                 report: IndexReport, *, batch_size: int, num_workers: int | None, prune: bool, commit_every: int,
+                 commit_seconds: float, progress: Callable[[int], None] | None) -> None:
+    """Hash, compare, embed and commit ``items`` into ``gallery`` (filling ``report``)."""
     root = gallery.register_root(folder)
     known = gallery.existing(folder)
     todo: list[_Todo] = []
+    paths = [p for p, _ in items]
+    same: list[tuple[Path, Labels, str, int, int]] = []  # known path, same bytes: maybe relabelled by a manifest
     with ThreadPoolExecutor(max_workers=4) as pool:  # hashlib releases the GIL
         hashes = (h for s in range(0, len(paths), 4096) for h in pool.map(_hash, paths[s : s + 4096]))
-        for path, res in zip(paths, hashes):
+        for (path, labels), res in zip(items, hashes):
             rel = path.relative_to(folder).as_posix()
             old = known.get(rel)
             if res[0] is None:
@@ -151,11 +364,23 @@ def index_folder(
                 if progress is not None:
                     progress(1)
             elif old is not None and old[1] == res[0]:
-                report.unchanged += 1
-                if progress is not None:
-                    progress(1)
+                same.append((path, labels, res[0], int(res[1]), old[0]))  # type: ignore[arg-type]
             else:
-                todo.append(_Todo(path, res[0], int(res[1]), old[0] if old else None))  # type: ignore[arg-type]
+                todo.append(_Todo(path, res[0], int(res[1]), old[0] if old else None, labels))  # type: ignore[arg-type]
+    relabel = [x for x in same if x[1] != name_labels(x[0])]
+    changed: set[int] = set()
+    for s in range(0, len(relabel), 10_000):
+        part = relabel[s : s + 10_000]
+        for (_, labels, _, _, _), m in zip(part, gallery.metadata([x[4] for x in part])):
+            if (m.pid, m.camid, m.time, m.track) != (labels.pid, labels.camid, labels.time, labels.track):
+                changed.add(m.id)
+    for path, labels, sha, size, old_id in same:
+        if old_id in changed:  # same bytes, new labels: re-committed (the vector is recomputed)
+            todo.append(_Todo(path, sha, size, old_id, labels))
+        else:
+            report.unchanged += 1
+            if progress is not None:
+                progress(1)
     log.info("%s: %d files, %d unchanged, %d to embed (root %s)", folder, len(paths), report.unchanged, len(todo), root)
 
     pending: list[tuple[_Todo, np.ndarray]] = []
@@ -166,7 +391,8 @@ def index_folder(
         nonlocal pending, stale, last_commit
         if not pending and not stale:
             return
-        images = [NewImage(t.path, t.sha256, t.size) for t, _ in pending]
+        images = [NewImage(t.path, t.sha256, t.size, t.labels.pid, t.labels.camid, t.labels.seq, t.labels.frame,
+                           t.labels.time, t.labels.track) for t, _ in pending]
         feats = np.stack([f for _, f in pending]) if pending else np.zeros((0, extractor.dim), np.float32)
         replace = [t.old_id for t, _ in pending if t.old_id is not None] + stale
         gallery.add_images(images, feats, extractor.fingerprint, replace_ids=replace)
@@ -195,7 +421,8 @@ def index_folder(
             gone = [i for rel, (i, _) in known.items() if rel not in present]
             report.removed += gallery.remove_ids(gone)
     finally:
-        gallery.save()
-    report.seconds = time.perf_counter() - t0
-    log.info("%s: %s in %.1fs", folder, report.summary(), report.seconds)
-    return report
+        try:
+            gallery.save()
+        except GalleryError as exc:  # do not hide the error that got us here
+            log.warning("could not save the index: %s", exc)
+

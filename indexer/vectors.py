@@ -546,9 +546,12 @@ class VectorIndex:
             self._searcher, self._device = searcher, device
         return self._searcher
 
-    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, x: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """k-NN by inner product. Returns ``(sims [q, k] float32, ids [q, k] int64)``, best first;
         missing neighbours (k > ntotal) have id -1 and similarity -inf.
+
+        ``allowed`` (sorted int64 ids) restricts the results to those ids inside the
+        search (a FAISS ``IDSelector``; exact masking on the numpy flat path).
 
         Raises:
             GalleryError: features of the wrong dimension.
@@ -557,15 +560,21 @@ class VectorIndex:
         q = len(x)
         if k < 1:
             raise ValueError("k must be ≥ 1")
-        if q == 0 or self.ntotal == 0:
+        n = self.ntotal if allowed is None else min(self.ntotal, len(allowed))
+        if q == 0 or n == 0:
             return np.full((q, k), -np.inf, np.float32), np.full((q, k), -1, np.int64)
         searcher = self._get_searcher()
-        kk = min(k, self.ntotal)
+        kk = min(k, n)
         if searcher is None:
             flat = faiss.downcast_index(self.base.index)
             xb = faiss.rev_swig_ptr(flat.get_xb(), self.ntotal * self.dim).reshape(self.ntotal, self.dim)
             ids_all = faiss.rev_swig_ptr(self.base.id_map.data(), self.ntotal)
+            if allowed is not None:
+                mask = np.isin(ids_all, allowed)
+                xb, ids_all = xb[mask], ids_all[mask]
             sims, ids = exact_search(x, xb, ids_all, kk)
+        elif allowed is not None:
+            sims, ids = self._search_selected(x, kk, allowed)
         elif self.spec.kind == "hnsw":
             params = faiss.SearchParametersHNSW(efSearch=auto_ef_search(self.spec, kk))
             sims, ids = searcher.search(x, kk, params=params)
@@ -581,10 +590,27 @@ class VectorIndex:
             ids = np.pad(ids, ((0, 0), (0, k - kk)), constant_values=-1)
         return sims, ids
 
+    def _search_selected(self, x: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Search the CPU index with an ``IDSelector`` over ``allowed`` (positions for ivfpq)."""
+        if self.positions is not None:
+            sel = faiss.IDSelectorBatch(np.nonzero(np.isin(self.positions, allowed))[0].astype(np.int64))
+            base_params = faiss.SearchParametersIVF(sel=sel, nprobe=self._ivf().nprobe)
+            params: Any = faiss.IndexRefineSearchParameters(k_factor=float(auto_k_factor(self.spec)),
+                                                            base_index_params=base_params)
+        else:
+            sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, np.int64))
+            if self.spec.kind == "hnsw":
+                params = faiss.SearchParametersHNSW(sel=sel, efSearch=auto_ef_search(self.spec, k))
+            elif self.trained and self.spec.kind in ("ivf", "ivfpq"):
+                params = faiss.SearchParametersIVF(sel=sel, nprobe=self._ivf().nprobe)
+            else:
+                params = faiss.SearchParameters(sel=sel)
+        return self.base.search(x, k, params=params)
+
     # -- files
 
-    def save(self, path: str | os.PathLike[str], meta: dict[str, Any]) -> None:
-        """Write the index and ``meta`` (JSON-able) to ``path`` atomically."""
+    def save(self, path: str | os.PathLike[str], meta: dict[str, Any], trailer: bytes = b"") -> None:
+        """Write the index, ``meta`` (JSON-able) and ``trailer`` (the owner's bytes) to ``path`` atomically."""
         npos = -1 if self.positions is None else len(self.positions)
         header = dict(meta, spec=json.loads(self.spec.to_json()), dim=self.dim, ntotal=self.ntotal,
                       trained_n=self.trained_n, positions=npos)
@@ -594,10 +620,11 @@ class VectorIndex:
             faiss.write_index(self.base, faiss.PyCallbackIOWriter(fh.write))
             if self.positions is not None:
                 fh.write(np.ascontiguousarray(self.positions, dtype="<i8").tobytes())
+            fh.write(trailer)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> tuple["VectorIndex", dict[str, Any]]:
-        """Read an index written by :meth:`save`; returns it and its header.
+        """Read an index written by :meth:`save`; returns it and its header (the trailer under ``"trailer"``).
 
         Raises:
             GalleryError: not an index file of this format, or truncated.
@@ -615,6 +642,7 @@ class VectorIndex:
                     if len(raw) != 8 * header["positions"]:
                         raise EOFError("truncated id table")
                     positions = np.frombuffer(raw, dtype="<i8").astype(np.int64)
+                header["trailer"] = fh.read()
         except GalleryError:
             raise
         except Exception as exc:

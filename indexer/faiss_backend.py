@@ -1,0 +1,355 @@
+"""The FAISS :class:`~indexer.protocol.VectorBackend`: a cache of the vectors the SQL DB holds.
+
+One gallery version's vectors live in a :class:`~indexer.vectors.VectorIndex`
+kept in memory and saved to one file (``gallery.faiss`` for version 0,
+``gallery.v<N>.faiss`` after re-indexes). Beside the index, a
+:class:`FieldTable` keeps each id's camera, capture time and track, so a
+:class:`~indexer.protocol.SearchFilter` becomes the set of allowed ids handed
+to FAISS as an ``IDSelector`` (exact masking on ``flat``).
+
+The file's header carries the DB's ``store_id`` and the generation it was
+flushed at: a file made against another DB is discarded, one from a later
+generation than the DB's too (the coordinator then refills it from SQL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import struct
+import time
+from pathlib import Path
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+
+from indexer.protocol import UNKNOWN, RowFields, SearchFilter
+from indexer.metadata import time_us
+from indexer.vectors import IndexSpec, VectorIndex, exact_search
+from reid_search.errors import GalleryError
+
+log = logging.getLogger(__name__)
+
+NO_TIME = np.iinfo(np.int64).min
+EXACT_SUBSET = 4096  # a filter passing at most this many crops is answered by exact search over them
+_FILE_RE = re.compile(r"^gallery(?:\.v(\d+))?\.faiss$")
+
+
+def index_file(index_dir: Path, version: int) -> Path:
+    """The index file of a gallery version."""
+    return index_dir / ("gallery.faiss" if version == 0 else f"gallery.v{version}.faiss")
+
+
+def file_version(path: Path) -> int | None:
+    """The gallery version an index file name belongs to (``None``: not an index file)."""
+    m = _FILE_RE.match(path.name)
+    return None if m is None else int(m.group(1) or 0)
+
+
+class VectorSource(Protocol):
+    """Where a FAISS backend gets the vectors it caches (the SQL DB, one gallery version)."""
+
+    def iter_rows(self, batch_size: int = 8192) -> Iterator[tuple[RowFields, np.ndarray]]:
+        """Every row's fields and feature, id order."""
+
+    def count(self) -> int:
+        """Rows in the version."""
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """Features of ``ids``, given order."""
+
+
+class FieldTable:
+    """The scalar fields filters read, per id: camera, capture time (µs, UTC), track."""
+
+    def __init__(self) -> None:
+        self.ids = np.zeros(0, np.int64)
+        self.camids = np.zeros(0, np.int64)
+        self.times = np.zeros(0, np.int64)
+        self.tracks = np.zeros(0, np.int32)  # code into vocab, -1: none
+        self.vocab: list[str] = []
+        self._code: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _codes(self, tracks: Sequence[str | None]) -> np.ndarray:
+        out = np.empty(len(tracks), np.int32)
+        for j, t in enumerate(tracks):
+            if t is None:
+                out[j] = -1
+                continue
+            c = self._code.get(t)
+            if c is None:
+                c = self._code[t] = len(self.vocab)
+                self.vocab.append(t)
+            out[j] = c
+        return out
+
+    def add(self, f: RowFields) -> None:
+        """Append rows (ids already held are skipped)."""
+        keep = ~np.isin(f.ids, self.ids)
+        if not keep.any():
+            return
+        times = np.where(np.isnan(f.times), 0.0, f.times)
+        t_us = np.where(np.isnan(f.times), NO_TIME, np.round(times * 1e6).astype(np.int64))
+        tracks = f.tracks if f.tracks else [None] * len(f.ids)
+        self.ids = np.concatenate([self.ids, f.ids[keep]])
+        self.camids = np.concatenate([self.camids, f.camids[keep]])
+        self.times = np.concatenate([self.times, t_us[keep]])
+        self.tracks = np.concatenate([self.tracks, self._codes([t for t, k in zip(tracks, keep) if k])])
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Forget rows (absent ids are ignored)."""
+        keep = ~np.isin(self.ids, ids)
+        if keep.all():
+            return
+        self.ids, self.camids, self.times, self.tracks = self.ids[keep], self.camids[keep], self.times[keep], self.tracks[keep]
+
+    def allowed(self, f: SearchFilter) -> np.ndarray:
+        """Sorted ids that pass ``f`` (same meaning as :meth:`SearchFilter.allows`)."""
+        m = np.ones(len(self.ids), bool)
+        known = self.camids != UNKNOWN
+        if f.cameras is not None:
+            m &= known & np.isin(self.camids, np.fromiter(f.cameras, np.int64))
+        if f.exclude_cameras:
+            m &= ~(known & np.isin(self.camids, np.fromiter(f.exclude_cameras, np.int64)))
+        if f.since is not None or f.until is not None:
+            m &= self.times != NO_TIME
+            if f.since is not None:
+                m &= self.times >= time_us(f.since)
+            if f.until is not None:
+                m &= self.times <= time_us(f.until)
+        if f.exclude_tracks:
+            codes = [self._code[t] for t in f.exclude_tracks if t in self._code]
+            if codes:
+                m &= ~np.isin(self.tracks, np.asarray(codes, np.int32))
+        return np.sort(self.ids[m])
+
+    def to_bytes(self) -> bytes:
+        """Serialised form (stored after the index in the file)."""
+        vocab = json.dumps(self.vocab).encode()
+        return (struct.pack("<qq", len(self.ids), len(vocab)) + vocab
+                + self.ids.astype("<i8").tobytes() + self.camids.astype("<i8").tobytes()
+                + self.times.astype("<i8").tobytes() + self.tracks.astype("<i4").tobytes())
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "FieldTable":
+        """Inverse of :meth:`to_bytes`.
+
+        Raises:
+            ValueError: truncated or malformed bytes.
+        """
+        n, nv = struct.unpack_from("<qq", raw, 0)
+        off = 16
+        t = cls()
+        t.vocab = json.loads(raw[off : off + nv])
+        t._code = {s: j for j, s in enumerate(t.vocab)}
+        off += nv
+        if len(raw) != off + 28 * n:
+            raise ValueError("truncated field table")
+        t.ids = np.frombuffer(raw, "<i8", n, off).astype(np.int64)
+        t.camids = np.frombuffer(raw, "<i8", n, off + 8 * n).astype(np.int64)
+        t.times = np.frombuffer(raw, "<i8", n, off + 16 * n).astype(np.int64)
+        t.tracks = np.frombuffer(raw, "<i4", n, off + 24 * n).astype(np.int32)
+        return t
+
+
+class FaissBackend:
+    """A gallery version's vectors in FAISS, with the fields filters need (see the module docstring).
+
+    Not thread-safe for mutation; concurrent searches are fine.
+    """
+
+    kind = "faiss"
+    holds_vectors = False
+
+    def __init__(self, path: Path, spec: IndexSpec, dim: int, store_id: str | None, source: VectorSource) -> None:
+        self.path = Path(path)
+        self.spec, self.dim, self.store_id = spec, dim, store_id
+        self._source = source
+        self.index = VectorIndex.empty(spec, dim)
+        self.fields = FieldTable()
+        self._stamp: int | None = None
+        self.dirty = False
+        self.last_save = time.monotonic()
+        self.save_cost = 0.0
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.is_file():
+            return
+        try:
+            vi, header = VectorIndex.load(self.path)
+            fields = FieldTable.from_bytes(header.get("trailer", b""))
+        except GalleryError as exc:
+            log.warning("%s; rebuilding it from the DB", exc)
+            return
+        except (ValueError, struct.error):
+            log.warning("the index file %s has no usable field table (older format?); rebuilding it from the DB", self.path)
+            return
+        if header.get("store_id") != self.store_id:
+            log.warning("the index file %s was made against another DB; rebuilding it from this DB", self.path)
+            return
+        if vi.dim != self.dim or vi.spec.build_key() != self.spec.build_key():
+            log.warning("the index file %s does not match the DB (dimension or index type); rebuilding it", self.path)
+            return
+        if not np.array_equal(np.sort(fields.ids), vi.ids()):
+            log.warning("the index file %s is inconsistent (fields vs vectors); rebuilding it", self.path)
+            return
+        vi.spec = self.spec  # search-time parameters: the DB's spec wins
+        vi._configure()
+        self.index, self.fields, self._stamp = vi, fields, int(header.get("generation", -1))
+
+    # ---- VectorBackend ------------------------------------------------------------
+
+    @property
+    def ntotal(self) -> int:
+        """Vectors held."""
+        return self.index.ntotal
+
+    def ids(self) -> np.ndarray:
+        """Every id held, sorted."""
+        return np.sort(self.fields.ids)
+
+    def add(self, fields: RowFields, feats: np.ndarray) -> None:
+        """Insert vectors with their fields (ids held already are skipped: ids are never reused)."""
+        keep = ~np.isin(fields.ids, self.fields.ids)
+        if not keep.any():
+            return
+        if not keep.all():
+            tracks = fields.tracks or [None] * len(fields.ids)
+            fields = RowFields(fields.ids[keep], fields.camids[keep], fields.pids[keep], fields.times[keep],
+                               [t for t, k in zip(tracks, keep) if k])
+            feats = np.asarray(feats)[keep]
+        self.index.add(fields.ids, feats)
+        self.fields.add(fields)
+        self.dirty = True
+        reason = self.index.rebuild_reason()
+        if reason:
+            self.rebuild(reason)
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Delete ids (absent ones are ignored); rebuilds from the DB when the index type cannot remove."""
+        ids = np.asarray(ids, np.int64)
+        ids = ids[np.isin(ids, self.fields.ids)]
+        if not len(ids):
+            return
+        self.dirty = True
+        if self.index.remove(ids):
+            self.fields.remove(ids)
+        else:
+            self.rebuild(f"{len(ids)} removals ({self.spec.kind} cannot remove in place)")
+
+    def search(self, feats: np.ndarray, k: int, filters: Sequence[SearchFilter | None]) -> tuple[np.ndarray, np.ndarray]:
+        """k best per query among the ids its filter allows (see :meth:`GalleryStore.search`)."""
+        x = np.ascontiguousarray(feats, np.float32)
+        q = len(x)
+        sims = np.full((q, k), -np.inf, np.float32)
+        out = np.full((q, k), -1, np.int64)
+        groups: dict[SearchFilter | None, list[int]] = {}
+        for j, f in enumerate(filters):
+            groups.setdefault(None if f is None or f.is_empty else f, []).append(j)
+        for f, rows in groups.items():
+            sel = np.asarray(rows)
+            if f is None:
+                s, i = self.index.search(x[sel], k)
+            else:
+                s, i = self._search_filtered(x[sel], k, self.fields.allowed(f))
+            sims[sel], out[sel] = s, i
+        return sims, out
+
+    def _search_filtered(self, x: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not len(allowed):
+            return np.full((len(x), k), -np.inf, np.float32), np.full((len(x), k), -1, np.int64)
+        exact_kind = self.spec.kind == "flat" or not self.index.trained
+        if not exact_kind and len(allowed) <= EXACT_SUBSET:
+            return exact_search(x, self._source.vectors(allowed), allowed, k)
+        s, i = self.index.search(x, k, allowed)
+        short = (i >= 0).sum(axis=1) < min(k, len(allowed))
+        if short.any() and not exact_kind:
+            # The approximate index found fewer than k of the crops that pass: answer
+            # those queries exactly from the stored vectors, streamed.
+            log.debug("%d filtered queries fell back to exact search over %d crops", int(short.sum()), len(allowed))
+            s2, i2 = self._exact_over(x[short], k, allowed)
+            s[short], i[short] = s2, i2
+        return s, i
+
+    def _exact_over(self, x: np.ndarray, k: int, allowed: np.ndarray, block: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+        best_s = np.full((len(x), k), -np.inf, np.float32)
+        best_i = np.full((len(x), k), -1, np.int64)
+        for s in range(0, len(allowed), block):
+            part = allowed[s : s + block]
+            cs, ci = exact_search(x, self._source.vectors(part), part, k)
+            cat_s, cat_i = np.concatenate([best_s, cs], 1), np.concatenate([best_i, ci], 1)
+            order = np.argsort(-cat_s, axis=1, kind="stable")[:, :k]
+            best_s, best_i = np.take_along_axis(cat_s, order, 1), np.take_along_axis(cat_i, order, 1)
+        return best_s, best_i
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """Exact features of ``ids`` (from the DB: FAISS may hold only codes)."""
+        return self._source.vectors(np.asarray(ids, np.int64))
+
+    def iter_vectors(self, batch_size: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every ``(ids, feats)`` from the DB, id order."""
+        for f, x in self._source.iter_rows(batch_size):
+            yield f.ids, x
+
+    def flush(self, generation: int) -> None:
+        """Write the index file (atomically), stamped with ``generation`` and the DB's identity."""
+        t0 = time.monotonic()
+        self.index.save(self.path, {"generation": int(generation), "store_id": self.store_id}, self.fields.to_bytes())
+        self._stamp = int(generation)
+        self.dirty = False
+        self.last_save = time.monotonic()
+        self.save_cost = self.last_save - t0
+
+    def stamp(self) -> int | None:
+        """Generation of the last flush (or of the loaded file); ``None`` if never."""
+        return self._stamp
+
+    def drop(self) -> None:
+        """Forget every vector and delete the file."""
+        self.index = VectorIndex.empty(self.spec, self.dim)
+        self.fields = FieldTable()
+        self._stamp = None
+        self.dirty = False
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    # ---- FAISS specifics -------------------------------------------------------------
+
+    def rebuild(self, reason: str) -> None:
+        """Rebuild index and fields from every vector in the DB."""
+        recorded: list[RowFields] = []
+
+        def source() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            recorded.clear()  # the last pass (the adding one) is what the index holds
+            for f, x in self._source.iter_rows():
+                recorded.append(f)
+                yield f.ids, x
+
+        n = self._source.count()
+        log.info("rebuilding the %s index of %d vectors: %s", self.spec.kind, n, reason)
+        t0 = time.perf_counter()
+        self.index = VectorIndex.build(self.spec, self.dim, source, n)
+        table = FieldTable()
+        for f in recorded:
+            table.add(f)
+        self.fields = table
+        self.dirty = True
+        log.info("rebuilt the index in %.1fs", time.perf_counter() - t0)
+
+    def set_spec(self, spec: IndexSpec) -> bool:
+        """Switch index type/parameters; True when that needed a rebuild."""
+        old = self.spec
+        self.spec = spec
+        if old.build_key() == spec.build_key() and self.index.spec.build_key() == spec.build_key():
+            from indexer.vectors import PARAMS_BY_KIND, SEARCH_PARAMS
+
+            self.index.set_search_params(**{k: getattr(spec, k) for k in SEARCH_PARAMS if k in PARAMS_BY_KIND[spec.kind]})
+            return False
+        self.rebuild(f"index type changed from {old.describe()} to {spec.describe()}")
+        return True
