@@ -65,6 +65,12 @@ def open_gallery(
         GalleryError: unreachable DB, unknown schema, an unusable URL, or an empty
             DB beside an existing index (a lost or truncated DB file).
     """
+    factory = None
+    if isinstance(target, Workspace):  # --store: FAISS (default) or Milvus; the workspace remembers it
+        from indexer.milvus import factory_for
+
+        location = target.store()  # before anything creates the workspace's files
+        factory = factory_for(location)
     if isinstance(target, Workspace):
         url = target.db_url
         index_dir = Path(index_dir) if index_dir is not None else target.index_dir
@@ -94,7 +100,9 @@ def open_gallery(
                                "run `reid-search db upgrade` once with write access")
         with WriterLock(index_dir / LOCK_FILE).hold():
             upgrade_db(engine)
-    gallery = Gallery(MetadataDB(engine), index_dir, save_interval=save_interval)
+    gallery = Gallery(MetadataDB(engine), index_dir, save_interval=save_interval, backend_factory=factory)
+    if isinstance(target, Workspace) and not gallery.meta.read_only:
+        target.record_store(location)
     if spec is not None and spec != gallery.spec:
         gallery.set_spec(spec)
     return gallery

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from reid_search.atomic import atomic_write_json
-from reid_search.errors import ModelError
+from reid_search.errors import GalleryError, ModelError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WORKSPACE = "reid-workspace"
 WORKSPACE_ENV = "REID_SEARCH_WORKSPACE"
 DB_ENV = "REID_SEARCH_DB"
+STORE_ENV = "REID_SEARCH_STORE"
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Workspace:
 
     root: Path
     db_url_override: str | None = None
+    store_override: str | None = None  # --store (the CLI also reads $REID_SEARCH_STORE into it)
 
     @property
     def model_pointer(self) -> Path:
@@ -73,6 +75,69 @@ class Workspace:
         if env:
             return env
         return f"sqlite:///{(self.root / 'reid.db').resolve()}"
+
+    @property
+    def store_pointer(self) -> Path:
+        """JSON file naming the store the gallery lives in (written when the gallery is first opened)."""
+        return self.root / "store.json"
+
+    def recorded_store(self) -> str | None:
+        """The ``--store`` value recorded in ``store.json`` (``None`` if none is recorded).
+
+        Raises:
+            GalleryError: an unreadable ``store.json``.
+        """
+        try:
+            data = json.loads(self.store_pointer.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise GalleryError(f"the workspace's store record {self.store_pointer} is unreadable ({exc}); "
+                               "restore it, or delete it and pass --store") from None
+        v = data.get("store") if isinstance(data, dict) else None
+        return str(v) if v else None
+
+    def _has_faiss_gallery(self) -> bool:
+        """A workspace from before stores were recorded: its gallery is FAISS."""
+        return self.index_dir.is_dir() or (self.db_url_override is None and not os.environ.get(DB_ENV)
+                                           and (self.root / "reid.db").is_file())
+
+    def store(self) -> Any:
+        """Where the gallery lives, as an :class:`indexer.milvus.StoreLocation` (workspace default resolved).
+
+        The recorded store wins; ``--store``/``$REID_SEARCH_STORE`` picks one for a new
+        gallery and must otherwise agree with the record.
+
+        Raises:
+            GalleryError: a ``--store`` that is not where this workspace's gallery lives, or a bad value.
+        """
+        from indexer.milvus import parse_store
+
+        asked = self.store_override if self.store_override is not None else os.environ.get(STORE_ENV)
+        recorded = self.recorded_store()
+        if recorded is None and self._has_faiss_gallery():
+            recorded = "faiss"
+        want = parse_store(asked).resolved(self.root) if asked else None
+        if recorded is not None:
+            have = parse_store(recorded).resolved(self.root)
+            if want is not None and want != have:
+                raise GalleryError(
+                    f"the gallery of workspace {self.root} lives in --store {have.to_str()}, not {want.to_str()}; "
+                    "drop --store (and $REID_SEARCH_STORE), or use another --workspace for another store"
+                )
+            return have
+        return want if want is not None else parse_store("faiss")
+
+    def record_store(self, location: Any) -> None:
+        """Write ``store.json`` (atomically) naming ``location``; no-op when it says so already."""
+        value = location.to_str()
+        if location.kind == "milvus" and location.uri == str(self.root.resolve() / "milvus.db"):
+            value = "milvus:"  # the workspace's own Lite file: stays right if the workspace moves
+        if self.recorded_store() == value:
+            return
+        self.ensure()
+        atomic_write_json(self.store_pointer, {"store": value})
+        log.info("workspace %s: the gallery lives in %s", self.root, value)
 
     def ensure(self) -> "Workspace":
         """Create the workspace folder."""

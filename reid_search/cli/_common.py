@@ -15,7 +15,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from reid_search import __version__
 from reid_search.errors import ReidSearchError
 from reid_search.precision import PRECISIONS
-from reid_search.workspace import DB_ENV, DEFAULT_WORKSPACE, WORKSPACE_ENV, Workspace
+from reid_search.workspace import DB_ENV, DEFAULT_WORKSPACE, STORE_ENV, WORKSPACE_ENV, Workspace
 
 
 class _Group(click.Group):
@@ -48,10 +48,14 @@ pass_app = click.make_pass_decorator(App)
 )
 @click.option("--db", "db_url", envvar=DB_ENV, show_envvar=True, default=None,
               help="SQLAlchemy URL of the metadata DB [default: SQLite inside the workspace].")
+@click.option("--store", "store", envvar=STORE_ENV, show_envvar=True, default=None, metavar="STORE",
+              help="Where the gallery's vectors live: faiss (default), milvus: (Milvus Lite in the workspace), "
+                   "milvus:PATH.db, or http://HOST:19530 (a Milvus server; token from $REID_SEARCH_MILVUS_TOKEN). "
+                   "The workspace remembers it.")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
-def main(ctx: click.Context, workspace: Path, db_url: str | None, verbose: int, quiet: bool) -> None:
+def main(ctx: click.Context, workspace: Path, db_url: str | None, store: str | None, verbose: int, quiet: bool) -> None:
     """Person re-identification search: train, index a gallery, query, evaluate.
 
     \b
@@ -60,11 +64,12 @@ def main(ctx: click.Context, workspace: Path, db_url: str | None, verbose: int, 
       reid-search train --data data/synth -o epochs=2
       reid-search index data/synth/bounding_box_test
       reid-search eval --rerank
+      reid-search --store milvus: index data/synth/bounding_box_test   # vectors in Milvus Lite
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(level)
-    ctx.obj = App(Workspace(workspace, db_url), quiet)
+    ctx.obj = App(Workspace(workspace, db_url, store), quiet)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,221 @@
+"""The gallery store on Milvus Lite: same answers as the FAISS store, no vectors in SQL,
+repair of disagreements on open, SIGKILL during `index` then a re-run converges, and
+eval/re-ranking on cuhk03 equal to the FAISS gallery's."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("milvus_lite", reason="milvus-lite cannot run here")
+pytest.importorskip("indexer.coordinator", reason="needs the store coordinator (branch i11a)")
+
+from indexer import open_gallery  # noqa: E402
+from indexer.protocol import NewImage, RemoveFilter, SearchFilter  # noqa: E402
+from reid_search.workspace import Workspace  # noqa: E402
+from tests.conftest import shared_path, write_crop  # noqa: E402
+
+T0 = datetime(2024, 5, 1, 8, 0, tzinfo=timezone.utc)
+FP = "test-model"
+
+
+def images(tmp_path: Path, n: int, seed: int = 0) -> tuple[list[NewImage], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    out = []
+    for i in range(n):
+        p = tmp_path / "g" / f"{i // 3 + 1:04d}_c{i % 4 + 1}s1_{i:06d}_00.jpg"
+        t = None if i % 7 == 0 else T0 + timedelta(minutes=i)
+        tr = None if i % 5 == 0 else f"trk{i % 9}"
+        out.append(NewImage(p, f"{i:064x}", 100 + i, pid=i // 3 + 1, camid=i % 4 + 1, time=t, track=tr))
+    return out, x
+
+
+def both(tmp_path: Path) -> tuple[object, object]:
+    f = open_gallery(Workspace(tmp_path / "wf", store_override="faiss"))
+    m = open_gallery(Workspace(tmp_path / "wm", store_override="milvus:"))
+    return f, m
+
+
+def test_milvus_store_answers_as_the_faiss_store(tmp_path: Path) -> None:
+    f, m = both(tmp_path)
+    imgs, x = images(tmp_path, 90)
+    for g in (f, m):
+        g.add_images(imgs[:60], x[:60], FP)
+        g.add_images(imgs[60:], x[60:], FP)
+        g.remove_ids([2, 3, 50])
+    assert m.kind == "milvus" and f.kind == "faiss"
+    assert m.ntotal == f.ntotal == 87
+    np.testing.assert_array_equal(m.ids(), f.ids())
+    q = x[:8] + 0.1
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    filters = [None, SearchFilter(cameras=frozenset({1, 2})), SearchFilter(exclude_cameras=frozenset({3})),
+               SearchFilter(since=T0 + timedelta(minutes=20), until=T0 + timedelta(minutes=70)),
+               SearchFilter(exclude_tracks=frozenset({"trk1", "trk2"})), SearchFilter(cameras=frozenset({9})),
+               SearchFilter(cameras=frozenset({4}), since=T0), None]
+    fs, fi = f.search(q, 10, filters)
+    ms, mi = m.search(q, 10, filters)
+    np.testing.assert_array_equal(mi, fi)
+    np.testing.assert_allclose(ms, fs, atol=1e-5)
+    for w in (None, SearchFilter(cameras=frozenset({1})), RemoveFilter(camid=2)):
+        assert m.count(w) == f.count(w)
+    np.testing.assert_array_equal(m.vectors([10, 4]), f.vectors([10, 4]))
+    mids, mx = m.all_vectors()
+    fids, fx = f.all_vectors()
+    np.testing.assert_array_equal(mids, fids)
+    np.testing.assert_array_equal(mx, fx)
+    gone = m.remove_where(RemoveFilter(before=T0 + timedelta(minutes=30)))
+    assert [g.id for g in gone] == [g.id for g in f.remove_where(RemoveFilter(before=T0 + timedelta(minutes=30)))]
+    assert m.ntotal == f.ntotal and m.backend.ntotal == m.ntotal
+    f.close()
+    m.close()
+    # SQL holds no vectors for the Milvus gallery
+    con = sqlite3.connect(tmp_path / "wm" / "reid.db")
+    assert con.execute("SELECT count(*) FROM embeddings").fetchone()[0] == 0
+    assert con.execute("SELECT count(*) FROM images").fetchone()[0] == m.ntotal
+    con.close()
+    assert json.loads((tmp_path / "wm" / "store.json").read_text()) == {"store": "milvus:"}
+
+
+def test_open_repairs_sql_and_milvus_disagreements(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "ws", store_override="milvus:")
+    g = open_gallery(ws)
+    imgs, x = images(tmp_path, 30)
+    ids = g.add_images(imgs, x, FP)
+    b = g.backend
+    # a vector lost from Milvus (a crash between the SQL commit and the insert) and an orphan vector
+    b.remove(ids[:2])
+    from indexer.protocol import RowFields
+
+    b.add(RowFields(np.array([10_000]), np.array([1]), np.array([1]), np.array([np.nan]), [None]), x[:1])
+    g.close()
+    g = open_gallery(Workspace(tmp_path / "ws"))
+    assert g.ntotal == 28 and g.backend.ntotal == 28
+    np.testing.assert_array_equal(g.ids(), ids[2:])
+    np.testing.assert_array_equal(g.backend.ids(), ids[2:])
+    g.close()
+
+
+def test_a_different_store_for_an_existing_gallery_is_a_one_line_cli_error(tmp_path: Path) -> None:
+    from reid_search.cli import main
+
+    g = open_gallery(Workspace(tmp_path / "ws", store_override="milvus:"))
+    imgs, x = images(tmp_path, 3)
+    g.add_images(imgs, x, FP)
+    g.close()
+    r = CliRunner().invoke(main, ["-w", str(tmp_path / "ws"), "--store", "faiss", "remove", "--pid", "1"])
+    assert r.exit_code == 1 and "lives in --store milvus:" in r.output and r.output.count("\n") == 1
+
+
+CHILD = """
+import sys, time
+from reid_search.cli._common import main
+from reid_search.cli.index import index
+from reid_search.extract import TorchExtractor
+
+embed = TorchExtractor.embed
+def slow_embed(self, batch):
+    time.sleep(0.05)
+    return embed(self, batch)
+TorchExtractor.embed = slow_embed
+main.add_command(index)
+main(sys.argv[1:])
+"""
+
+
+def committed_rows(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+        try:
+            return con.execute("SELECT count(*) FROM images").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+@pytest.mark.slow
+def test_sigkill_during_index_into_milvus_then_rerun_converges(tiny_ckpt: Path, tmp_path: Path) -> None:
+    n_images = 120
+    folder = tmp_path / "gallery"
+    for i in range(n_images):
+        write_crop(folder / f"{i // 4 + 1:04d}_c{i % 2 + 1}s1_{i:06d}_00.jpg", seed=i, size=(32, 64))
+    ws = tmp_path / "ws"
+    args = ["-q", "-w", str(ws), "--store", "milvus:", "index", str(folder), "--model", str(tiny_ckpt),
+            "--workers", "0", "--batch-size", "4", "--commit-every", "8"]
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=repo, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    db = ws / "reid.db"
+    deadline = time.monotonic() + 240
+    try:
+        while committed_rows(db) < 16:
+            assert proc.poll() is None, f"the child ended early: {proc.stdout.read().decode()}"
+            assert time.monotonic() < deadline, "no commit within 240 s"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    seen = committed_rows(db)
+    assert 0 < seen < n_images, "killed mid-run"
+
+    g = open_gallery(Workspace(ws))  # repairs: SQL rows == Milvus entities
+    np.testing.assert_array_equal(g.backend.ids(), g.ids())
+    n = g.ntotal
+    ids, x = g.all_vectors()
+    np.testing.assert_array_equal(g.search(x, 1)[1][:, 0], ids)
+    g.close()
+
+    from reid_search.cli._common import main
+    from reid_search.cli.index import index
+
+    main.add_command(index)
+    r = CliRunner().invoke(main, [*args[:-6], "--workers", "0", "--batch-size", "64"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith(f"indexed {n_images - n}, replaced 0, unchanged {n}"), r.output
+    g = open_gallery(Workspace(ws))
+    assert g.ntotal == n_images == g.backend.ntotal
+    np.testing.assert_array_equal(g.backend.ids(), g.ids())
+    paths = {m.rel_path for b in g.iter_metadata() for m in b}
+    assert paths == {p.name for p in folder.iterdir()}  # SQL rows == Milvus entities == files
+    g.close()
+
+
+@pytest.mark.slow
+def test_cuhk03_eval_and_rerank_equal_on_both_stores(tmp_path: Path) -> None:
+    data = shared_path("data", "cuhk03-labeled")
+    model = shared_path("models", "osnet_x0_25_market1501.onnx")
+    from reid_search.cli import main
+
+    out = {}
+    for store in ("faiss", "milvus:"):
+        ws = str(tmp_path / store.strip(":"))
+        base = ["-q", "-w", ws, "--store", store]
+        r = CliRunner().invoke(main, [*base, "index", str(data / "bounding_box_test"), "--model", str(model)])
+        assert r.exit_code == 0, r.output
+        res = []
+        for extra in ([], ["--rerank"]):
+            r = CliRunner().invoke(main, [*base, "eval", "--json", *extra])
+            assert r.exit_code == 0, r.output
+            res.append(json.loads(r.output.strip().splitlines()[-1]))
+        out[store] = res
+    for a, b in zip(out["faiss"], out["milvus:"]):
+        assert a["num_gallery"] == b["num_gallery"] == 738
+        for key in ("rank1", "mAP"):
+            assert abs(a[key] - b[key]) <= 1e-4, (key, a, b)
