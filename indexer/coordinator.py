@@ -59,7 +59,12 @@ LOCK_FILE = ".lock"
 BUILD_LOCK_FILE = ".build.lock"
 
 BackendFactory = Callable[[int, int, IndexSpec, "str | None", "SqlSource"], VectorBackend]
-"""``(version, dim, spec, store_id, source) -> VectorBackend``: opens (or creates) a version's vectors."""
+"""``(version, dim, spec, store_id, source) -> VectorBackend``: opens (or creates) the vectors of one
+gallery version (a FAISS file, a Milvus collection...). ``store_id`` identifies the DB, so a backend
+can tell its own data from another DB's; ``source`` reads the version's rows and vectors from SQL
+(what a cache backend is filled from). A factory whose backends hold the only copy of the vectors
+sets ``factory.holds_vectors = True``, so the first commit, before any backend exists, already
+keeps vectors out of SQL; ``factory.kind`` names the backend while the gallery is empty."""
 
 
 class WriterLock:
@@ -152,6 +157,7 @@ def faiss_factory(index_dir: Path) -> BackendFactory:
     def make(version: int, dim: int, spec: IndexSpec, store_id: str | None, source: SqlSource) -> VectorBackend:
         return FaissBackend(index_file(index_dir, version), spec, dim, store_id, source)
 
+    make.kind, make.holds_vectors = "faiss", False  # type: ignore[attr-defined]
     return make
 
 
@@ -206,7 +212,7 @@ class Gallery:
     @property
     def kind(self) -> str:
         """The vector backend, e.g. ``faiss``."""
-        return self._backend.kind if self._backend is not None else "faiss"
+        return self._backend.kind if self._backend is not None else str(getattr(self._factory, "kind", "faiss"))
 
     @property
     def ntotal(self) -> int:

@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from indexer.coordinator import LOCK_FILE, Gallery, WriterLock
+from indexer.coordinator import LOCK_FILE, BackendFactory, Gallery, WriterLock
 from indexer.faiss_backend import file_version
 from indexer.metadata import MetadataDB, make_engine
 from indexer.migrations import current_revision, head_revision, upgrade_db
@@ -55,11 +55,14 @@ def open_gallery(
     *,
     spec: IndexSpec | None = None,
     save_interval: float = 30.0,
+    backend_factory: BackendFactory | None = None,
 ) -> Gallery:
     """Open (creating if needed) the gallery of a workspace, or of a DB URL plus an index folder.
 
     Migrates the DB to the current schema, loads the vectors and repairs them from
     the DB if a crash left them behind. ``spec`` switches the index type (rebuilding).
+    ``backend_factory`` opens another vector backend than FAISS (see
+    :data:`indexer.coordinator.BackendFactory`).
 
     Raises:
         GalleryError: unreachable DB, unknown schema, an unusable URL, or an empty
@@ -94,7 +97,7 @@ def open_gallery(
                                "run `reid-search db upgrade` once with write access")
         with WriterLock(index_dir / LOCK_FILE).hold():
             upgrade_db(engine)
-    gallery = Gallery(MetadataDB(engine), index_dir, save_interval=save_interval)
+    gallery = Gallery(MetadataDB(engine), index_dir, save_interval=save_interval, backend_factory=backend_factory)
     if spec is not None and spec != gallery.spec:
         gallery.set_spec(spec)
     return gallery
