@@ -145,9 +145,7 @@ def make_engine(url: str) -> Engine:
 
 def _utc(t: datetime | None) -> datetime | None:
     """A stored time as aware UTC (SQLite hands back naive UTC)."""
-    if t is None:
-        return None
-    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+    return None if t is None else as_utc(t)
 
 
 def _meta(row: ImageRow, root: str) -> ImageMeta:
