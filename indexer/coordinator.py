@@ -39,7 +39,7 @@ import numpy as np
 from sqlalchemy.exc import OperationalError
 
 from indexer.faiss_backend import FaissBackend, file_version, index_file
-from indexer.metadata import MetadataDB, State, abs_path, model_mismatch
+from indexer.metadata import MetadataDB, State, VersionMoved, abs_path, model_mismatch
 from indexer.protocol import (
     ChangeEvent,
     Filters,
@@ -564,8 +564,11 @@ class Gallery:
             return rebuilt
 
     def save(self) -> None:
-        """Make the backend durable now (the FAISS file, atomically) if it lags the DB."""
-        if self._backend is None:
+        """Make the backend durable now (the FAISS file, atomically) if it lags the DB.
+
+        A gallery being built by :meth:`replacing` is saved once, at the switch.
+        """
+        if self._backend is None or self._building:
             return
         with self._lock.hold():
             self._flush()
@@ -610,7 +613,19 @@ class Gallery:
         """Commit in SQL, then bring the backend along. Returns ``(new ids, ids deleted)``."""
         dim = int(feats.shape[1]) if len(images) else (self.dim or 0)
         holds = self._backend.holds_vectors if self._backend is not None else self._holds_vectors()
-        c = self.meta.commit(self._version, images, feats, fingerprint, dim, replace_ids, store_vectors=not holds)
+        try:
+            c = self.meta.commit(self._version, images, feats, fingerprint, dim, replace_ids, store_vectors=not holds,
+                                 building=self._building)
+        except VersionMoved:
+            if self._building:
+                raise GalleryError("this re-index was abandoned (another process cleaned it up); run it again") from None
+            # Another process re-indexed: write into the gallery that replaced ours.
+            log.warning("the gallery was replaced by another process; continuing on the new one")
+            self._sync(repair=False)
+            if len(images):
+                self.check_model(fingerprint, dim)
+            holds = self._backend.holds_vectors if self._backend is not None else self._holds_vectors()
+            c = self.meta.commit(self._version, images, feats, fingerprint, dim, replace_ids, store_vectors=not holds)
         if not len(c.added) and not len(c.removed):
             return c.added, c.removed
         others = not self._building and c.previous != self._generation

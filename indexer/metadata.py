@@ -510,7 +510,7 @@ class MetadataDB:
             return self._root_for(s, folder)[1]
 
     def commit(self, version: int, images: Sequence[NewImage], feats: np.ndarray | None, fingerprint: str,
-               dim: int, replace_ids: Iterable[int], store_vectors: bool) -> Commit:
+               dim: int, replace_ids: Iterable[int], store_vectors: bool, building: bool = False) -> Commit:
         """One transaction: delete ``replace_ids`` (and rows at the same paths), insert ``images``.
 
         ``feats`` are stored as embeddings when ``store_vectors``. The generation is
@@ -518,12 +518,16 @@ class MetadataDB:
 
         Raises:
             GalleryError: the version holds another model's vectors.
+            VersionMoved: ``version`` is no longer what the caller thinks (the active
+                gallery, or the one being built): another process switched galleries.
         """
         now = utcnow()
         with Session(self.engine) as s, s.begin():
             st = self._state_row(s)
             previous = int(st.generation)
-            building = version != (st.active_gallery or 0)
+            expected = st.building_gallery if building else (st.active_gallery or 0)
+            if version != expected:
+                raise VersionMoved(f"gallery version {version} is no longer {'being built' if building else 'active'}")
             cur_fp, cur_dim = (st.building_fingerprint, st.building_dim) if building else (st.model_fingerprint, st.dim)
             if images and cur_fp is not None and (cur_fp != fingerprint or cur_dim != dim):
                 n = s.scalar(select(func.count()).select_from(ImageRow).where(ImageRow.gallery == version)) or 0
@@ -655,6 +659,10 @@ class MetadataDB:
             st.generation += 1
             st.updated_at = utcnow()
             return old, int(st.generation)
+
+
+class VersionMoved(GalleryError):
+    """A write aimed at a gallery version that another process has replaced or abandoned."""
 
 
 def model_mismatch(have_fp: str | None, have_dim: int | None, fingerprint: str, dim: int) -> GalleryError:
