@@ -305,6 +305,9 @@ class MetadataDB:
 
     def ensure_state(self) -> State:
         """Create the state row (and the DB's identity) if missing; returns the state."""
+        st = self.state()
+        if st.store_id is not None:
+            return st  # nothing to write: a reader must not queue behind a writer's transaction
         with Session(self.engine) as s, s.begin():
             self._state_row(s)
         return self.state()
