@@ -506,6 +506,8 @@ class Gallery:
         """
         if self._building:
             raise GalleryError("a re-index cannot start inside another re-index")
+        with self._lock.hold():
+            pass  # a read-only workspace fails here, with the message that says so
         build_lock = WriterLock(self.index_dir / BUILD_LOCK_FILE)
         with build_lock.try_hold() as held:
             if not held:
