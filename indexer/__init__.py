@@ -2,12 +2,20 @@
 
 Public API::
 
-    from indexer import open_gallery, IndexSpec
+    from indexer import open_gallery, IndexSpec, SearchFilter, RemoveFilter
     g = open_gallery(workspace)                       # or open_gallery("sqlite:///x.db", "index/")
-    report = g.add_folder("bounding_box_test", extractor)
+    report = g.add_folder("bounding_box_test", extractor)          # manifest="labels.csv" for time/track
     sims, ids = g.search(query_feats, k=10)           # cosine sims; Euclidean² = 2 - 2·sim
-    metas = g.metadata(ids[0])                        # paths, pid, camid, ...
-    ids, feats = g.all_vectors()                      # exact stored features
+    sims, ids = g.search(query_feats, 10, SearchFilter(cameras=frozenset({1, 3})))  # filtered inside FAISS
+    metas = g.metadata(ids[0])                        # paths, pid, camid, time, track, ...
+    g.remove_where(RemoveFilter(before=cutoff))       # retention / erasure
+    with g.replacing() as new:                        # re-index beside the old gallery, switch atomically
+        new.add_folder("bounding_box_test", other_extractor)
+
+Modules: ``protocol`` (the GalleryStore / VectorBackend protocols and filters),
+``metadata`` (SQL), ``faiss_backend`` (FAISS vectors + filter fields),
+``coordinator`` (locking, repair, refresh, atomic re-index), ``store`` (``open_gallery``),
+``pipeline`` (folder and manifest indexing), ``vectors`` (FAISS index types).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ import numpy as np
 from sqlalchemy.exc import OperationalError
 
 from indexer.faiss_backend import FaissBackend, file_version, index_file
-from indexer.metadata import MetadataDB, State, abs_path, model_mismatch
+from indexer.metadata import MetadataDB, State, VersionMoved, abs_path, model_mismatch
 from indexer.protocol import (
     ChangeEvent,
     Filters,
@@ -59,7 +59,12 @@ LOCK_FILE = ".lock"
 BUILD_LOCK_FILE = ".build.lock"
 
 BackendFactory = Callable[[int, int, IndexSpec, "str | None", "SqlSource"], VectorBackend]
-"""``(version, dim, spec, store_id, source) -> VectorBackend``: opens (or creates) a version's vectors."""
+"""``(version, dim, spec, store_id, source) -> VectorBackend``: opens (or creates) the vectors of one
+gallery version (a FAISS file, a Milvus collection...). ``store_id`` identifies the DB, so a backend
+can tell its own data from another DB's; ``source`` reads the version's rows and vectors from SQL
+(what a cache backend is filled from). A factory whose backends hold the only copy of the vectors
+sets ``factory.holds_vectors = True``, so the first commit, before any backend exists, already
+keeps vectors out of SQL; ``factory.kind`` names the backend while the gallery is empty."""
 
 
 class WriterLock:
@@ -152,6 +157,7 @@ def faiss_factory(index_dir: Path) -> BackendFactory:
     def make(version: int, dim: int, spec: IndexSpec, store_id: str | None, source: SqlSource) -> VectorBackend:
         return FaissBackend(index_file(index_dir, version), spec, dim, store_id, source)
 
+    make.kind, make.holds_vectors = "faiss", False  # type: ignore[attr-defined]
     return make
 
 
@@ -206,7 +212,7 @@ class Gallery:
     @property
     def kind(self) -> str:
         """The vector backend, e.g. ``faiss``."""
-        return self._backend.kind if self._backend is not None else "faiss"
+        return self._backend.kind if self._backend is not None else str(getattr(self._factory, "kind", "faiss"))
 
     @property
     def ntotal(self) -> int:
@@ -500,6 +506,8 @@ class Gallery:
         """
         if self._building:
             raise GalleryError("a re-index cannot start inside another re-index")
+        with self._lock.hold():
+            pass  # a read-only workspace fails here, with the message that says so
         build_lock = WriterLock(self.index_dir / BUILD_LOCK_FILE)
         with build_lock.try_hold() as held:
             if not held:
@@ -558,8 +566,11 @@ class Gallery:
             return rebuilt
 
     def save(self) -> None:
-        """Make the backend durable now (the FAISS file, atomically) if it lags the DB."""
-        if self._backend is None:
+        """Make the backend durable now (the FAISS file, atomically) if it lags the DB.
+
+        A gallery being built by :meth:`replacing` is saved once, at the switch.
+        """
+        if self._backend is None or self._building:
             return
         with self._lock.hold():
             self._flush()
@@ -604,7 +615,19 @@ class Gallery:
         """Commit in SQL, then bring the backend along. Returns ``(new ids, ids deleted)``."""
         dim = int(feats.shape[1]) if len(images) else (self.dim or 0)
         holds = self._backend.holds_vectors if self._backend is not None else self._holds_vectors()
-        c = self.meta.commit(self._version, images, feats, fingerprint, dim, replace_ids, store_vectors=not holds)
+        try:
+            c = self.meta.commit(self._version, images, feats, fingerprint, dim, replace_ids, store_vectors=not holds,
+                                 building=self._building)
+        except VersionMoved:
+            if self._building:
+                raise GalleryError("this re-index was abandoned (another process cleaned it up); run it again") from None
+            # Another process re-indexed: write into the gallery that replaced ours.
+            log.warning("the gallery was replaced by another process; continuing on the new one")
+            self._sync(repair=False)
+            if len(images):
+                self.check_model(fingerprint, dim)
+            holds = self._backend.holds_vectors if self._backend is not None else self._holds_vectors()
+            c = self.meta.commit(self._version, images, feats, fingerprint, dim, replace_ids, store_vectors=not holds)
         if not len(c.added) and not len(c.removed):
             return c.added, c.removed
         others = not self._building and c.previous != self._generation

@@ -25,9 +25,9 @@ from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
-from indexer.protocol import UNKNOWN, RowFields, SearchFilter
 from indexer.metadata import time_us
-from indexer.vectors import IndexSpec, VectorIndex, exact_search
+from indexer.protocol import UNKNOWN, RowFields, SearchFilter
+from indexer.vectors import PARAMS_BY_KIND, SEARCH_PARAMS, IndexSpec, VectorIndex, exact_search, merge_topk
 from reid_search.errors import GalleryError
 
 log = logging.getLogger(__name__)
@@ -282,10 +282,7 @@ class FaissBackend:
         best_i = np.full((len(x), k), -1, np.int64)
         for s in range(0, len(allowed), block):
             part = allowed[s : s + block]
-            cs, ci = exact_search(x, self._source.vectors(part), part, k)
-            cat_s, cat_i = np.concatenate([best_s, cs], 1), np.concatenate([best_i, ci], 1)
-            order = np.argsort(-cat_s, axis=1, kind="stable")[:, :k]
-            best_s, best_i = np.take_along_axis(cat_s, order, 1), np.take_along_axis(cat_i, order, 1)
+            best_s, best_i = merge_topk(best_s, best_i, *exact_search(x, self._source.vectors(part), part, k), k)
         return best_s, best_i
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
@@ -347,8 +344,6 @@ class FaissBackend:
         old = self.spec
         self.spec = spec
         if old.build_key() == spec.build_key() and self.index.spec.build_key() == spec.build_key():
-            from indexer.vectors import PARAMS_BY_KIND, SEARCH_PARAMS
-
             self.index.set_search_params(**{k: getattr(spec, k) for k in SEARCH_PARAMS if k in PARAMS_BY_KIND[spec.kind]})
             return False
         self.rebuild(f"index type changed from {old.describe()} to {spec.describe()}")

@@ -145,9 +145,7 @@ def make_engine(url: str) -> Engine:
 
 def _utc(t: datetime | None) -> datetime | None:
     """A stored time as aware UTC (SQLite hands back naive UTC)."""
-    if t is None:
-        return None
-    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+    return None if t is None else as_utc(t)
 
 
 def _meta(row: ImageRow, root: str) -> ImageMeta:
@@ -307,6 +305,9 @@ class MetadataDB:
 
     def ensure_state(self) -> State:
         """Create the state row (and the DB's identity) if missing; returns the state."""
+        st = self.state()
+        if st.store_id is not None:
+            return st  # nothing to write: a reader must not queue behind a writer's transaction
         with Session(self.engine) as s, s.begin():
             self._state_row(s)
         return self.state()
@@ -512,7 +513,7 @@ class MetadataDB:
             return self._root_for(s, folder)[1]
 
     def commit(self, version: int, images: Sequence[NewImage], feats: np.ndarray | None, fingerprint: str,
-               dim: int, replace_ids: Iterable[int], store_vectors: bool) -> Commit:
+               dim: int, replace_ids: Iterable[int], store_vectors: bool, building: bool = False) -> Commit:
         """One transaction: delete ``replace_ids`` (and rows at the same paths), insert ``images``.
 
         ``feats`` are stored as embeddings when ``store_vectors``. The generation is
@@ -520,12 +521,16 @@ class MetadataDB:
 
         Raises:
             GalleryError: the version holds another model's vectors.
+            VersionMoved: ``version`` is no longer what the caller thinks (the active
+                gallery, or the one being built): another process switched galleries.
         """
         now = utcnow()
         with Session(self.engine) as s, s.begin():
             st = self._state_row(s)
             previous = int(st.generation)
-            building = version != (st.active_gallery or 0)
+            expected = st.building_gallery if building else (st.active_gallery or 0)
+            if version != expected:
+                raise VersionMoved(f"gallery version {version} is no longer {'being built' if building else 'active'}")
             cur_fp, cur_dim = (st.building_fingerprint, st.building_dim) if building else (st.model_fingerprint, st.dim)
             if images and cur_fp is not None and (cur_fp != fingerprint or cur_dim != dim):
                 n = s.scalar(select(func.count()).select_from(ImageRow).where(ImageRow.gallery == version)) or 0
@@ -657,6 +662,10 @@ class MetadataDB:
             st.generation += 1
             st.updated_at = utcnow()
             return old, int(st.generation)
+
+
+class VersionMoved(GalleryError):
+    """A write aimed at a gallery version that another process has replaced or abandoned."""
 
 
 def model_mismatch(have_fp: str | None, have_dim: int | None, fingerprint: str, dim: int) -> GalleryError:

@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from indexer.coordinator import LOCK_FILE, Gallery, WriterLock
+from indexer.coordinator import LOCK_FILE, BackendFactory, Gallery, WriterLock
 from indexer.faiss_backend import file_version
 from indexer.metadata import MetadataDB, make_engine
 from indexer.migrations import current_revision, head_revision, upgrade_db
@@ -55,18 +55,21 @@ def open_gallery(
     *,
     spec: IndexSpec | None = None,
     save_interval: float = 30.0,
+    backend_factory: BackendFactory | None = None,
 ) -> Gallery:
     """Open (creating if needed) the gallery of a workspace, or of a DB URL plus an index folder.
 
     Migrates the DB to the current schema, loads the vectors and repairs them from
     the DB if a crash left them behind. ``spec`` switches the index type (rebuilding).
+    ``backend_factory`` opens another vector backend than FAISS (see
+    :data:`indexer.coordinator.BackendFactory`).
 
     Raises:
         GalleryError: unreachable DB, unknown schema, an unusable URL, or an empty
             DB beside an existing index (a lost or truncated DB file).
     """
-    factory = None
-    if isinstance(target, Workspace):  # --store: FAISS (default) or Milvus; the workspace remembers it
+    factory = backend_factory
+    if factory is None and isinstance(target, Workspace):  # --store: FAISS (default) or Milvus; the workspace remembers it
         from indexer.milvus import factory_for
 
         location = target.store()  # before anything creates the workspace's files
@@ -101,7 +104,7 @@ def open_gallery(
         with WriterLock(index_dir / LOCK_FILE).hold():
             upgrade_db(engine)
     gallery = Gallery(MetadataDB(engine), index_dir, save_interval=save_interval, backend_factory=factory)
-    if isinstance(target, Workspace) and not gallery.meta.read_only:
+    if isinstance(target, Workspace) and backend_factory is None and not gallery.meta.read_only:
         target.record_store(location)
     if spec is not None and spec != gallery.spec:
         gallery.set_spec(spec)

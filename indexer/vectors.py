@@ -676,13 +676,19 @@ def exact_search(x: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int,
         sims = x @ xb[s : s + block].T
         kk = min(k, sims.shape[1])
         part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk] if kk < sims.shape[1] else np.broadcast_to(np.arange(kk), sims.shape).copy()
-        cand_s = np.concatenate([best_s, np.take_along_axis(sims, part, 1)], axis=1)
-        cand_i = np.concatenate([best_i, np.asarray(ids[s : s + block], np.int64)[part]], axis=1)
-        order = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
-        best_s = np.take_along_axis(cand_s, order, 1)
-        best_i = np.take_along_axis(cand_i, order, 1)
+        best_s, best_i = merge_topk(best_s, best_i, np.take_along_axis(sims, part, 1),
+                                    np.asarray(ids[s : s + block], np.int64)[part], k)
     best_i[~np.isfinite(best_s)] = -1
     return best_s.astype(np.float32, copy=False), best_i
+
+
+def merge_topk(best_s: np.ndarray, best_i: np.ndarray, cand_s: np.ndarray, cand_i: np.ndarray,
+               k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of two ``(sims, ids)`` candidate sets per row, best first (ties keep ``best`` first)."""
+    cat_s = np.concatenate([best_s, cand_s], axis=1)
+    cat_i = np.concatenate([best_i, cand_i], axis=1)
+    order = np.argsort(-cat_s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(cat_s, order, 1), np.take_along_axis(cat_i, order, 1)
 
 
 def _sample(source: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], n: int, size: int, seed: int) -> np.ndarray:
@@ -703,6 +709,6 @@ def iter_batches(ids: np.ndarray, x: np.ndarray, batch: int = 65_536) -> Iterato
 
 
 __all__ = [
-    "IndexSpec", "KINDS", "exact_search", "PARAMS_BY_KIND", "VectorIndex", "auto_nlist", "gpu_count",
+    "IndexSpec", "KINDS", "exact_search", "merge_topk", "PARAMS_BY_KIND", "VectorIndex", "auto_nlist", "gpu_count",
     "has_multibit_rabitq", "iter_batches", "no_gpu_reason", "parse_index_spec", "refine_codes", "resolve_build", "to_search_device", "train_threshold",
 ]

@@ -122,11 +122,27 @@ def test_leftovers_of_an_aborted_build_are_cleaned_on_open(tmp_path: Path) -> No
 
     builder = Gallery(g.meta, ws.index_dir, building=version)
     builder.add_images(imgs(tmp_path / "b", 3), feats(3, seed=2), "m")
-    builder.save()
+    builder.backend.flush(0)
     assert g.meta.versions_present() == [0, version] and builder.index_path.is_file()
     g2 = open_gallery(ws)
     assert g2.meta.versions_present() == [0] and g2.meta.state().building is None
     assert not builder.index_path.exists() and g2.ntotal == 5
+
+
+def test_a_writer_whose_gallery_was_replaced_meanwhile_writes_into_the_new_one(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "ws")
+    serve, cli = open_gallery(ws), open_gallery(ws)
+    serve.add_images(imgs(tmp_path / "up", 3), feats(3), "m")
+    cli.refresh()
+    with cli.replacing() as new:
+        new.add_images(imgs(tmp_path / "re", 4), feats(4, seed=1), "m")
+    added = serve.add_images(imgs(tmp_path / "up", 1, start=50), feats(1, seed=2), "m")  # serve never refreshed
+    assert serve.version == cli.version and serve.ntotal == 5
+    assert cli.refresh() and set(added.tolist()) <= set(cli.ids().tolist()) and cli.ntotal == 5
+    with cli.replacing() as new:
+        new.add_images(imgs(tmp_path / "re", 2), feats(2, d=6), "other-model")
+    with pytest.raises(GalleryError, match="indexed with model other-model"):
+        serve.add_images(imgs(tmp_path / "up", 1, start=60), feats(1, seed=3), "m")
 
 
 # ---- 2. stale reads ------------------------------------------------------------------------------
