@@ -56,7 +56,7 @@ class TrainConfig:
     width: int = 128
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
-    pad: int = 10
+    pad: int | None = None  # None: the paper's 10 px at 256x128, scaled to height x width
     flip_p: float = 0.5
     random_erasing_p: float = 0.5
 
@@ -158,7 +158,7 @@ def validation_problems(cfg: TrainConfig) -> list[str]:
     need(cfg.height >= 1 and cfg.width >= 1, f"height and width must be >= 1, not {cfg.height}x{cfg.width}")
     need(len(cfg.mean) == 3, f"mean needs 3 values (RGB), got {len(cfg.mean)}")
     need(len(cfg.std) == 3 and all(s > 0 for s in cfg.std), f"std needs 3 positive values (RGB), got {cfg.std}")
-    need(cfg.pad >= 0, f"pad must be >= 0, not {cfg.pad}")
+    need(cfg.pad is None or cfg.pad >= 0, f"pad must be >= 0 or none (scaled to the input size), not {cfg.pad}")
     for name in ("flip_p", "random_erasing_p"):
         v = getattr(cfg, name)
         need(0.0 <= v <= 1.0, f"{name} is a probability and must be in [0, 1], not {v}")
