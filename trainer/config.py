@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from reid_search.errors import ReidSearchError
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -34,8 +36,12 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 
-class ConfigError(ValueError):
-    """A recipe name, override key or value that cannot make a valid :class:`TrainConfig`."""
+class ConfigError(ReidSearchError, ValueError):
+    """A recipe name, override key or value that cannot make a valid :class:`TrainConfig`.
+
+    A :class:`ReidSearchError`, so every CLI command prints it as one line; still
+    a ``ValueError`` for callers that catch that.
+    """
 
 
 @dataclass(frozen=True)
