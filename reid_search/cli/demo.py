@@ -14,8 +14,8 @@ from reid_search.data import GALLERY_DIR, QUERY_DIR
 
 # A schedule that learns the synthetic identities on 2 idle CPU cores in about 2 minutes
 # (BENCHMARKS.md, "The demo"): ResNet18 at 64x32 from scratch (no ImageNet weights offline),
-# Adam at 3e-3 with a short warmup and two late decays, 120 of 150 identities for training; the crop padding is the recipe's
-# default, 10 px at 256x128 scaled to the input size.
+# Adam at 3e-3 with a one-epoch half-lr warmup and decays at epochs 7 and 9 (0-based 6 and 8);
+# the crop padding is the recipe's default, 10 px at 256x128 scaled to the input (2 px).
 DEMO_TRAIN = ("arch=resnet18", "height=64", "width=32", "lr=3e-3", "num_identities=8", "num_instances=4",
               "warmup_epochs=2", "milestones=7,9", "eval_period=1000", "save_period=1000", "log_period=5")
 DEMO_EPOCHS = 10
