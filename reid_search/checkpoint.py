@@ -120,16 +120,16 @@ def _short_reason(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _unsafe_reason(exc: BaseException) -> str | None:
-    """What a ``weights_only`` load refused, or None when ``exc`` is not such a refusal."""
+def _weights_only_reason(exc: BaseException) -> str | None:
+    """What a ``weights_only`` load objected to, without torch's advice; None for other errors."""
     text = str(exc)
     if not isinstance(exc, pickle.UnpicklingError) and "weights_only" not in text.lower().replace(" ", "_"):
         return None
     m = re.search(r"WeightsUnpickler error:\s*([^\n]*)", text)
     reason = m.group(1).strip() if m else ""
-    # torch appends what to allowlist or how to load unsafely: keep only the refused object
+    # torch goes on with what to allowlist or how to load unsafely: keep only the objection
     reason = re.split(r"\.\s|;\s", reason, maxsplit=1)[0].rstrip(".")
-    return reason or "an object outside plain tensors and containers"
+    return reason or "not plain tensors and containers"
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -146,15 +146,14 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        unsafe = _unsafe_reason(exc)
-        if unsafe is not None:
+        reason = _weights_only_reason(exc)
+        if reason is not None and "global" in reason.lower():
             raise ModelError(
-                f"refusing {path}: it holds pickled Python objects ({unsafe}), which are not loaded for safety; "
+                f"refusing {path}: it holds pickled Python objects ({reason}), which are not loaded for safety; "
                 f"use a checkpoint written by `reid-search train`"
             ) from None
-        raise ModelError(
-            f"cannot read {path} as a checkpoint ({type(exc).__name__}: {_short_reason(exc)}); is it a reid-search .pt file?"
-        ) from None
+        detail = reason if reason is not None else f"{type(exc).__name__}: {_short_reason(exc)}"
+        raise ModelError(f"cannot read {path} as a checkpoint ({detail}); is it a reid-search .pt file?") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ModelError(f"{path} is not a reid-search checkpoint (format {FORMAT}); train one with `reid-search train`")
     if not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("meta"), dict):
