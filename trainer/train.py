@@ -42,7 +42,7 @@ from reid_search.transforms import AugmentConfig, Preprocess, build_train_transf
 from trainer.config import ConfigError, TrainConfig, compatibility_problems, config_from_dict, config_to_dict
 from trainer.losses import ReIDLoss, center_grad_rescale_, gather_for_triplet
 from trainer.sampler import RandomIdentitySampler
-from trainer.schedule import build_scheduler
+from trainer.schedule import build_scheduler, describe_schedule
 
 log = logging.getLogger(__name__)
 
@@ -548,6 +548,7 @@ def _train(
             log.info("training %s on %s: %d images, %d ids, %d epochs (from %d), batch %d, device %s, amp %s, world %d",
                      cfg.recipe, ds.root, len(loader.dataset), num_classes, cfg.epochs, start, cfg.batch_size,  # type: ignore[arg-type]
                      dev, state.dtype, info.world)
+            log.info("%s", describe_schedule(cfg))
         for epoch in range(start, cfg.epochs):
             steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
             on_step, close = progress(epoch, steps) if (progress and info.is_main) else (None, lambda: None)
