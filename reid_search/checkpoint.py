@@ -16,6 +16,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -112,11 +114,31 @@ def save_checkpoint(
     return meta
 
 
+def _short_reason(exc: BaseException) -> str:
+    """The first line of an exception's message, without torch's advice to load unsafely."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _weights_only_reason(exc: BaseException) -> str | None:
+    """What a ``weights_only`` load objected to, without torch's advice; None for other errors."""
+    text = str(exc)
+    if not isinstance(exc, pickle.UnpicklingError) and "weights_only" not in text.lower().replace(" ", "_"):
+        return None
+    m = re.search(r"WeightsUnpickler error:\s*([^\n]*)", text)
+    reason = m.group(1).strip() if m else ""
+    # torch goes on with what to allowlist or how to load unsafely: keep only the objection
+    reason = re.split(r"\.\s|;\s", reason, maxsplit=1)[0].rstrip(".")
+    return reason or "not plain tensors and containers"
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load the raw checkpoint dict with ``weights_only=True``.
 
+    A file that holds arbitrary pickled objects is refused, never loaded unsafely.
+
     Raises:
-        ModelError: missing, unreadable or not a reid-search checkpoint.
+        ModelError: missing, unreadable, unsafe (pickled objects) or not a reid-search checkpoint.
     """
     path = Path(path)
     if not path.is_file():
@@ -124,10 +146,46 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelError(f"cannot read {path} as a checkpoint ({type(exc).__name__}: {exc}); is it a reid-search .pt file?") from None
+        reason = _weights_only_reason(exc)
+        if reason is not None and "global" in reason.lower():
+            raise ModelError(
+                f"refusing {path}: it holds pickled Python objects ({reason}), which are not loaded for safety; "
+                f"use a checkpoint written by `reid-search train`"
+            ) from None
+        detail = reason if reason is not None else f"{type(exc).__name__}: {_short_reason(exc)}"
+        raise ModelError(f"cannot read {path} as a checkpoint ({detail}); is it a reid-search .pt file?") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ModelError(f"{path} is not a reid-search checkpoint (format {FORMAT}); train one with `reid-search train`")
+    if not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("meta"), dict):
+        missing = "model" if not isinstance(ckpt.get("model"), dict) else "meta"
+        raise ModelError(f"{path} is a damaged checkpoint: its '{missing}' entry is missing or not a dict; "
+                         f"use another checkpoint or retrain with `reid-search train`")
     return ckpt
+
+
+def checkpoint_meta(ckpt: Mapping[str, Any], path: str | os.PathLike[str]) -> ModelMeta:
+    """The :class:`ModelMeta` of a :func:`read_checkpoint` dict.
+
+    Raises:
+        ModelError: a missing, mistyped or inconsistent ``meta`` entry (named).
+    """
+    d = ckpt.get("meta")
+    try:
+        if not isinstance(d, Mapping):
+            raise TypeError(f"meta is {type(d).__name__}, not a dict")
+        meta = ModelMeta.from_dict(d)
+        if meta.num_classes < 0 or meta.feat_dim < 1 or meta.last_stride not in (1, 2):
+            raise ValueError(f"num_classes={meta.num_classes}, feat_dim={meta.feat_dim}, last_stride={meta.last_stride}")
+        pre = meta.preprocess
+        if pre.height < 1 or pre.width < 1 or len(pre.mean) != 3 or len(pre.std) != 3:
+            raise ValueError(f"preprocess {pre.to_dict()}")
+    except KeyError as exc:
+        raise ModelError(f"{path} is a damaged checkpoint: its meta lacks {exc}; use another checkpoint or retrain "
+                         f"with `reid-search train`") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ModelError(f"{path} is a damaged checkpoint: bad meta ({_short_reason(exc)}); use another checkpoint "
+                         f"or retrain with `reid-search train`") from None
+    return meta
 
 
 def load_model(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> tuple[ReIDNet, ModelMeta, dict[str, Any]]:
@@ -136,14 +194,20 @@ def load_model(path: str | os.PathLike[str], device: torch.device | str = "cpu")
     Returns ``(model, meta, config)``.
 
     Raises:
-        ModelError: see :func:`read_checkpoint`, or weights that do not fit the described model.
+        ModelError: see :func:`read_checkpoint` and :func:`checkpoint_meta`, or
+            weights that do not fit the described model.
     """
     ckpt = read_checkpoint(path)
-    meta = ModelMeta.from_dict(ckpt["meta"])
-    model = build_model(meta.arch, meta.num_classes, meta.last_stride, meta.neck, "none", meta.neck_feat)
+    meta = checkpoint_meta(ckpt, path)
+    try:
+        model = build_model(meta.arch, meta.num_classes, meta.last_stride, meta.neck, "none", meta.neck_feat)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{path} is a damaged checkpoint: its meta describes no buildable model "
+                         f"({_short_reason(exc)}); use another checkpoint") from None
     try:
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise ModelError(f"{path}: weights do not match the model they describe ({str(exc).splitlines()[0]})") from None
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise ModelError(f"{path}: weights do not match the model they describe ({_short_reason(exc)})") from None
     model.eval().to(device)
-    return model, meta, dict(ckpt.get("config", {}))
+    config = ckpt.get("config", {})
+    return model, meta, dict(config) if isinstance(config, Mapping) else {}

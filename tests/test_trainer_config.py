@@ -27,7 +27,7 @@ def test_defaults_are_the_paper_recipe():
     assert (c.warmup, c.warmup_epochs, c.warmup_factor, c.milestones, c.gamma) == (True, 10, 0.01, (40, 70), 0.1)
     assert (c.num_identities, c.num_instances, c.batch_size) == (16, 4, 64)
     assert (c.label_smoothing, c.triplet_margin, c.center_loss_weight, c.center_lr) == (0.1, 0.3, 5e-4, 0.5)
-    assert (c.random_erasing_p, c.flip_p, c.pad) == (0.5, 0.5, 10)
+    assert (c.random_erasing_p, c.flip_p, c.pad) == (0.5, 0.5, None)  # None: 10 px at 256x128, scaled
     assert c.uses_triplet and c.uses_center
     assert resolve_config() == c
 
@@ -166,3 +166,17 @@ def test_compatibility_rules():
     # baseline vs full recipe: several problems, each named
     names = {p.split(":")[0] for p in compatibility_problems(resolve_config("baseline"), old)}
     assert {"neck", "last_stride", "center_loss_weight"} <= names
+
+
+def test_pad_defaults_to_scaled_and_parses_none_or_pixels():
+    from reid_search.transforms import AugmentConfig, Preprocess
+
+    assert resolve_config("softmax_triplet_with_center", ["pad=none"]).pad is None
+    assert resolve_config("softmax_triplet_with_center", ["pad=3"]).pad == 3
+    with pytest.raises(ConfigError, match="pad must be >= 0 or none"):
+        resolve_config("softmax_triplet_with_center", ["pad=-1"])
+    # the paper's 10 px at 256x128; half the size, half the padding
+    assert AugmentConfig().padding(Preprocess(256, 128)) == (10, 10)
+    assert AugmentConfig().padding(Preprocess(128, 64)) == (5, 5)
+    assert AugmentConfig().padding(Preprocess(384, 128)) == (10, 15)
+    assert AugmentConfig(pad=7).padding(Preprocess(128, 64)) == (7, 7)

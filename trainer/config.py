@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from reid_search.errors import ReidSearchError
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -34,8 +36,12 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 
-class ConfigError(ValueError):
-    """A recipe name, override key or value that cannot make a valid :class:`TrainConfig`."""
+class ConfigError(ReidSearchError, ValueError):
+    """A recipe name, override key or value that cannot make a valid :class:`TrainConfig`.
+
+    A :class:`ReidSearchError`, so every CLI command prints it as one line; still
+    a ``ValueError`` for callers that catch that.
+    """
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,7 @@ class TrainConfig:
     width: int = 128
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
-    pad: int = 10
+    pad: int | None = None  # None: the paper's 10 px at 256x128, scaled to height x width
     flip_p: float = 0.5
     random_erasing_p: float = 0.5
 
@@ -158,7 +164,7 @@ def validation_problems(cfg: TrainConfig) -> list[str]:
     need(cfg.height >= 1 and cfg.width >= 1, f"height and width must be >= 1, not {cfg.height}x{cfg.width}")
     need(len(cfg.mean) == 3, f"mean needs 3 values (RGB), got {len(cfg.mean)}")
     need(len(cfg.std) == 3 and all(s > 0 for s in cfg.std), f"std needs 3 positive values (RGB), got {cfg.std}")
-    need(cfg.pad >= 0, f"pad must be >= 0, not {cfg.pad}")
+    need(cfg.pad is None or cfg.pad >= 0, f"pad must be >= 0 or none (scaled to the input size), not {cfg.pad}")
     for name in ("flip_p", "random_erasing_p"):
         v = getattr(cfg, name)
         need(0.0 <= v <= 1.0, f"{name} is a probability and must be in [0, 1], not {v}")

@@ -40,10 +40,10 @@ from reid_search.extract import ImageLoadError, TorchExtractor, extract_features
 from reid_search.metrics import evaluate as evaluate_ranking
 from reid_search.model import ReIDNet, build_model
 from reid_search.transforms import AugmentConfig, Preprocess, build_train_transform
-from trainer.config import TrainConfig, compatibility_problems, config_from_dict, config_to_dict
+from trainer.config import ConfigError, TrainConfig, compatibility_problems, config_from_dict, config_to_dict
 from trainer.losses import ReIDLoss, center_grad_rescale_, gather_for_triplet
 from trainer.sampler import RandomIdentitySampler
-from trainer.schedule import build_scheduler
+from trainer.schedule import build_scheduler, describe_schedule
 
 log = logging.getLogger(__name__)
 
@@ -394,9 +394,15 @@ def read_resumable(path: Path, cfg: TrainConfig) -> dict[str, Any]:
         ModelError: unreadable, no training state, or an incompatible config.
     """
     ckpt = read_checkpoint(path)
-    if "train_state" not in ckpt:
+    if not isinstance(ckpt.get("train_state"), dict):
         raise ModelError(f"{path} holds no training state (a final model?); resume from latest.pt")
-    old = config_from_dict(ckpt["config"])
+    saved = ckpt.get("config")
+    if not isinstance(saved, dict):
+        raise ModelError(f"cannot resume {path}: it holds no saved config; start a new run with --output DIR")
+    try:
+        old = config_from_dict(saved)
+    except ConfigError as exc:
+        raise ModelError(f"cannot resume {path}: its saved config is damaged ({exc}); start a new run with --output DIR") from None
     problems = compatibility_problems(old, cfg)
     if old.recipe != cfg.recipe:
         problems.insert(0, f"recipe: checkpoint has {old.recipe!r}, requested {cfg.recipe!r}")
@@ -542,6 +548,7 @@ def _train(
             log.info("training %s on %s: %d images, %d ids, %d epochs (from %d), batch %d, device %s, amp %s, world %d",
                      cfg.recipe, ds.root, len(loader.dataset), num_classes, cfg.epochs, start, cfg.batch_size,  # type: ignore[arg-type]
                      dev, state.dtype, info.world)
+            log.info("%s", describe_schedule(cfg))
         for epoch in range(start, cfg.epochs):
             steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
             on_step, close = progress(epoch, steps) if (progress and info.is_main) else (None, lambda: None)

@@ -48,17 +48,15 @@ def train(app: App, data_root: Path | None, recipe: str, overrides: tuple[str, .
       reid-search train --data Market-1501 --resume -o epochs=160
       reid-search train --recipe baseline --print-config
     """
-    from trainer.config import ConfigError, config_to_dict, resolve_config
+    from trainer.config import config_to_dict, resolve_config
 
     out = output or app.workspace.runs_dir / recipe
     recipe_given = click.get_current_context().get_parameter_source("recipe") is not ParameterSource.DEFAULT
-    try:
-        # A resume continues the run's own config; -o changes it (e.g. more epochs).
-        cfg = _resume_config(out, recipe if recipe_given else None, overrides) if resume else None
-        if cfg is None:
-            cfg = resolve_config(recipe, list(overrides))
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    # A resume continues the run's own config; -o changes it (e.g. more epochs). A ConfigError
+    # is a ReidSearchError: the CLI group prints it as one line.
+    cfg = _resume_config(out, recipe if recipe_given else None, overrides) if resume else None
+    if cfg is None:
+        cfg = resolve_config(recipe, list(overrides))
     if print_config:
         click.echo(json.dumps(config_to_dict(cfg), indent=2))
         return
