@@ -217,7 +217,7 @@ class Gallery:
     @property
     def ntotal(self) -> int:
         """Crops (= vectors) in the gallery."""
-        return self._backend.ntotal if self._backend is not None else 0
+        return self._read(lambda: self._backend.ntotal if self._backend is not None else 0)
 
     @property
     def dim(self) -> int | None:
@@ -349,7 +349,8 @@ class Gallery:
         if self.dim is not None and feats.shape[1] != self.dim:
             raise GalleryError(f"features of shape {tuple(feats.shape)} do not fit this {self.dim}-d gallery; "
                                "use the model the gallery was indexed with")
-        return self._backend.search(feats, k, flist)
+        return self._read(lambda: self._backend.search(feats, k, flist) if self._backend is not None
+                          else (np.full((len(feats), k), -np.inf, np.float32), np.full((len(feats), k), -1, np.int64)))
 
     def count(self, where: SearchFilter | RemoveFilter | None = None) -> int:
         """Crops that pass ``where`` (all of them for ``None``), from the DB."""
@@ -382,17 +383,34 @@ class Gallery:
             GalleryError: an id that is not in the gallery.
         """
         wanted = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64).ravel()
-        if self._backend is None:
-            if len(wanted):
-                raise GalleryError(f"{len(wanted)} id(s) not in the gallery (e.g. {wanted[:5].tolist()}); it is empty")
-            return np.zeros((0, 0), np.float32)
-        return self._backend.vectors(wanted)
+
+        def read() -> np.ndarray:
+            if self._backend is None:
+                if len(wanted):
+                    raise GalleryError(f"{len(wanted)} id(s) not in the gallery (e.g. {wanted[:5].tolist()}); it is empty")
+                return np.zeros((0, 0), np.float32)
+            return self._backend.vectors(wanted)
+
+        return self._read(read)
 
     def iter_vectors(self, batch_size: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every ``(ids, feats)`` in id order, ``batch_size`` rows at a time (exact)."""
         if self._backend is None:
             return iter(())
-        return self._backend.iter_vectors(batch_size)
+        return self._iter_vectors(batch_size)
+
+    def _iter_vectors(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        started = False
+        try:
+            for part in self._backend.iter_vectors(batch_size):  # type: ignore[union-attr]
+                started = True
+                yield part
+        except GalleryError:
+            if started or not self._replaced_meanwhile():
+                raise
+            self._sync(repair=False)
+            if self._backend is not None:
+                yield from self._backend.iter_vectors(batch_size)
 
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """``(ids [n], feats [n, dim])`` of the whole gallery, id order."""
@@ -654,6 +672,29 @@ class Gallery:
             self._flush()
         self._emit(c.added, c.removed)
         return c.added, c.removed
+
+    def _read(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``, retried once on the current gallery when it failed because another process replaced
+        or cleared this one meanwhile (a backend holding the only copy, Milvus, has then dropped the
+        collection this object reads; a FAISS backend keeps the old vectors in memory until refreshed)."""
+        try:
+            return fn()
+        except GalleryError:
+            if not self._replaced_meanwhile():
+                raise
+            log.warning("another process replaced this gallery meanwhile; reading the new one")
+            self._sync(repair=False)
+            return fn()
+
+    def _replaced_meanwhile(self) -> bool:
+        """Whether another process switched or cleared this gallery since it was loaded (``False`` while building)."""
+        if self._building:
+            return False
+        try:
+            st = self.meta.state()
+        except Exception:  # the DB is unreachable: the original error says more
+            return False
+        return st.active != self._version or st.model_of(st.active)[1] != self._state.model_of(self._version)[1]
 
     def _holds_vectors(self) -> bool:
         probe = getattr(self._factory, "holds_vectors", None)

@@ -73,6 +73,7 @@ MILVUS_INDEX_TYPES: dict[str, str] = {
 }
 # What Milvus Lite (milvus-lite 3.x) builds; the rest need a Milvus server.
 LITE_INDEX_TYPES = ("flat", "ivf", "ivfsq8", "hnsw")
+MILVUS_DEFAULT_NLIST = 128  # what Milvus builds an IVF index with when nlist is not given
 # Parameters each type takes at build time and at search time (Milvus names).
 BUILD_PARAMS: dict[str, tuple[str, ...]] = {
     "flat": (),
@@ -121,9 +122,22 @@ class MilvusIndexSpec:
         """Parameters for ``create_index``."""
         return {k: v for k, v in self.params if k in BUILD_PARAMS[self.kind]}
 
-    def search_params(self) -> dict[str, int]:
-        """Parameters for ``search``."""
-        return {k: v for k, v in self.params if k in SEARCH_PARAMS[self.kind]}
+    def search_params(self, k: int | None = None) -> dict[str, int]:
+        """Parameters for a ``search`` of ``k`` hits; those not given are automatic, as for FAISS.
+
+        ``nprobe`` = max(32, nlist/5) (Milvus's own default, 8 of 128 lists, misses
+        much under a filter); HNSW ``ef`` = max(128, 2k); ``ef`` and DiskANN's
+        ``search_list`` are raised to k where smaller (Milvus refuses less).
+        """
+        out = {name: v for name, v in self.params if name in SEARCH_PARAMS[self.kind]}
+        if "nprobe" in SEARCH_PARAMS[self.kind] and "nprobe" not in out:
+            nlist = dict(self.params).get("nlist", MILVUS_DEFAULT_NLIST)
+            out["nprobe"] = min(nlist, max(32, nlist // 5))
+        if self.kind == "hnsw":
+            out["ef"] = max(out.get("ef", max(128, 2 * (k or 0))), k or 0)
+        if self.kind == "diskann" and "search_list" in out:
+            out["search_list"] = max(out["search_list"], k or 0)
+        return out
 
     def to_json(self) -> str:
         """Compact form (stored beside the gallery)."""
@@ -414,14 +428,19 @@ class MilvusBackend:
             raise GalleryError(f"the Milvus collection {self.collection} is not a reid-search gallery; "
                                "pass another --store or drop it")
         self.dim = int(fields["vec"].get("params", {}).get("dim"))
+
+    def _built(self) -> dict[str, Any]:
+        """``describe_index`` of the vector field (``{}`` when there is none)."""
         try:
-            idx = self.client.describe_index(self.collection, "vec") or {}
-        except Exception:
-            idx = {}
-        built = str(idx.get("index_type", "")).upper()
-        if built and built != self.spec.index_type and self.spec != MilvusIndexSpec():
-            log.warning("the Milvus collection %s has a %s index, not the %s asked for; re-index to change it",
-                        self.collection, built, self.spec.index_type)
+            return dict(self.client.describe_index(self.collection, "vec") or {})
+        except Exception:  # no index (or no collection): nothing built
+            return {}
+
+    def index_type(self) -> str | None:
+        """The Milvus index type the collection is built with, e.g. ``HNSW`` (``None`` before the first add)."""
+        if not self._exists:
+            return None
+        return str(self._built().get("index_type", "")).upper() or None
 
     def _create(self, dim: int) -> None:
         from pymilvus import DataType, MilvusClient
@@ -449,10 +468,7 @@ class MilvusBackend:
     @property
     def ntotal(self) -> int:
         """Vectors held (an exact count: deletes included)."""
-        if not self._exists:
-            return 0
-        rows = self._call("query", self.collection, filter="", output_fields=["count(*)"])
-        return int(rows[0]["count(*)"]) if rows else 0
+        return self._count("") if self._exists else 0
 
     def ids(self) -> np.ndarray:
         """Every id held (int64, sorted)."""
@@ -547,7 +563,7 @@ class MilvusBackend:
         groups: dict[str | None, list[int]] = {}
         for i, f in enumerate(filters):
             groups.setdefault(filter_expr(f), []).append(i)
-        params = {"metric_type": "IP", "params": self.spec.search_params()}
+        params = {"metric_type": "IP", "params": self.spec.search_params(k)}
         for expr, rows in groups.items():
             if expr is None:
                 continue
@@ -560,7 +576,60 @@ class MilvusBackend:
                     if n:
                         out[i, :n] = [h["id"] for h in hits[:n]]
                         sims[i, :n] = [h["distance"] for h in hits[:n]]
+            if self.spec.kind != "flat":
+                self._fill_short(feats, k, expr, rows, sims, out)
         return sims, out
+
+    def _fill_short(self, feats: np.ndarray, k: int, expr: str, rows: list[int], sims: np.ndarray,
+                    out: np.ndarray) -> None:
+        """Answer exactly the queries an approximate index left short of k although more crops pass ``expr``.
+
+        A selective filter can leave a graph or inverted-list search with fewer than k
+        hits (Milvus Lite's HNSW does); as with FAISS, such queries are re-answered by
+        exact search over the vectors that pass the filter, streamed from Milvus.
+        """
+        short = [i for i in rows if (out[i] >= 0).sum() < k]
+        if not short:
+            return
+        passing = self._count(expr)
+        short = [i for i in short if (out[i] >= 0).sum() < min(k, passing)]
+        if not short:
+            return
+        from indexer.vectors import exact_search, merge_topk
+
+        log.debug("%d filtered queries fell back to exact search over %d crops", len(short), passing)
+        q = feats[short]
+        best_s = np.full((len(short), k), -np.inf, np.float32)
+        best_i = np.full((len(short), k), -1, np.int64)
+        for ids, xb in self._iter_where(expr):
+            best_s, best_i = merge_topk(best_s, best_i, *exact_search(q, xb, ids, k), k)
+        best_i[~np.isfinite(best_s)] = -1
+        sims[short], out[short] = best_s, best_i
+
+    def _count(self, expr: str) -> int:
+        rows = self._call("query", self.collection, filter=expr, output_fields=["count(*)"])
+        return int(rows[0]["count(*)"]) if rows else 0
+
+    def _iter_where(self, expr: str, batch_size: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(ids, vectors)`` of every entity matching ``expr``, a batch at a time."""
+        with _quiet_pymilvus():
+            it = self._call("query_iterator", self.collection, batch_size=batch_size, filter=expr,
+                            output_fields=["id", "vec"])
+        try:
+            while True:
+                try:
+                    with _quiet_pymilvus():
+                        batch = it.next()
+                except Exception as exc:
+                    raise GalleryError(f"reading the vectors of Milvus collection {self.collection} failed "
+                                       f"({_first_line(exc)}); retry") from None
+                if not batch:
+                    return
+                yield (np.fromiter((r["id"] for r in batch), np.int64, len(batch)),
+                       np.asarray([r["vec"] for r in batch], np.float32).reshape(len(batch), -1))
+        finally:
+            with contextlib.suppress(Exception):
+                it.close()
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors of ``ids`` (``[n, dim]`` float32, given order).
@@ -581,8 +650,9 @@ class MilvusBackend:
                     found[int(r["id"])] = r["vec"]
         missing = [int(i) for i in wanted if int(i) not in found]
         if missing:
-            raise GalleryError(f"{len(missing)} id(s) have no vector in Milvus collection {self.collection} "
-                               f"(e.g. {missing[:5]}); reopen the gallery to repair it")
+            raise GalleryError(f"{len(missing)} id(s) not in the gallery (e.g. {missing[:5]}): the Milvus collection "
+                               f"{self.collection} has no vector for them (removed or never added; if the DB still "
+                               "lists them, reopening the gallery repairs it)")
         return np.asarray([found[int(i)] for i in wanted], dtype=np.float32).reshape(len(wanted), dim)
 
     def iter_vectors(self, batch_size: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:

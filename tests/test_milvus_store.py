@@ -219,3 +219,20 @@ def test_cuhk03_eval_and_rerank_equal_on_both_stores(tmp_path: Path) -> None:
         assert a["num_gallery"] == b["num_gallery"] == 738
         for key in ("rank1", "mAP"):
             assert abs(a[key] - b[key]) <= 1e-4, (key, a, b)
+
+
+def test_a_reader_of_a_replaced_gallery_reads_the_new_one(tmp_path: Path) -> None:
+    """The re-index dropped the collection a long-running reader (serve) was reading: it follows the switch."""
+    ws = Workspace(tmp_path / "ws", store_override="milvus:")
+    serve, cli = open_gallery(ws), open_gallery(ws)
+    imgs, x = images(tmp_path, 12)
+    serve.add_images(imgs[:6], x[:6], FP)
+    cli.refresh()
+    with cli.replacing() as new:
+        new_ids = new.add_images(imgs[6:], x[6:], FP)
+    assert not serve.backend.client.has_collection(serve.backend.collection)  # the old version is gone
+    np.testing.assert_array_equal(serve.search(x[6:], 1)[1][:, 0], new_ids)  # no refresh in between
+    assert serve.ntotal == 6 and serve.version == cli.version
+    np.testing.assert_array_equal(serve.vectors(new_ids[:2]), x[6:8])
+    serve.close()
+    cli.close()
