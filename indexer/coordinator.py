@@ -33,12 +33,11 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from sqlalchemy.exc import OperationalError
 
-from indexer.faiss_backend import FaissBackend, file_version, index_file
 from indexer.metadata import MetadataDB, State, VersionMoved, abs_path, model_mismatch
 from indexer.protocol import (
     ChangeEvent,
@@ -50,8 +49,13 @@ from indexer.protocol import (
     SearchFilter,
     VectorBackend,
 )
-from indexer.vectors import IndexSpec, VectorIndex
+from indexer.spec import FAISS_KINDS, IndexSpec
 from reid_search.errors import GalleryError
+
+if TYPE_CHECKING:
+    from indexer.vectors import VectorIndex
+
+# faiss is imported where a FAISS gallery needs it (indexer.faiss_backend), not for a Milvus one.
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +68,9 @@ gallery version (a FAISS file, a Milvus collection...). ``store_id`` identifies 
 can tell its own data from another DB's; ``source`` reads the version's rows and vectors from SQL
 (what a cache backend is filled from). A factory whose backends hold the only copy of the vectors
 sets ``factory.holds_vectors = True``, so the first commit, before any backend exists, already
-keeps vectors out of SQL; ``factory.kind`` names the backend while the gallery is empty."""
+keeps vectors out of SQL; ``factory.kind`` names the backend while the gallery is empty; an optional
+``factory.check_spec(spec)`` raises ``GalleryError`` for an index type the backend cannot build, before
+the gallery records it."""
 
 
 class WriterLock:
@@ -155,10 +161,37 @@ def faiss_factory(index_dir: Path) -> BackendFactory:
     """The default backend: one FAISS file per gallery version under ``index_dir``."""
 
     def make(version: int, dim: int, spec: IndexSpec, store_id: str | None, source: SqlSource) -> VectorBackend:
+        from indexer.faiss_backend import FaissBackend
+
         return FaissBackend(index_file(index_dir, version), spec, dim, store_id, source)
 
-    make.kind, make.holds_vectors = "faiss", False  # type: ignore[attr-defined]
+    make.kind, make.holds_vectors, make.check_spec = "faiss", False, check_faiss_spec  # type: ignore[attr-defined]
     return make
+
+
+def check_faiss_spec(spec: IndexSpec) -> None:
+    """Refuse an index type only the Milvus store builds.
+
+    Raises:
+        GalleryError: ``ivfsq8`` or ``diskann`` on the FAISS store.
+    """
+    if spec.kind not in FAISS_KINDS:
+        raise GalleryError(f"--index-type {spec.kind} is a Milvus index; the FAISS store builds {', '.join(FAISS_KINDS)} "
+                           "(ivfpq is its compact one), or keep the gallery in Milvus: --store milvus: or http://HOST:19530")
+
+
+def index_file(index_dir: Path, version: int) -> Path:
+    """The FAISS index file of a gallery version (see :func:`indexer.faiss_backend.index_file`)."""
+    from indexer.faiss_backend import index_file as faiss_index_file
+
+    return faiss_index_file(index_dir, version)
+
+
+def file_version(path: Path) -> int | None:
+    """The gallery version a FAISS index file name belongs to (``None``: not an index file)."""
+    from indexer.faiss_backend import file_version as faiss_file_version
+
+    return faiss_file_version(path)
 
 
 def _as_filters(filters: Filters, q: int) -> list[SearchFilter | None]:
@@ -568,17 +601,29 @@ class Gallery:
             self._emit(self.ids(), removed)
 
     def set_spec(self, spec: IndexSpec) -> bool:
-        """Switch the index type/parameters; rebuilds from the stored vectors when the build changes.
+        """Switch the index type/parameters; rebuilds the index (FAISS: from the stored vectors;
+        Milvus: the collection's index) when the build changes.
 
         Returns True when the index was rebuilt.
+
+        Raises:
+            GalleryError: an index type this store cannot build (nothing is recorded then).
         """
+        check = getattr(self._factory, "check_spec", None)
+        if check is not None:
+            check(spec)
         with self._lock.hold():
-            self.meta.set_spec(spec)
+            old = self.meta.set_spec(spec)
             self._state = self.meta.state()
             set_backend_spec = getattr(self._backend, "set_spec", None)
             if set_backend_spec is None:
                 return False
-            rebuilt = bool(set_backend_spec(spec))
+            try:
+                rebuilt = bool(set_backend_spec(spec))
+            except Exception:
+                self.meta.set_spec(old)  # the old index is what the backend still has
+                self._state = self.meta.state()
+                raise
             if rebuilt:
                 self._flush()
             return rebuilt
@@ -696,6 +741,10 @@ class Gallery:
             return False
         return st.active != self._version or st.model_of(st.active)[1] != self._state.model_of(self._version)[1]
 
+    def _uses_files(self) -> bool:
+        """Whether the backend keeps FAISS index files in ``index_dir`` (what cleanup looks for)."""
+        return str(getattr(self._factory, "kind", "faiss")) == "faiss"
+
     def _holds_vectors(self) -> bool:
         probe = getattr(self._factory, "holds_vectors", None)
         return bool(probe)
@@ -717,7 +766,7 @@ class Gallery:
             self._backend, self._backend_key = None, None
             if repair and not self.meta.read_only:
                 with self._lock.try_hold() as held:
-                    if held:
+                    if held and self._uses_files():
                         with contextlib.suppress(FileNotFoundError):
                             index_file(self.index_dir, self._version).unlink()
                 if not self._building:
@@ -792,7 +841,7 @@ class Gallery:
                     if st.dim is not None:
                         self._make_backend(v, st.dim).drop()
                     self.meta.delete_version(v)
-            if not self.index_dir.is_dir():
+            if not self.index_dir.is_dir() or not self._uses_files():
                 return
             for p in self.index_dir.iterdir():
                 v = file_version(p)

@@ -428,6 +428,10 @@ class MilvusBackend:
             raise GalleryError(f"the Milvus collection {self.collection} is not a reid-search gallery; "
                                "pass another --store or drop it")
         self.dim = int(fields["vec"].get("params", {}).get("dim"))
+        built = str(self._built().get("index_type", "")).upper()
+        if built and built != self.spec.index_type:  # e.g. a crash between recording a new type and the rebuild
+            log.warning("the Milvus collection %s has a %s index, not the recorded %s; run `reid-search index DIR "
+                        "--index-type %s` to rebuild it", self.collection, built, self.spec.index_type, self.spec.kind)
 
     def _built(self) -> dict[str, Any]:
         """``describe_index`` of the vector field (``{}`` when there is none)."""
@@ -435,6 +439,45 @@ class MilvusBackend:
             return dict(self.client.describe_index(self.collection, "vec") or {})
         except Exception:  # no index (or no collection): nothing built
             return {}
+
+    def set_spec(self, spec: Any) -> bool:
+        """Switch to ``spec`` (an :class:`indexer.spec.IndexSpec` or a :class:`MilvusIndexSpec`).
+
+        When the index type or a build parameter changes, the collection's index is
+        rebuilt in place: released, its vector index dropped and created anew, loaded
+        again (Milvus builds it from the vectors it holds; nothing is re-inserted).
+        A change of search parameters only is taken at once. Returns True when rebuilt.
+
+        Raises:
+            GalleryError: a type Milvus Lite cannot build (on Lite), or a failing Milvus.
+        """
+        new = spec if isinstance(spec, MilvusIndexSpec) else spec_from_index_spec(spec, lite=self.lite)
+        old, self.spec = self.spec, new
+        if not self._exists:
+            return False
+        built = self.index_type()
+        if built == new.index_type and old.kind == new.kind and old.build_params() == new.build_params():
+            return False
+        log.info("rebuilding the index of Milvus collection %s: %s -> %s", self.collection, built or "none", new.describe())
+        self._call("release_collection", self.collection)
+        try:
+            if built is not None:
+                self._call("drop_index", self.collection, "vec")
+            self._create_index(new)
+        except GalleryError:
+            self.spec = old  # put the old index back, so the gallery stays searchable
+            with contextlib.suppress(GalleryError):
+                if self.index_type() is None:
+                    self._create_index(old)
+            raise
+        finally:
+            self._call("load_collection", self.collection)
+        return True
+
+    def _create_index(self, spec: MilvusIndexSpec) -> None:
+        index = self.client.prepare_index_params()
+        index.add_index("vec", index_type=spec.index_type, metric_type="IP", params=spec.build_params())
+        self._call("create_index", self.collection, index)
 
     def index_type(self) -> str | None:
         """The Milvus index type the collection is built with, e.g. ``HNSW`` (``None`` before the first add)."""
@@ -735,23 +778,28 @@ def open_backend(location: StoreLocation, collection: str, spec: MilvusIndexSpec
 # ---- plugging into the coordinator ----------------------------------------------
 
 # FAISS-style index kinds (what the SQL state records) -> Milvus kinds; parameters renamed alike.
-_FROM_FAISS_KIND = {"flat": "flat", "ivf": "ivf", "ivfpq": "ivfpq", "hnsw": "hnsw"}
+_FROM_FAISS_KIND = {"flat": "flat", "ivf": "ivf", "ivfpq": "ivfpq", "hnsw": "hnsw", "ivfsq8": "ivfsq8",
+                    "diskann": "diskann"}
 _FROM_FAISS_PARAM = {"nlist": "nlist", "nprobe": "nprobe", "pq_m": "m", "hnsw_m": "M",
-                     "ef_construction": "efConstruction", "ef_search": "ef"}
+                     "ef_construction": "efConstruction", "ef_search": "ef", "search_list": "search_list"}
 
 
 def spec_from_index_spec(spec: Any, lite: bool = False) -> MilvusIndexSpec:
-    """The Milvus index for a gallery's recorded :class:`indexer.vectors.IndexSpec`.
+    """The Milvus index for a gallery's recorded :class:`indexer.spec.IndexSpec`.
 
-    ``flat``/``ivf``/``ivfpq``/``hnsw`` become FLAT/IVF_FLAT/IVF_PQ/HNSW with the
-    parameters that have a Milvus counterpart (0 = automatic is left to Milvus).
+    ``flat``/``ivf``/``ivfpq``/``hnsw``/``ivfsq8``/``diskann`` become
+    FLAT/IVF_FLAT/IVF_PQ/HNSW/IVF_SQ8/DISKANN with the parameters that have a
+    Milvus counterpart (0 = automatic: see :meth:`MilvusIndexSpec.search_params`).
 
     Raises:
-        GalleryError: a type Milvus Lite cannot build, on Lite.
+        GalleryError: an unknown type, or one Milvus Lite cannot build, on Lite.
     """
     if spec is None:
         return MilvusIndexSpec()
-    kind = _FROM_FAISS_KIND.get(getattr(spec, "kind", "flat"), "flat")
+    kind = getattr(spec, "kind", "flat")
+    if kind not in _FROM_FAISS_KIND:
+        raise GalleryError(f"unknown index type {kind!r} for the Milvus store; choose one of {', '.join(_FROM_FAISS_KIND)}")
+    kind = _FROM_FAISS_KIND[kind]
     params = []
     for name, milvus_name in _FROM_FAISS_PARAM.items():
         v = int(getattr(spec, name, 0) or 0)
@@ -773,11 +821,16 @@ class MilvusFactory:
     coordinator to keep no vectors in SQL.
     """
 
+    kind = "milvus"
     holds_vectors = True
 
     def __init__(self, location: StoreLocation) -> None:
         self.location = location
         self._client: Any = None
+
+    def check_spec(self, spec: Any) -> None:
+        """Raise ``GalleryError`` for an index type this store cannot build (IVF_PQ, DISKANN on Lite)."""
+        spec_from_index_spec(spec, lite=self.location.is_lite)
 
     @property
     def client(self) -> Any:
