@@ -347,6 +347,8 @@ def connect(location: StoreLocation, token: str | None = None) -> Any:
     """
     if location.kind != "milvus" or location.uri is None:
         raise GalleryError(f"not a resolved Milvus location: {location!r}")
+    # gRPC's core logs at INFO on every fork (image-decoding workers) while its threads run; keep warnings
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
         from pymilvus import MilvusClient
     except ImportError:
@@ -368,6 +370,7 @@ def connect(location: StoreLocation, token: str | None = None) -> Any:
             raise GalleryError(f"the Milvus Lite file {path} is open in another process (Lite allows one at a time, "
                                "e.g. a running `reid-search serve`); stop it first, or use a Milvus server (--store http://HOST:19530)")
         kwargs: dict[str, Any] = {}
+        _hide_lite_timestamp_errors()
     else:
         token = token if token is not None else os.environ.get(TOKEN_ENV)
         kwargs = {"token": token} if token else {}
@@ -752,6 +755,30 @@ class MilvusBackend:
         """Release the client (a Lite folder stays open in this process until exit)."""
         with contextlib.suppress(Exception):
             self.client.close()
+
+
+class _LiteTimestampFilter(logging.Filter):
+    """Drops the traceback Lite's in-process gRPC server logs when pymilvus's query iterator asks it for a
+    timestamp (``AllocTimestamp``, which Lite does not implement; pymilvus then uses a client-side one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, NotImplementedError) and "AllocTimestamp" in _traceback_names(record))
+
+
+def _traceback_names(record: logging.LogRecord) -> str:
+    tb = record.exc_info[2] if record.exc_info else None
+    names = []
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return " ".join(names)
+
+
+def _hide_lite_timestamp_errors() -> None:
+    lg = logging.getLogger("grpc._server")
+    if not any(isinstance(f, _LiteTimestampFilter) for f in lg.filters):
+        lg.addFilter(_LiteTimestampFilter())
 
 
 @contextlib.contextmanager
