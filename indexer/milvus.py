@@ -855,6 +855,20 @@ class MilvusFactory:
         self.location = location
         self._client: Any = None
 
+    def leftovers(self, workspace_dir: str | os.PathLike[str]) -> list[Path]:
+        """The workspace's own Lite file when it holds reid-search collections (checked when the DB is empty:
+        a lost or truncated DB beside them); ``[]`` otherwise. A shared file or a server holds other galleries
+        too, so only the workspace's own file is checked."""
+        own = Path(workspace_dir).resolve() / LITE_FILE
+        if not self.location.is_lite or Path(self.location.uri or "") != own or not own.exists():
+            return []
+        try:
+            names = self.client.list_collections()
+        except Exception as exc:
+            raise GalleryError(f"cannot list the collections of the Milvus Lite file {own} ({_first_line(exc)}); "
+                               "check the file, or delete it to start a new gallery") from None
+        return [own] if any(str(n).startswith("reid_") for n in names) else []
+
     def check_spec(self, spec: Any) -> None:
         """Raise ``GalleryError`` for an index type this store cannot build (IVF_PQ, DISKANN on Lite)."""
         spec_from_index_spec(spec, lite=self.location.is_lite)

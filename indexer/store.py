@@ -93,6 +93,8 @@ def open_gallery(
         revision, reachable = None, False
     if reachable and revision is None:
         leftovers = _index_files(index_dir)
+        if not leftovers and isinstance(target, Workspace) and hasattr(factory, "leftovers"):
+            leftovers = factory.leftovers(target.root)  # type: ignore[union-attr]  # the workspace's Milvus Lite file
         if leftovers:
             raise GalleryError(
                 f"the metadata DB {engine.url!r} is empty (new, or a zero-byte file) but {leftovers[0]} holds a "

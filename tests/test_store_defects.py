@@ -258,12 +258,16 @@ def test_crash_leftover_tmp_files_are_removed_on_open(tmp_path: Path) -> None:
     assert not tmp.exists() and g.ntotal == 3
 
 
-def test_zero_byte_db_does_not_delete_the_index(tmp_path: Path) -> None:
-    ws = Workspace(tmp_path / "ws")
+@pytest.mark.parametrize("store", ["faiss", "milvus:"])  # milvus: the workspace's own Lite file
+def test_zero_byte_db_does_not_delete_the_index(store: str, tmp_path: Path) -> None:
+    if store != "faiss":
+        pytest.importorskip("milvus_lite", reason="milvus-lite cannot run here")
+    ws = store_workspace(tmp_path / "ws", store)
     g = open_gallery(ws)
     g.add_images(imgs(tmp_path / "g", 3), feats(3), "m")
+    collection = getattr(g.backend, "collection", None)
     g.close()
-    index = ws.index_dir / "gallery.faiss"
+    index = ws.index_dir / "gallery.faiss" if store == "faiss" else ws.root / "milvus.db"
     size = index.stat().st_size
     db = Path(ws.db_url.removeprefix("sqlite:///"))
     db.write_bytes(b"")
@@ -271,10 +275,15 @@ def test_zero_byte_db_does_not_delete_the_index(tmp_path: Path) -> None:
         p.unlink()
     with pytest.raises(GalleryError, match=r"empty .*zero-byte.*restore the DB from a backup, or delete") as err:
         open_gallery(ws)
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and str(index) in str(err.value)
     assert index.stat().st_size == size
+    if store != "faiss":
+        from indexer.milvus import connect, parse_store
+
+        assert connect(parse_store(store).resolved(ws.root)).has_collection(collection)  # the vectors are still there
 
 
+@pytest.mark.faiss_only  # Milvus Lite writes into its folder when it opens (its lock), a server is writable
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores file permissions")
 def test_read_only_workspace_can_be_queried(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ws")
