@@ -84,7 +84,6 @@ def same(a: object, b: object, path: str = "") -> None:
         assert a == b, (path, a, b)
 
 
-@pytest.mark.slow
 def test_every_command_on_a_milvus_workspace_answers_as_on_faiss(
         market_dir: Path, tiny_ckpt: Path, tmp_path: Path, request: pytest.FixtureRequest,
         caplog: pytest.LogCaptureFixture) -> None:
