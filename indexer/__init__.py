@@ -30,15 +30,16 @@ _HOME = {
     "ChangeEvent": "store", "Gallery": "store", "ImageMeta": "store", "NewImage": "store",
     "RemoveFilter": "protocol", "SearchFilter": "protocol", "GalleryStore": "protocol",
     "open_gallery": "store", "sha256_file": "store",
-    "KINDS": "vectors", "IndexSpec": "vectors", "VectorIndex": "vectors", "exact_search": "vectors",
-    "parse_index_spec": "vectors",
+    "KINDS": "spec", "IndexSpec": "spec", "VectorIndex": "vectors", "exact_search": "vectors",
+    "parse_index_spec": "spec",
 }
 
 if TYPE_CHECKING:
     from indexer.pipeline import IndexReport, index_folder
     from indexer.protocol import GalleryStore, RemoveFilter, SearchFilter
     from indexer.store import ChangeEvent, Gallery, ImageMeta, NewImage, open_gallery, sha256_file
-    from indexer.vectors import KINDS, IndexSpec, VectorIndex, exact_search, parse_index_spec
+    from indexer.spec import KINDS, IndexSpec, parse_index_spec
+    from indexer.vectors import VectorIndex, exact_search
 
 
 def __getattr__(name: str) -> Any:

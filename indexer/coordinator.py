@@ -33,12 +33,11 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from sqlalchemy.exc import OperationalError
 
-from indexer.faiss_backend import FaissBackend, file_version, index_file
 from indexer.metadata import MetadataDB, State, VersionMoved, abs_path, model_mismatch
 from indexer.protocol import (
     ChangeEvent,
@@ -50,8 +49,13 @@ from indexer.protocol import (
     SearchFilter,
     VectorBackend,
 )
-from indexer.vectors import IndexSpec, VectorIndex
+from indexer.spec import FAISS_KINDS, IndexSpec
 from reid_search.errors import GalleryError
+
+if TYPE_CHECKING:
+    from indexer.vectors import VectorIndex
+
+# faiss is imported where a FAISS gallery needs it (indexer.faiss_backend), not for a Milvus one.
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +68,9 @@ gallery version (a FAISS file, a Milvus collection...). ``store_id`` identifies 
 can tell its own data from another DB's; ``source`` reads the version's rows and vectors from SQL
 (what a cache backend is filled from). A factory whose backends hold the only copy of the vectors
 sets ``factory.holds_vectors = True``, so the first commit, before any backend exists, already
-keeps vectors out of SQL; ``factory.kind`` names the backend while the gallery is empty."""
+keeps vectors out of SQL; ``factory.kind`` names the backend while the gallery is empty; an optional
+``factory.check_spec(spec)`` raises ``GalleryError`` for an index type the backend cannot build, before
+the gallery records it."""
 
 
 class WriterLock:
@@ -155,10 +161,37 @@ def faiss_factory(index_dir: Path) -> BackendFactory:
     """The default backend: one FAISS file per gallery version under ``index_dir``."""
 
     def make(version: int, dim: int, spec: IndexSpec, store_id: str | None, source: SqlSource) -> VectorBackend:
+        from indexer.faiss_backend import FaissBackend
+
         return FaissBackend(index_file(index_dir, version), spec, dim, store_id, source)
 
-    make.kind, make.holds_vectors = "faiss", False  # type: ignore[attr-defined]
+    make.kind, make.holds_vectors, make.check_spec = "faiss", False, check_faiss_spec  # type: ignore[attr-defined]
     return make
+
+
+def check_faiss_spec(spec: IndexSpec) -> None:
+    """Refuse an index type only the Milvus store builds.
+
+    Raises:
+        GalleryError: ``ivfsq8`` or ``diskann`` on the FAISS store.
+    """
+    if spec.kind not in FAISS_KINDS:
+        raise GalleryError(f"--index-type {spec.kind} is a Milvus index; the FAISS store builds {', '.join(FAISS_KINDS)} "
+                           "(ivfpq is its compact one), or keep the gallery in Milvus: --store milvus: or http://HOST:19530")
+
+
+def index_file(index_dir: Path, version: int) -> Path:
+    """The FAISS index file of a gallery version (see :func:`indexer.faiss_backend.index_file`)."""
+    from indexer.faiss_backend import index_file as faiss_index_file
+
+    return faiss_index_file(index_dir, version)
+
+
+def file_version(path: Path) -> int | None:
+    """The gallery version a FAISS index file name belongs to (``None``: not an index file)."""
+    from indexer.faiss_backend import file_version as faiss_file_version
+
+    return faiss_file_version(path)
 
 
 def _as_filters(filters: Filters, q: int) -> list[SearchFilter | None]:
@@ -217,7 +250,7 @@ class Gallery:
     @property
     def ntotal(self) -> int:
         """Crops (= vectors) in the gallery."""
-        return self._backend.ntotal if self._backend is not None else 0
+        return self._read(lambda: self._backend.ntotal if self._backend is not None else 0)
 
     @property
     def dim(self) -> int | None:
@@ -349,7 +382,8 @@ class Gallery:
         if self.dim is not None and feats.shape[1] != self.dim:
             raise GalleryError(f"features of shape {tuple(feats.shape)} do not fit this {self.dim}-d gallery; "
                                "use the model the gallery was indexed with")
-        return self._backend.search(feats, k, flist)
+        return self._read(lambda: self._backend.search(feats, k, flist) if self._backend is not None
+                          else (np.full((len(feats), k), -np.inf, np.float32), np.full((len(feats), k), -1, np.int64)))
 
     def count(self, where: SearchFilter | RemoveFilter | None = None) -> int:
         """Crops that pass ``where`` (all of them for ``None``), from the DB."""
@@ -382,17 +416,34 @@ class Gallery:
             GalleryError: an id that is not in the gallery.
         """
         wanted = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64).ravel()
-        if self._backend is None:
-            if len(wanted):
-                raise GalleryError(f"{len(wanted)} id(s) not in the gallery (e.g. {wanted[:5].tolist()}); it is empty")
-            return np.zeros((0, 0), np.float32)
-        return self._backend.vectors(wanted)
+
+        def read() -> np.ndarray:
+            if self._backend is None:
+                if len(wanted):
+                    raise GalleryError(f"{len(wanted)} id(s) not in the gallery (e.g. {wanted[:5].tolist()}); it is empty")
+                return np.zeros((0, 0), np.float32)
+            return self._backend.vectors(wanted)
+
+        return self._read(read)
 
     def iter_vectors(self, batch_size: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every ``(ids, feats)`` in id order, ``batch_size`` rows at a time (exact)."""
         if self._backend is None:
             return iter(())
-        return self._backend.iter_vectors(batch_size)
+        return self._iter_vectors(batch_size)
+
+    def _iter_vectors(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        started = False
+        try:
+            for part in self._backend.iter_vectors(batch_size):  # type: ignore[union-attr]
+                started = True
+                yield part
+        except GalleryError:
+            if started or not self._replaced_meanwhile():
+                raise
+            self._sync(repair=False)
+            if self._backend is not None:
+                yield from self._backend.iter_vectors(batch_size)
 
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """``(ids [n], feats [n, dim])`` of the whole gallery, id order."""
@@ -550,17 +601,29 @@ class Gallery:
             self._emit(self.ids(), removed)
 
     def set_spec(self, spec: IndexSpec) -> bool:
-        """Switch the index type/parameters; rebuilds from the stored vectors when the build changes.
+        """Switch the index type/parameters; rebuilds the index (FAISS: from the stored vectors;
+        Milvus: the collection's index) when the build changes.
 
         Returns True when the index was rebuilt.
+
+        Raises:
+            GalleryError: an index type this store cannot build (nothing is recorded then).
         """
+        check = getattr(self._factory, "check_spec", None)
+        if check is not None:
+            check(spec)
         with self._lock.hold():
-            self.meta.set_spec(spec)
+            old = self.meta.set_spec(spec)
             self._state = self.meta.state()
             set_backend_spec = getattr(self._backend, "set_spec", None)
             if set_backend_spec is None:
                 return False
-            rebuilt = bool(set_backend_spec(spec))
+            try:
+                rebuilt = bool(set_backend_spec(spec))
+            except Exception:
+                self.meta.set_spec(old)  # the old index is what the backend still has
+                self._state = self.meta.state()
+                raise
             if rebuilt:
                 self._flush()
             return rebuilt
@@ -655,6 +718,33 @@ class Gallery:
         self._emit(c.added, c.removed)
         return c.added, c.removed
 
+    def _read(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``, retried once on the current gallery when it failed because another process replaced
+        or cleared this one meanwhile (a backend holding the only copy, Milvus, has then dropped the
+        collection this object reads; a FAISS backend keeps the old vectors in memory until refreshed)."""
+        try:
+            return fn()
+        except GalleryError:
+            if not self._replaced_meanwhile():
+                raise
+            log.warning("another process replaced this gallery meanwhile; reading the new one")
+            self._sync(repair=False)
+            return fn()
+
+    def _replaced_meanwhile(self) -> bool:
+        """Whether another process switched or cleared this gallery since it was loaded (``False`` while building)."""
+        if self._building:
+            return False
+        try:
+            st = self.meta.state()
+        except Exception:  # the DB is unreachable: the original error says more
+            return False
+        return st.active != self._version or st.model_of(st.active)[1] != self._state.model_of(self._version)[1]
+
+    def _uses_files(self) -> bool:
+        """Whether the backend keeps FAISS index files in ``index_dir`` (what cleanup looks for)."""
+        return str(getattr(self._factory, "kind", "faiss")) == "faiss"
+
     def _holds_vectors(self) -> bool:
         probe = getattr(self._factory, "holds_vectors", None)
         return bool(probe)
@@ -676,7 +766,7 @@ class Gallery:
             self._backend, self._backend_key = None, None
             if repair and not self.meta.read_only:
                 with self._lock.try_hold() as held:
-                    if held:
+                    if held and self._uses_files():
                         with contextlib.suppress(FileNotFoundError):
                             index_file(self.index_dir, self._version).unlink()
                 if not self._building:
@@ -751,7 +841,7 @@ class Gallery:
                     if st.dim is not None:
                         self._make_backend(v, st.dim).drop()
                     self.meta.delete_version(v)
-            if not self.index_dir.is_dir():
+            if not self.index_dir.is_dir() or not self._uses_files():
                 return
             for p in self.index_dir.iterdir():
                 v = file_version(p)

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from indexer.db import STATE_ROW_ID, Embedding, GalleryRoot, GalleryState, ImageRow, utcnow
 from indexer.migrations import first_line
 from indexer.protocol import UNKNOWN, ImageMeta, NewImage, RemoveFilter, RowFields, SearchFilter, as_utc
-from indexer.vectors import IndexSpec
+from indexer.spec import IndexSpec
 from reid_search.data import parse_name
 from reid_search.errors import GalleryError
 

@@ -73,6 +73,7 @@ MILVUS_INDEX_TYPES: dict[str, str] = {
 }
 # What Milvus Lite (milvus-lite 3.x) builds; the rest need a Milvus server.
 LITE_INDEX_TYPES = ("flat", "ivf", "ivfsq8", "hnsw")
+MILVUS_DEFAULT_NLIST = 128  # what Milvus builds an IVF index with when nlist is not given
 # Parameters each type takes at build time and at search time (Milvus names).
 BUILD_PARAMS: dict[str, tuple[str, ...]] = {
     "flat": (),
@@ -121,9 +122,22 @@ class MilvusIndexSpec:
         """Parameters for ``create_index``."""
         return {k: v for k, v in self.params if k in BUILD_PARAMS[self.kind]}
 
-    def search_params(self) -> dict[str, int]:
-        """Parameters for ``search``."""
-        return {k: v for k, v in self.params if k in SEARCH_PARAMS[self.kind]}
+    def search_params(self, k: int | None = None) -> dict[str, int]:
+        """Parameters for a ``search`` of ``k`` hits; those not given are automatic, as for FAISS.
+
+        ``nprobe`` = max(32, nlist/5) (Milvus's own default, 8 of 128 lists, misses
+        much under a filter); HNSW ``ef`` = max(128, 2k); ``ef`` and DiskANN's
+        ``search_list`` are raised to k where smaller (Milvus refuses less).
+        """
+        out = {name: v for name, v in self.params if name in SEARCH_PARAMS[self.kind]}
+        if "nprobe" in SEARCH_PARAMS[self.kind] and "nprobe" not in out:
+            nlist = dict(self.params).get("nlist", MILVUS_DEFAULT_NLIST)
+            out["nprobe"] = min(nlist, max(32, nlist // 5))
+        if self.kind == "hnsw":
+            out["ef"] = max(out.get("ef", max(128, 2 * (k or 0))), k or 0)
+        if self.kind == "diskann" and "search_list" in out:
+            out["search_list"] = max(out["search_list"], k or 0)
+        return out
 
     def to_json(self) -> str:
         """Compact form (stored beside the gallery)."""
@@ -333,6 +347,8 @@ def connect(location: StoreLocation, token: str | None = None) -> Any:
     """
     if location.kind != "milvus" or location.uri is None:
         raise GalleryError(f"not a resolved Milvus location: {location!r}")
+    # gRPC's core logs at INFO on every fork (image-decoding workers) while its threads run; keep warnings
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
         from pymilvus import MilvusClient
     except ImportError:
@@ -354,6 +370,7 @@ def connect(location: StoreLocation, token: str | None = None) -> Any:
             raise GalleryError(f"the Milvus Lite file {path} is open in another process (Lite allows one at a time, "
                                "e.g. a running `reid-search serve`); stop it first, or use a Milvus server (--store http://HOST:19530)")
         kwargs: dict[str, Any] = {}
+        _hide_lite_timestamp_errors()
     else:
         token = token if token is not None else os.environ.get(TOKEN_ENV)
         kwargs = {"token": token} if token else {}
@@ -414,14 +431,62 @@ class MilvusBackend:
             raise GalleryError(f"the Milvus collection {self.collection} is not a reid-search gallery; "
                                "pass another --store or drop it")
         self.dim = int(fields["vec"].get("params", {}).get("dim"))
+        built = str(self._built().get("index_type", "")).upper()
+        if built and built != self.spec.index_type:  # e.g. a crash between recording a new type and the rebuild
+            log.warning("the Milvus collection %s has a %s index, not the recorded %s; run `reid-search index DIR "
+                        "--index-type %s` to rebuild it", self.collection, built, self.spec.index_type, self.spec.kind)
+
+    def _built(self) -> dict[str, Any]:
+        """``describe_index`` of the vector field (``{}`` when there is none)."""
         try:
-            idx = self.client.describe_index(self.collection, "vec") or {}
-        except Exception:
-            idx = {}
-        built = str(idx.get("index_type", "")).upper()
-        if built and built != self.spec.index_type and self.spec != MilvusIndexSpec():
-            log.warning("the Milvus collection %s has a %s index, not the %s asked for; re-index to change it",
-                        self.collection, built, self.spec.index_type)
+            return dict(self.client.describe_index(self.collection, "vec") or {})
+        except Exception:  # no index (or no collection): nothing built
+            return {}
+
+    def set_spec(self, spec: Any) -> bool:
+        """Switch to ``spec`` (an :class:`indexer.spec.IndexSpec` or a :class:`MilvusIndexSpec`).
+
+        When the index type or a build parameter changes, the collection's index is
+        rebuilt in place: released, its vector index dropped and created anew, loaded
+        again (Milvus builds it from the vectors it holds; nothing is re-inserted).
+        A change of search parameters only is taken at once. Returns True when rebuilt.
+
+        Raises:
+            GalleryError: a type Milvus Lite cannot build (on Lite), or a failing Milvus.
+        """
+        new = spec if isinstance(spec, MilvusIndexSpec) else spec_from_index_spec(spec, lite=self.lite)
+        old, self.spec = self.spec, new
+        if not self._exists:
+            return False
+        built = self.index_type()
+        if built == new.index_type and old.kind == new.kind and old.build_params() == new.build_params():
+            return False
+        log.info("rebuilding the index of Milvus collection %s: %s -> %s", self.collection, built or "none", new.describe())
+        self._call("release_collection", self.collection)
+        try:
+            if built is not None:
+                self._call("drop_index", self.collection, "vec")
+            self._create_index(new)
+        except GalleryError:
+            self.spec = old  # put the old index back, so the gallery stays searchable
+            with contextlib.suppress(GalleryError):
+                if self.index_type() is None:
+                    self._create_index(old)
+            raise
+        finally:
+            self._call("load_collection", self.collection)
+        return True
+
+    def _create_index(self, spec: MilvusIndexSpec) -> None:
+        index = self.client.prepare_index_params()
+        index.add_index("vec", index_type=spec.index_type, metric_type="IP", params=spec.build_params())
+        self._call("create_index", self.collection, index)
+
+    def index_type(self) -> str | None:
+        """The Milvus index type the collection is built with, e.g. ``HNSW`` (``None`` before the first add)."""
+        if not self._exists:
+            return None
+        return str(self._built().get("index_type", "")).upper() or None
 
     def _create(self, dim: int) -> None:
         from pymilvus import DataType, MilvusClient
@@ -449,10 +514,7 @@ class MilvusBackend:
     @property
     def ntotal(self) -> int:
         """Vectors held (an exact count: deletes included)."""
-        if not self._exists:
-            return 0
-        rows = self._call("query", self.collection, filter="", output_fields=["count(*)"])
-        return int(rows[0]["count(*)"]) if rows else 0
+        return self._count("") if self._exists else 0
 
     def ids(self) -> np.ndarray:
         """Every id held (int64, sorted)."""
@@ -547,7 +609,7 @@ class MilvusBackend:
         groups: dict[str | None, list[int]] = {}
         for i, f in enumerate(filters):
             groups.setdefault(filter_expr(f), []).append(i)
-        params = {"metric_type": "IP", "params": self.spec.search_params()}
+        params = {"metric_type": "IP", "params": self.spec.search_params(k)}
         for expr, rows in groups.items():
             if expr is None:
                 continue
@@ -560,7 +622,60 @@ class MilvusBackend:
                     if n:
                         out[i, :n] = [h["id"] for h in hits[:n]]
                         sims[i, :n] = [h["distance"] for h in hits[:n]]
+            if self.spec.kind != "flat":
+                self._fill_short(feats, k, expr, rows, sims, out)
         return sims, out
+
+    def _fill_short(self, feats: np.ndarray, k: int, expr: str, rows: list[int], sims: np.ndarray,
+                    out: np.ndarray) -> None:
+        """Answer exactly the queries an approximate index left short of k although more crops pass ``expr``.
+
+        A selective filter can leave a graph or inverted-list search with fewer than k
+        hits (Milvus Lite's HNSW does); as with FAISS, such queries are re-answered by
+        exact search over the vectors that pass the filter, streamed from Milvus.
+        """
+        short = [i for i in rows if (out[i] >= 0).sum() < k]
+        if not short:
+            return
+        passing = self._count(expr)
+        short = [i for i in short if (out[i] >= 0).sum() < min(k, passing)]
+        if not short:
+            return
+        from indexer.vectors import exact_search, merge_topk
+
+        log.debug("%d filtered queries fell back to exact search over %d crops", len(short), passing)
+        q = feats[short]
+        best_s = np.full((len(short), k), -np.inf, np.float32)
+        best_i = np.full((len(short), k), -1, np.int64)
+        for ids, xb in self._iter_where(expr):
+            best_s, best_i = merge_topk(best_s, best_i, *exact_search(q, xb, ids, k), k)
+        best_i[~np.isfinite(best_s)] = -1
+        sims[short], out[short] = best_s, best_i
+
+    def _count(self, expr: str) -> int:
+        rows = self._call("query", self.collection, filter=expr, output_fields=["count(*)"])
+        return int(rows[0]["count(*)"]) if rows else 0
+
+    def _iter_where(self, expr: str, batch_size: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(ids, vectors)`` of every entity matching ``expr``, a batch at a time."""
+        with _quiet_pymilvus():
+            it = self._call("query_iterator", self.collection, batch_size=batch_size, filter=expr,
+                            output_fields=["id", "vec"])
+        try:
+            while True:
+                try:
+                    with _quiet_pymilvus():
+                        batch = it.next()
+                except Exception as exc:
+                    raise GalleryError(f"reading the vectors of Milvus collection {self.collection} failed "
+                                       f"({_first_line(exc)}); retry") from None
+                if not batch:
+                    return
+                yield (np.fromiter((r["id"] for r in batch), np.int64, len(batch)),
+                       np.asarray([r["vec"] for r in batch], np.float32).reshape(len(batch), -1))
+        finally:
+            with contextlib.suppress(Exception):
+                it.close()
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors of ``ids`` (``[n, dim]`` float32, given order).
@@ -581,8 +696,9 @@ class MilvusBackend:
                     found[int(r["id"])] = r["vec"]
         missing = [int(i) for i in wanted if int(i) not in found]
         if missing:
-            raise GalleryError(f"{len(missing)} id(s) have no vector in Milvus collection {self.collection} "
-                               f"(e.g. {missing[:5]}); reopen the gallery to repair it")
+            raise GalleryError(f"{len(missing)} id(s) not in the gallery (e.g. {missing[:5]}): the Milvus collection "
+                               f"{self.collection} has no vector for them (removed or never added; if the DB still "
+                               "lists them, reopening the gallery repairs it)")
         return np.asarray([found[int(i)] for i in wanted], dtype=np.float32).reshape(len(wanted), dim)
 
     def iter_vectors(self, batch_size: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -641,6 +757,30 @@ class MilvusBackend:
             self.client.close()
 
 
+class _LiteTimestampFilter(logging.Filter):
+    """Drops the traceback Lite's in-process gRPC server logs when pymilvus's query iterator asks it for a
+    timestamp (``AllocTimestamp``, which Lite does not implement; pymilvus then uses a client-side one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, NotImplementedError) and "AllocTimestamp" in _traceback_names(record))
+
+
+def _traceback_names(record: logging.LogRecord) -> str:
+    tb = record.exc_info[2] if record.exc_info else None
+    names = []
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return " ".join(names)
+
+
+def _hide_lite_timestamp_errors() -> None:
+    lg = logging.getLogger("grpc._server")
+    if not any(isinstance(f, _LiteTimestampFilter) for f in lg.filters):
+        lg.addFilter(_LiteTimestampFilter())
+
+
 @contextlib.contextmanager
 def _quiet_pymilvus() -> Iterator[None]:
     """pymilvus's query iterator warns on every Lite call that it uses a client-side timestamp; that is expected."""
@@ -665,23 +805,28 @@ def open_backend(location: StoreLocation, collection: str, spec: MilvusIndexSpec
 # ---- plugging into the coordinator ----------------------------------------------
 
 # FAISS-style index kinds (what the SQL state records) -> Milvus kinds; parameters renamed alike.
-_FROM_FAISS_KIND = {"flat": "flat", "ivf": "ivf", "ivfpq": "ivfpq", "hnsw": "hnsw"}
+_FROM_FAISS_KIND = {"flat": "flat", "ivf": "ivf", "ivfpq": "ivfpq", "hnsw": "hnsw", "ivfsq8": "ivfsq8",
+                    "diskann": "diskann"}
 _FROM_FAISS_PARAM = {"nlist": "nlist", "nprobe": "nprobe", "pq_m": "m", "hnsw_m": "M",
-                     "ef_construction": "efConstruction", "ef_search": "ef"}
+                     "ef_construction": "efConstruction", "ef_search": "ef", "search_list": "search_list"}
 
 
 def spec_from_index_spec(spec: Any, lite: bool = False) -> MilvusIndexSpec:
-    """The Milvus index for a gallery's recorded :class:`indexer.vectors.IndexSpec`.
+    """The Milvus index for a gallery's recorded :class:`indexer.spec.IndexSpec`.
 
-    ``flat``/``ivf``/``ivfpq``/``hnsw`` become FLAT/IVF_FLAT/IVF_PQ/HNSW with the
-    parameters that have a Milvus counterpart (0 = automatic is left to Milvus).
+    ``flat``/``ivf``/``ivfpq``/``hnsw``/``ivfsq8``/``diskann`` become
+    FLAT/IVF_FLAT/IVF_PQ/HNSW/IVF_SQ8/DISKANN with the parameters that have a
+    Milvus counterpart (0 = automatic: see :meth:`MilvusIndexSpec.search_params`).
 
     Raises:
-        GalleryError: a type Milvus Lite cannot build, on Lite.
+        GalleryError: an unknown type, or one Milvus Lite cannot build, on Lite.
     """
     if spec is None:
         return MilvusIndexSpec()
-    kind = _FROM_FAISS_KIND.get(getattr(spec, "kind", "flat"), "flat")
+    kind = getattr(spec, "kind", "flat")
+    if kind not in _FROM_FAISS_KIND:
+        raise GalleryError(f"unknown index type {kind!r} for the Milvus store; choose one of {', '.join(_FROM_FAISS_KIND)}")
+    kind = _FROM_FAISS_KIND[kind]
     params = []
     for name, milvus_name in _FROM_FAISS_PARAM.items():
         v = int(getattr(spec, name, 0) or 0)
@@ -703,11 +848,30 @@ class MilvusFactory:
     coordinator to keep no vectors in SQL.
     """
 
+    kind = "milvus"
     holds_vectors = True
 
     def __init__(self, location: StoreLocation) -> None:
         self.location = location
         self._client: Any = None
+
+    def leftovers(self, workspace_dir: str | os.PathLike[str]) -> list[Path]:
+        """The workspace's own Lite file when it holds reid-search collections (checked when the DB is empty:
+        a lost or truncated DB beside them); ``[]`` otherwise. A shared file or a server holds other galleries
+        too, so only the workspace's own file is checked."""
+        own = Path(workspace_dir).resolve() / LITE_FILE
+        if not self.location.is_lite or Path(self.location.uri or "") != own or not own.exists():
+            return []
+        try:
+            names = self.client.list_collections()
+        except Exception as exc:
+            raise GalleryError(f"cannot list the collections of the Milvus Lite file {own} ({_first_line(exc)}); "
+                               "check the file, or delete it to start a new gallery") from None
+        return [own] if any(str(n).startswith("reid_") for n in names) else []
+
+    def check_spec(self, spec: Any) -> None:
+        """Raise ``GalleryError`` for an index type this store cannot build (IVF_PQ, DISKANN on Lite)."""
+        spec_from_index_spec(spec, lite=self.location.is_lite)
 
     @property
     def client(self) -> Any:

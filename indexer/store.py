@@ -15,11 +15,10 @@ import os
 from pathlib import Path
 
 from indexer.coordinator import LOCK_FILE, BackendFactory, Gallery, WriterLock
-from indexer.faiss_backend import file_version
 from indexer.metadata import MetadataDB, make_engine
 from indexer.migrations import current_revision, head_revision, upgrade_db
 from indexer.protocol import ChangeEvent, ImageMeta, NewImage, RemoveFilter, SearchFilter
-from indexer.vectors import IndexSpec
+from indexer.spec import IndexSpec
 from reid_search.errors import GalleryError
 from reid_search.workspace import Workspace
 
@@ -46,6 +45,8 @@ def sha256_file(path: str | os.PathLike[str], bufsize: int = 1 << 20) -> tuple[s
 def _index_files(index_dir: Path) -> list[Path]:
     if not index_dir.is_dir():
         return []
+    from indexer.faiss_backend import file_version  # loads faiss: only where there are files to look at
+
     return sorted(p for p in index_dir.iterdir() if file_version(p) is not None and p.is_file() and p.stat().st_size > 0)
 
 
@@ -92,6 +93,8 @@ def open_gallery(
         revision, reachable = None, False
     if reachable and revision is None:
         leftovers = _index_files(index_dir)
+        if not leftovers and isinstance(target, Workspace) and hasattr(factory, "leftovers"):
+            leftovers = factory.leftovers(target.root)  # type: ignore[union-attr]  # the workspace's Milvus Lite file
         if leftovers:
             raise GalleryError(
                 f"the metadata DB {engine.url!r} is empty (new, or a zero-byte file) but {leftovers[0]} holds a "

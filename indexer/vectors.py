@@ -44,7 +44,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -53,20 +53,10 @@ import numpy as np
 
 from reid_search.atomic import atomic_write
 from reid_search.devices import why_no_gpu
+from indexer.spec import KINDS, PARAMS_BY_KIND, SEARCH_PARAMS, IndexSpec, parse_index_spec
 from reid_search.errors import GalleryError
-from reid_search.limits import INDEX_KINDS as KINDS
 
 log = logging.getLogger(__name__)
-
-# Which IndexSpec fields each kind understands (besides ``kind``).
-PARAMS_BY_KIND: dict[str, tuple[str, ...]] = {
-    "flat": (),
-    "ivf": ("nlist", "nprobe", "min_train"),
-    "ivfpq": ("nlist", "nprobe", "pq_m", "refine_bits", "k_factor", "min_train"),
-    "hnsw": ("hnsw_m", "ef_construction", "ef_search"),
-}
-# Changing these needs no rebuild: they only steer the search.
-SEARCH_PARAMS = frozenset({"nprobe", "k_factor", "ef_search"})
 
 FILE_MAGIC = b"reid-search faiss index v1\n"
 GROWTH_RETRAIN = 16  # retrain ivf/ivfpq (automatic nlist) once the gallery is this many times larger
@@ -75,99 +65,6 @@ SQ_CODES = {4: faiss.ScalarQuantizer.QT_4bit, 6: faiss.ScalarQuantizer.QT_6bit, 
 RABITQ_BITS = (2, 3)
 REFINE_BITS = tuple(sorted((*SQ_CODES, *RABITQ_BITS)))
 DEAD_FRACTION = 0.25  # ivfpq: rebuild once this share of the re-scoring codes belongs to removed images
-
-
-@dataclass(frozen=True)
-class IndexSpec:
-    """How the gallery's FAISS index is built and searched; 0 means "automatic".
-
-    Attributes:
-        kind: ``flat``, ``ivf``, ``ivfpq`` or ``hnsw``.
-        nlist: inverted lists; auto ≈ √n rounded to a power of two, ≥ 39 vectors per list.
-        nprobe: lists visited per query; auto = max(32, nlist/5).
-        pq_m: 4-bit sub-quantizers of the ivfpq first stage; auto = dim/32 (at least 8).
-        refine_bits: bits per dimension of the ivfpq re-scoring codes: 2 or 3 (RaBitQ),
-            4, 6 or 8 (scalar quantizer); auto = 8 up to 512 dimensions, else 2
-            (4 where the installed faiss lacks multi-bit RaBitQ).
-        k_factor: ivfpq candidates per result; auto = 8.
-        hnsw_m: graph degree of hnsw.
-        ef_construction: hnsw build beam width.
-        ef_search: hnsw search beam width; auto = max(128, 2k).
-        min_train: ivf/ivfpq stay exact (flat) below this many vectors.
-    """
-
-    kind: str = "flat"
-    nlist: int = 0
-    nprobe: int = 0
-    pq_m: int = 0
-    refine_bits: int = 0
-    k_factor: int = 0
-    hnsw_m: int = 32
-    ef_construction: int = 80
-    ef_search: int = 0
-    min_train: int = 10_000
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise GalleryError(f"unknown index type {self.kind!r}; choose one of {', '.join(KINDS)}")
-        for f in fields(self):
-            if f.name == "kind":
-                continue
-            if int(getattr(self, f.name)) < 0:
-                raise GalleryError(f"index parameter {f.name} must be ≥ 0, not {getattr(self, f.name)}")
-            if f.name not in PARAMS_BY_KIND[self.kind]:  # canonical form: other kinds' knobs at defaults
-                object.__setattr__(self, f.name, f.default)
-
-    def params(self) -> dict[str, int]:
-        """The parameters of this kind that differ from the defaults."""
-        default = IndexSpec(self.kind)
-        return {k: getattr(self, k) for k in PARAMS_BY_KIND[self.kind] if getattr(self, k) != getattr(default, k)}
-
-    def to_json(self) -> str:
-        """Compact form stored in the DB and in index files."""
-        return json.dumps({"kind": self.kind, **self.params()}, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "IndexSpec":
-        """Inverse of :meth:`to_json`."""
-        d = json.loads(text)
-        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
-
-    def build_key(self) -> tuple[Any, ...]:
-        """The parameters that shape the index; a change means a rebuild."""
-        return (self.kind,) + tuple(
-            (k, getattr(self, k)) for k in PARAMS_BY_KIND[self.kind] if k not in SEARCH_PARAMS
-        )
-
-    def describe(self) -> str:
-        """E.g. ``ivfpq (nlist=1024)``."""
-        p = self.params()
-        return self.kind + (" (" + ", ".join(f"{k}={v}" for k, v in p.items()) + ")" if p else "")
-
-
-def parse_index_spec(kind: str, params: Iterable[str] = (), base: IndexSpec | None = None) -> IndexSpec:
-    """Build a spec from ``--index-type`` and ``--index-param KEY=VALUE`` strings.
-
-    ``base`` (the gallery's current spec) supplies parameters not given when the kind is unchanged.
-
-    Raises:
-        GalleryError: unknown kind, unknown key for this kind, or a non-integer value.
-    """
-    values: dict[str, int] = dict(base.params()) if base is not None and base.kind == kind else {}
-    allowed = PARAMS_BY_KIND.get(kind)
-    if allowed is None:
-        raise GalleryError(f"unknown index type {kind!r}; choose one of {', '.join(KINDS)}")
-    for item in params:
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in allowed:
-            valid = ", ".join(allowed) or "none"
-            raise GalleryError(f"--index-param {item!r}: {kind} takes KEY=VALUE with KEY one of: {valid}")
-        try:
-            values[key] = int(value)
-        except ValueError:
-            raise GalleryError(f"--index-param {item!r}: the value must be an integer (0 = automatic)") from None
-    return IndexSpec(kind, **values)
 
 
 # ---- automatic parameters (pure functions) ---------------------------------

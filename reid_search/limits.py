@@ -29,4 +29,4 @@ DEFAULT_MAX_QUEUE = 256
 
 # ---- gallery index types (indexer.vectors)
 
-INDEX_KINDS = ("flat", "ivf", "ivfpq", "hnsw")
+INDEX_KINDS = ("flat", "ivf", "ivfpq", "hnsw", "ivfsq8", "diskann")  # the last two: the Milvus store only

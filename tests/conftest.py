@@ -88,3 +88,43 @@ def one_line_error(result, *needles: str, after: str | None = None) -> str:
         assert n in msg, msg
     return msg
 
+
+
+# ---- the two gallery stores ---------------------------------------------------------------------------
+#
+# Store-level tests take ``store`` (a ``--store`` value) and run once per store: FAISS, and Milvus Lite.
+# Every Milvus gallery of a session shares one Lite file: each gallery has its own collections
+# (named after its DB's id), and Lite starts one in-process server per file that lives until exit,
+# so one file costs one start-up instead of one per test.
+
+STORE_KINDS = ("faiss", "milvus")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "faiss_only: tests FAISS internals (the index file, training); "
+                                       "not run against the Milvus store")
+
+
+@pytest.fixture(scope="session")
+def milvus_lite_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``--store milvus:PATH.db`` of the session's shared Milvus Lite file (skips where milvus-lite cannot run)."""
+    pytest.importorskip("milvus_lite", reason="milvus-lite cannot run here")
+    return f"milvus:{tmp_path_factory.mktemp('milvus') / 'store_tests.db'}"
+
+
+def store_value(kind: str, request: pytest.FixtureRequest) -> str:
+    """The ``--store`` value for a store kind (``faiss`` or ``milvus``)."""
+    return "faiss" if kind == "faiss" else request.getfixturevalue("milvus_lite_store")
+
+
+@pytest.fixture(params=STORE_KINDS)
+def store(request: pytest.FixtureRequest) -> str:
+    """A ``--store`` value, once per store kind: ``faiss``, then the shared Milvus Lite file."""
+    return store_value(request.param, request)
+
+
+def store_workspace(path: Path, store: str):  # -> Workspace (imported lazily: conftest loads for every test)
+    """A workspace at ``path`` whose gallery lives in ``store`` (recorded at the first open)."""
+    from reid_search.workspace import Workspace
+
+    return Workspace(path, store_override=store)

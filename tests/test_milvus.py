@@ -235,7 +235,14 @@ def test_lite_index_types_search_and_find_themselves(tmp_path: Path, kind: str) 
 def test_index_spec_parsing() -> None:
     s = parse_milvus_spec("HNSW", ["hnsw_m=16", "ef_construction=200", "ef=64"])
     assert s.index_type == "HNSW" and s.build_params() == {"M": 16, "efConstruction": 200}
-    assert s.search_params() == {"ef": 64}
+    assert s.search_params() == {"ef": 64} and s.search_params(k=100) == {"ef": 100}  # Milvus needs ef >= k
+    # automatic search parameters, as for FAISS: nprobe = max(32, nlist/5), ef = max(128, 2k)
+    assert parse_milvus_spec("ivf").search_params() == {"nprobe": 32}
+    assert parse_milvus_spec("ivfsq8", ["nlist=4096"]).search_params() == {"nprobe": 819}
+    assert parse_milvus_spec("ivf", ["nlist=16"]).search_params() == {"nprobe": 16}
+    assert parse_milvus_spec("ivf", ["nprobe=3"]).search_params() == {"nprobe": 3}
+    assert parse_milvus_spec("hnsw").search_params(k=10) == {"ef": 128}
+    assert parse_milvus_spec("hnsw").search_params(k=500) == {"ef": 1000}
     assert MilvusIndexSpec.from_json(s.to_json()) == s
     assert parse_milvus_spec("IVF_PQ", ["nlist=1024", "pq_m=64", "nbits=8", "nprobe=32"]).index_type == "IVF_PQ"
     assert parse_milvus_spec("ivf_flat").index_type == "IVF_FLAT"

@@ -219,3 +219,88 @@ def test_cuhk03_eval_and_rerank_equal_on_both_stores(tmp_path: Path) -> None:
         assert a["num_gallery"] == b["num_gallery"] == 738
         for key in ("rank1", "mAP"):
             assert abs(a[key] - b[key]) <= 1e-4, (key, a, b)
+
+
+def test_a_reader_of_a_replaced_gallery_reads_the_new_one(tmp_path: Path) -> None:
+    """The re-index dropped the collection a long-running reader (serve) was reading: it follows the switch."""
+    ws = Workspace(tmp_path / "ws", store_override="milvus:")
+    serve, cli = open_gallery(ws), open_gallery(ws)
+    imgs, x = images(tmp_path, 12)
+    serve.add_images(imgs[:6], x[:6], FP)
+    cli.refresh()
+    with cli.replacing() as new:
+        new_ids = new.add_images(imgs[6:], x[6:], FP)
+    assert not serve.backend.client.has_collection(serve.backend.collection)  # the old version is gone
+    np.testing.assert_array_equal(serve.search(x[6:], 1)[1][:, 0], new_ids)  # no refresh in between
+    assert serve.ntotal == 6 and serve.version == cli.version
+    np.testing.assert_array_equal(serve.vectors(new_ids[:2]), x[6:8])
+    serve.close()
+    cli.close()
+
+
+def test_index_type_change_rebuilds_the_collection_index(tmp_path: Path) -> None:
+    from indexer import IndexSpec
+    from reid_search.errors import GalleryError
+
+    ws = Workspace(tmp_path / "ws", store_override="milvus:")
+    g = open_gallery(ws)
+    imgs, x = images(tmp_path, 300)
+    ids = g.add_images(imgs, x, FP)
+    assert g.backend.index_type() == "FLAT"
+    assert g.set_spec(IndexSpec("hnsw", hnsw_m=8)) is True
+    assert g.backend.index_type() == "HNSW" and g.spec.kind == "hnsw" and g.ntotal == 300
+    np.testing.assert_array_equal(g.search(x[:30], 1)[1][:, 0], ids[:30])
+    assert g.set_spec(IndexSpec("hnsw", hnsw_m=8, ef_search=64)) is False  # a search parameter: no rebuild
+    assert g.backend.spec.search_params(10) == {"ef": 64}
+    assert g.set_spec(IndexSpec("ivfsq8", nlist=8)) is True  # a Milvus-only type
+    assert g.backend.index_type() == "IVF_SQ8"
+    assert (g.search(x[:30], 1)[1][:, 0] == ids[:30]).mean() >= 0.9  # 8-bit codes: near ties may swap
+    for kind in ("diskann", "ivfpq"):  # server-only: refused before anything changes
+        with pytest.raises(GalleryError, match="Milvus Lite cannot build .*--store http") as e:
+            g.set_spec(IndexSpec(kind))
+        assert "\n" not in str(e.value)
+        assert g.spec == IndexSpec("ivfsq8", nlist=8) and g.backend.index_type() == "IVF_SQ8"
+    g.close()
+    g = open_gallery(Workspace(tmp_path / "ws"))  # recorded: reopened with the same index
+    assert g.spec == IndexSpec("ivfsq8", nlist=8) and g.backend.index_type() == "IVF_SQ8"
+    assert g.set_spec(IndexSpec("flat")) is True and g.backend.index_type() == "FLAT"
+    np.testing.assert_array_equal(g.search(x[:30], 1)[1][:, 0], ids[:30])
+    g.close()
+
+
+def test_index_type_option_on_a_milvus_and_a_faiss_gallery(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from reid_search.cli import main
+
+    folder = tmp_path / "gal"
+    for i in range(6):
+        write_crop(folder / f"{i // 2 + 1:04d}_c{i % 2 + 1}s1_{i:06d}_00.jpg", seed=i, size=(32, 64))
+    args = ["--model", str(tiny_ckpt), "--workers", "0"]
+    mw, fw = ["-w", str(tmp_path / "wm"), "--store", "milvus:"], ["-w", str(tmp_path / "wf")]
+    r = CliRunner().invoke(main, [*mw, "index", str(folder), *args])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, [*mw, "index", str(folder), *args, "--index-type", "hnsw"])  # an existing gallery
+    assert r.exit_code == 0 and "unchanged 6" in r.output and "hnsw index in milvus" in r.output.strip().splitlines()[-1], r.output
+    r = CliRunner().invoke(main, [*mw, "index", str(folder), *args, "--index-type", "ivfsq8", "--index-param", "nlist=4"])
+    assert r.exit_code == 0 and "ivfsq8 (nlist=4)" in r.output, r.output
+    g = open_gallery(Workspace(tmp_path / "wm"))
+    assert g.backend.index_type() == "IVF_SQ8" and g.ntotal == 6
+    g.close()
+    r = CliRunner().invoke(main, [*mw, "index", str(folder), *args, "--index-type", "diskann"])
+    msg = r.output.strip().splitlines()[-1]
+    assert r.exit_code == 1 and msg.startswith("Error: Milvus Lite cannot build DISKANN"), r.output
+    r = CliRunner().invoke(main, [*fw, "index", str(folder), *args])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, [*fw, "index", str(folder), *args, "--index-type", "ivfsq8"])
+    msg = r.output.strip().splitlines()[-1]
+    assert r.exit_code == 1 and msg.startswith("Error: --index-type ivfsq8 is a Milvus index; the FAISS store"), r.output
+    assert open_gallery(Workspace(tmp_path / "wf")).spec.kind == "flat"
+
+
+def test_a_milvus_gallery_does_not_load_faiss() -> None:
+    """The SQL side, the coordinator and the index spec are plain: a Milvus server deployment needs no faiss."""
+    code = ("import sys, indexer, indexer.metadata, indexer.milvus, indexer.coordinator, indexer.store; "
+            "indexer.IndexSpec('ivfsq8'); indexer.parse_index_spec('hnsw', ['ef_search=64']); "
+            "print(sorted(m for m in ('faiss', 'pymilvus') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr

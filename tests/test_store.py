@@ -1,4 +1,7 @@
-"""The gallery store: DB + index consistency, repair on open, roots, listeners (SQLite)."""
+"""The gallery store: DB + index consistency, repair on open, roots, listeners (SQLite).
+
+Tests taking ``store`` run on both stores (FAISS and Milvus Lite, see ``tests/conftest.py``);
+those marked ``faiss_only`` test the FAISS index file or its training."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import pytest
 from indexer import ChangeEvent, Gallery, IndexSpec, NewImage, open_gallery
 from reid_search.errors import GalleryError
 from reid_search.workspace import Workspace
+from tests.conftest import store_workspace
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -34,7 +38,14 @@ def feats(n: int, d: int = 16, seed: int = 0) -> np.ndarray:
 
 
 @pytest.fixture()
-def ws(tmp_path: Path) -> Workspace:
+def ws(tmp_path: Path, store: str) -> Workspace:
+    """A workspace on each store in turn."""
+    return store_workspace(tmp_path / "ws", store)
+
+
+@pytest.fixture()
+def fws(tmp_path: Path) -> Workspace:
+    """A FAISS workspace (for the ``faiss_only`` tests)."""
     return Workspace(tmp_path / "ws")
 
 
@@ -91,7 +102,7 @@ def test_same_path_replaces_and_ids_are_never_reused(ws: Workspace, tmp_path: Pa
     new = g.add_images([imgs[0]], feats(1, seed=9), "m")
     assert g.ntotal == 2 and new[0] > first[2]
     assert sorted(g.ids().tolist()) == sorted([first[1], new[0]])
-    np.testing.assert_array_equal(g.index.ids(), g.ids())
+    np.testing.assert_array_equal(g.backend.ids(), g.ids())
 
 
 def test_model_mismatch_is_refused(ws: Workspace, tmp_path: Path) -> None:
@@ -139,8 +150,10 @@ def test_nested_roots_are_absorbed(ws: Workspace, tmp_path: Path) -> None:
     assert set(g.existing(tmp_path / "data" / "cam1")) == {im.path.name for im in inner}
 
 
-def test_index_lagging_the_db_is_repaired_on_open(ws: Workspace, tmp_path: Path) -> None:
+@pytest.mark.faiss_only  # the index file lagging the DB (Milvus: tests/test_milvus_store.py, repair)
+def test_index_lagging_the_db_is_repaired_on_open(fws: Workspace, tmp_path: Path) -> None:
     """A crash after a DB commit but before the index file is written: re-add from the DB."""
+    ws = fws
     g = open_gallery(ws, save_interval=3600)
     x = feats(40)
     g.add_images(fake_images(tmp_path / "g", 20), x[:20], "m")
@@ -153,8 +166,8 @@ def test_index_lagging_the_db_is_repaired_on_open(ws: Workspace, tmp_path: Path)
     np.testing.assert_array_equal(g2.search(x[20:25], 1)[1][:, 0], ids2[:5])
 
 
-def test_stale_vectors_in_the_file_are_dropped_on_open(ws: Workspace, tmp_path: Path) -> None:
-    """Ids in the index that the DB no longer has (a removal that never reached the file)."""
+def test_stale_vectors_in_the_file_are_dropped_on_open(ws: Workspace, store: str, tmp_path: Path) -> None:
+    """Ids in the vector backend that the DB no longer has (a removal that never reached it)."""
     g = open_gallery(ws)
     ids = g.add_images(fake_images(tmp_path / "g", 10), feats(10), "m")
     g.close()
@@ -165,13 +178,20 @@ def test_stale_vectors_in_the_file_are_dropped_on_open(ws: Workspace, tmp_path: 
     con.close()
     g2 = open_gallery(ws)
     assert g2.ntotal == 8 and not np.isin(g2.search(feats(10), 10)[1], ids[:2]).any()
-    from indexer.vectors import VectorIndex
+    np.testing.assert_array_equal(g2.backend.ids(), ids[2:])
+    g2.close()
+    if store == "faiss":
+        from indexer.vectors import VectorIndex
 
-    on_disk, _ = VectorIndex.load(ws.index_dir / "gallery.faiss")
-    np.testing.assert_array_equal(on_disk.ids(), ids[2:])  # the repair was written back
+        on_disk, _ = VectorIndex.load(ws.index_dir / "gallery.faiss")
+        np.testing.assert_array_equal(on_disk.ids(), ids[2:])  # the repair was written back
+    else:
+        np.testing.assert_array_equal(open_gallery(ws).backend.ids(), ids[2:])  # deleted from the collection
 
 
-def test_missing_or_corrupt_index_file_is_rebuilt(ws: Workspace, tmp_path: Path) -> None:
+@pytest.mark.faiss_only  # the index file
+def test_missing_or_corrupt_index_file_is_rebuilt(fws: Workspace, tmp_path: Path) -> None:
+    ws = fws
     g = open_gallery(ws)
     x = feats(12)
     g.add_images(fake_images(tmp_path / "g", 12), x, "m")
@@ -183,7 +203,9 @@ def test_missing_or_corrupt_index_file_is_rebuilt(ws: Workspace, tmp_path: Path)
     np.testing.assert_array_equal(open_gallery(ws).search(x, 3)[1], want)
 
 
-def test_flat_becomes_ivf_past_the_training_threshold(ws: Workspace, tmp_path: Path) -> None:
+@pytest.mark.faiss_only  # FAISS training
+def test_flat_becomes_ivf_past_the_training_threshold(fws: Workspace, tmp_path: Path) -> None:
+    ws = fws
     g = open_gallery(ws, spec=IndexSpec("ivf", min_train=700))
     x = feats(1000, d=8, seed=3)
     g.add_images(fake_images(tmp_path / "g", 600), x[:600], "m")
@@ -195,8 +217,10 @@ def test_flat_becomes_ivf_past_the_training_threshold(ws: Workspace, tmp_path: P
     assert g2.index.trained and g2.spec == IndexSpec("ivf", min_train=700)
 
 
+@pytest.mark.faiss_only  # FAISS training and rebuilds (Milvus: tests/test_milvus_store.py)
 @pytest.mark.parametrize("kind", ["hnsw", "ivfpq", "flat"])
-def test_switching_index_type_rebuilds_from_stored_vectors(kind: str, ws: Workspace, tmp_path: Path) -> None:
+def test_switching_index_type_rebuilds_from_stored_vectors(kind: str, fws: Workspace, tmp_path: Path) -> None:
+    ws = fws
     g = open_gallery(ws)
     x = feats(800, d=16, seed=4)
     ids = g.add_images(fake_images(tmp_path / "g", 800), x, "m")
@@ -209,7 +233,9 @@ def test_switching_index_type_rebuilds_from_stored_vectors(kind: str, ws: Worksp
     assert open_gallery(ws).spec.kind == kind
 
 
-def test_search_parameter_change_needs_no_rebuild(ws: Workspace, tmp_path: Path) -> None:
+@pytest.mark.faiss_only  # the FAISS index object
+def test_search_parameter_change_needs_no_rebuild(fws: Workspace, tmp_path: Path) -> None:
+    ws = fws
     g = open_gallery(ws, spec=IndexSpec("ivf", min_train=700))
     g.add_images(fake_images(tmp_path / "g", 800), feats(800, d=8), "m")
     before = g.index
@@ -237,6 +263,7 @@ def test_change_listeners_and_generation(ws: Workspace, tmp_path: Path) -> None:
     assert other.ntotal == g.ntotal == 3
 
 
+@pytest.mark.faiss_only  # a DB URL plus the folder of the index file
 def test_open_by_url_and_errors(tmp_path: Path) -> None:
     g = open_gallery(f"sqlite:///{tmp_path / 'x.db'}", tmp_path / "idx")
     g.add_images(fake_images(tmp_path / "g", 2), feats(2), "m")
@@ -257,8 +284,12 @@ def test_open_by_url_and_errors(tmp_path: Path) -> None:
         open_gallery(f"sqlite:///{tmp_path / 'file' / 'x.db'}", tmp_path / "i4")
 
 
-def test_gallery_is_a_context_manager(ws: Workspace, tmp_path: Path) -> None:
+def test_gallery_is_a_context_manager(ws: Workspace, store: str, tmp_path: Path) -> None:
     with open_gallery(ws, save_interval=3600) as g:
         assert isinstance(g, Gallery)
-        g.add_images(fake_images(tmp_path / "g", 3), feats(3), "m")
-    assert (ws.index_dir / "gallery.faiss").is_file()  # pending index changes are written on close
+        ids = g.add_images(fake_images(tmp_path / "g", 3), feats(3), "m")
+    if store == "faiss":
+        assert (ws.index_dir / "gallery.faiss").is_file()  # pending index changes are written on close
+    with open_gallery(ws) as g:
+        np.testing.assert_array_equal(g.backend.ids(), ids)
+        np.testing.assert_array_equal(g.search(feats(3), 1)[1][:, 0], ids)

@@ -1,4 +1,7 @@
-"""Regression tests of issue 11's store defects; each failed on the code before the store split."""
+"""Regression tests of issue 11's store defects; each failed on the code before the store split.
+
+Tests taking ``store`` run on both stores (FAISS and Milvus Lite, see ``tests/conftest.py``);
+those marked ``faiss_only`` test the FAISS index file."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from indexer import NewImage, open_gallery
 from indexer.pipeline import index_folder
 from reid_search.errors import DataError, GalleryError
 from reid_search.workspace import Workspace
-from tests.conftest import TINY_PRE, write_crop
+from tests.conftest import TINY_PRE, store_workspace, write_crop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,8 +63,8 @@ def brute(g, x: np.ndarray, k: int) -> np.ndarray:
 # ---- 1. re-index: beside the old gallery, switched atomically -------------------------------
 
 
-def test_replacing_switches_atomically_and_a_failure_leaves_the_old_gallery(tmp_path: Path) -> None:
-    ws = Workspace(tmp_path / "ws")
+def test_replacing_switches_atomically_and_a_failure_leaves_the_old_gallery(store: str, tmp_path: Path) -> None:
+    ws = store_workspace(tmp_path / "ws", store)
     g = open_gallery(ws)
     old_ids = g.add_images(imgs(tmp_path / "old", 10), feats(10), "modelA")
     reader = open_gallery(ws)
@@ -83,15 +86,19 @@ def test_replacing_switches_atomically_and_a_failure_leaves_the_old_gallery(tmp_
     g.close()
     g2 = open_gallery(ws)
     assert g2.ntotal == 4 and g2.model_fingerprint == "modelB"
-    assert sorted(p.name for p in ws.index_dir.glob("gallery*.faiss")) == [g2.index_path.name]
+    if store == "faiss":
+        assert sorted(p.name for p in ws.index_dir.glob("gallery*.faiss")) == [g2.index_path.name]
+    else:  # the old version's collection is dropped
+        assert [c for c in g2.backend.client.list_collections() if c.startswith(f"reid_{g2.meta.state().store_id}_")] \
+            == [g2.backend.collection]
     assert g2.roots() == [(tmp_path / "new").resolve()]
 
 
-def test_reindex_validates_and_embeds_before_dropping_anything(tmp_path: Path) -> None:
+def test_reindex_validates_and_embeds_before_dropping_anything(store: str, tmp_path: Path) -> None:
     folder = tmp_path / "gal"
     for i in range(6):
         write_crop(folder / f"{i + 1:04d}_c1s1_{i:06d}_00.jpg", seed=i, size=(32, 64))
-    g = open_gallery(Workspace(tmp_path / "ws"))
+    g = open_gallery(store_workspace(tmp_path / "ws", store))
     index_folder(g, folder, PixelExtractor("m1"), num_workers=0)
     before = g.ids()
     (tmp_path / "empty").mkdir()
@@ -112,25 +119,31 @@ def test_reindex_validates_and_embeds_before_dropping_anything(tmp_path: Path) -
     assert not np.isin(g.ids(), before).any()
 
 
-def test_leftovers_of_an_aborted_build_are_cleaned_on_open(tmp_path: Path) -> None:
-    ws = Workspace(tmp_path / "ws")
+def test_leftovers_of_an_aborted_build_are_cleaned_on_open(store: str, tmp_path: Path) -> None:
+    ws = store_workspace(tmp_path / "ws", store)
     g = open_gallery(ws)
     g.add_images(imgs(tmp_path / "a", 5), feats(5), "m")
     # A build that died: version rows committed, its index saved, no switch.
     version = g.meta.begin_build()
     from indexer.coordinator import Gallery
 
-    builder = Gallery(g.meta, ws.index_dir, building=version)
+    builder = Gallery(g.meta, ws.index_dir, building=version, backend_factory=g._factory)
     builder.add_images(imgs(tmp_path / "b", 3), feats(3, seed=2), "m")
     builder.backend.flush(0)
-    assert g.meta.versions_present() == [0, version] and builder.index_path.is_file()
+    assert g.meta.versions_present() == [0, version] and builder.backend.ntotal == 3
+    if store == "faiss":
+        assert builder.index_path.is_file()
     g2 = open_gallery(ws)
     assert g2.meta.versions_present() == [0] and g2.meta.state().building is None
-    assert not builder.index_path.exists() and g2.ntotal == 5
+    assert g2.ntotal == 5
+    if store == "faiss":
+        assert not builder.index_path.exists()
+    else:
+        assert not g2.backend.client.has_collection(builder.backend.collection)
 
 
-def test_a_writer_whose_gallery_was_replaced_meanwhile_writes_into_the_new_one(tmp_path: Path) -> None:
-    ws = Workspace(tmp_path / "ws")
+def test_a_writer_whose_gallery_was_replaced_meanwhile_writes_into_the_new_one(store: str, tmp_path: Path) -> None:
+    ws = store_workspace(tmp_path / "ws", store)
     serve, cli = open_gallery(ws), open_gallery(ws)
     serve.add_images(imgs(tmp_path / "up", 3), feats(3), "m")
     cli.refresh()
@@ -167,6 +180,7 @@ def run_writer(ws: Workspace, folder: Path, start: int, n: int) -> None:
                    check=True, cwd=REPO, env=env, timeout=120)
 
 
+@pytest.mark.faiss_only  # writers in other processes: Milvus Lite serves one process (a Milvus server serves many)
 def test_every_reader_sees_every_committed_row(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ws")
     serve = open_gallery(ws)  # a long-running process that also writes (POST /gallery)
@@ -191,14 +205,14 @@ def test_every_reader_sees_every_committed_row(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="needs a file system that takes any bytes in names")
-def test_non_utf8_file_names_are_indexed_losslessly(tmp_path: Path) -> None:
+def test_non_utf8_file_names_are_indexed_losslessly(store: str, tmp_path: Path) -> None:
     folder = tmp_path / "gal"
     for i in range(3):
         write_crop(folder / f"{i + 1:04d}_c1s1_{i:06d}_00.jpg", seed=i, size=(32, 64))
     raw = os.fsencode(folder) + b"/caf\xe9_\xff.jpg"
     shutil.copy(folder / "0001_c1s1_000000_00.jpg", os.fsdecode(raw))
     (folder / "\ufffeodd.jpg").write_bytes((folder / "0002_c1s1_000001_00.jpg").read_bytes())  # the escape marker itself
-    g = open_gallery(Workspace(tmp_path / "ws"))
+    g = open_gallery(store_workspace(tmp_path / "ws", store))
     report = index_folder(g, folder, PixelExtractor(), num_workers=0)
     assert report.indexed == 5 and not report.skipped
     paths = {os.fsencode(m.path) for b in g.iter_metadata() for m in b}
@@ -212,6 +226,7 @@ def test_non_utf8_file_names_are_indexed_losslessly(tmp_path: Path) -> None:
 # ---- 4. an index file made against another DB ---------------------------------------------------
 
 
+@pytest.mark.faiss_only  # the index file
 def test_index_file_of_another_db_is_detected_and_rebuilt(tmp_path: Path) -> None:
     a, b = Workspace(tmp_path / "a"), Workspace(tmp_path / "b")
     ga, gb = open_gallery(a), open_gallery(b)
@@ -231,6 +246,7 @@ def test_index_file_of_another_db_is_detected_and_rebuilt(tmp_path: Path) -> Non
 # ---- 6. smaller ones ------------------------------------------------------------------------------------
 
 
+@pytest.mark.faiss_only  # the index file's temporary
 def test_crash_leftover_tmp_files_are_removed_on_open(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ws")
     g = open_gallery(ws)
@@ -242,12 +258,16 @@ def test_crash_leftover_tmp_files_are_removed_on_open(tmp_path: Path) -> None:
     assert not tmp.exists() and g.ntotal == 3
 
 
-def test_zero_byte_db_does_not_delete_the_index(tmp_path: Path) -> None:
-    ws = Workspace(tmp_path / "ws")
+@pytest.mark.parametrize("store", ["faiss", "milvus:"])  # milvus: the workspace's own Lite file
+def test_zero_byte_db_does_not_delete_the_index(store: str, tmp_path: Path) -> None:
+    if store != "faiss":
+        pytest.importorskip("milvus_lite", reason="milvus-lite cannot run here")
+    ws = store_workspace(tmp_path / "ws", store)
     g = open_gallery(ws)
     g.add_images(imgs(tmp_path / "g", 3), feats(3), "m")
+    collection = getattr(g.backend, "collection", None)
     g.close()
-    index = ws.index_dir / "gallery.faiss"
+    index = ws.index_dir / "gallery.faiss" if store == "faiss" else ws.root / "milvus.db"
     size = index.stat().st_size
     db = Path(ws.db_url.removeprefix("sqlite:///"))
     db.write_bytes(b"")
@@ -255,10 +275,15 @@ def test_zero_byte_db_does_not_delete_the_index(tmp_path: Path) -> None:
         p.unlink()
     with pytest.raises(GalleryError, match=r"empty .*zero-byte.*restore the DB from a backup, or delete") as err:
         open_gallery(ws)
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and str(index) in str(err.value)
     assert index.stat().st_size == size
+    if store != "faiss":
+        from indexer.milvus import connect, parse_store
+
+        assert connect(parse_store(store).resolved(ws.root)).has_collection(collection)  # the vectors are still there
 
 
+@pytest.mark.faiss_only  # Milvus Lite writes into its folder when it opens (its lock), a server is writable
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores file permissions")
 def test_read_only_workspace_can_be_queried(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ws")
@@ -278,8 +303,8 @@ def test_read_only_workspace_can_be_queried(tmp_path: Path) -> None:
             p.chmod(m)
 
 
-def test_read_paths_take_no_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ws = Workspace(tmp_path / "ws")
+def test_read_paths_take_no_lock(store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = store_workspace(tmp_path / "ws", store)
     g = open_gallery(ws)
     g.add_images(imgs(tmp_path / "g", 4), feats(4), "m")
     g.close()

@@ -32,13 +32,13 @@ MAX_SKIPPED_LINES = 20
               help="CSV or JSON Lines file with a `path` column (relative to FOLDER) and any of camid, time "
                    "(ISO 8601, UTC when no zone), track, pid. Bad rows are reported and skipped.")
 @click.option("--index-type", type=click.Choice(INDEX_KINDS), default=None,
-              help="FAISS index: flat (exact), ivf, ivfpq (compact: ~0.6 GB per million 2048-d images) or hnsw "
-                   "[default: the gallery's, flat when new]. "
+              help="Index: flat (exact), ivf, ivfpq (compact: ~0.6 GB per million 2048-d images) or hnsw; the Milvus "
+                   "store also ivfsq8 and diskann (a Milvus server only) [default: the gallery's, flat when new]. "
                    "Changing it rebuilds the index from the stored vectors.")
 @click.option("--index-param", "index_params", multiple=True, metavar="KEY=VALUE",
               help="Index parameter, repeatable: nlist, nprobe, min_train (ivf, ivfpq); pq_m, k_factor, refine_bits "
-                   "(ivfpq; 2-3 = RaBitQ, 4/6/8 = scalar quantizer); hnsw_m, ef_construction, ef_search (hnsw). "
-                   "0 = automatic.")
+                   "(ivfpq; 2-3 = RaBitQ, 4/6/8 = scalar quantizer); hnsw_m, ef_construction, ef_search (hnsw); "
+                   "nlist, nprobe (ivfsq8); search_list (diskann). 0 = automatic.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--workers", type=click.IntRange(0), default=None, help="Image decoding processes [default: automatic].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
@@ -68,6 +68,7 @@ def index(app: App, folder: Path, model: Path | None, manifest: Path | None, ind
       reid-search index data/market/bounding_box_test
       reid-search index /data/cams --manifest /data/cams/crops.csv
       reid-search index /data/cams --index-type ivfpq --index-param nprobe=64 --prune
+      reid-search --store http://milvus:19530 index /data/cams --index-type diskann
       reid-search index data/market/bounding_box_test --model runs/new/model.pt --reindex
       reid-search index data/market/bounding_box_test --precision fp32
 
