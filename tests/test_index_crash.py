@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,39 +14,10 @@ from click.testing import CliRunner
 from indexer import open_gallery
 from reid_search.workspace import Workspace
 from tests.conftest import write_crop
+from tests.crash_harness import committed_rows, index_then_kill, kill, spawn
 
 N_IMAGES = 200
 COMMIT_EVERY = 8
-
-# Runs the real CLI in a child process, slowed down per batch so the parent
-# can observe the first commit and kill the child while it is still working.
-CHILD = """
-import sys, time
-from reid_search.cli._common import main
-from reid_search.cli.index import index
-from reid_search.extract import TorchExtractor
-
-embed = TorchExtractor.embed
-def slow_embed(self, batch):
-    time.sleep(0.05)
-    return embed(self, batch)
-TorchExtractor.embed = slow_embed
-main.add_command(index)
-main(sys.argv[1:])
-"""
-
-
-def committed_rows(db: Path) -> int:
-    if not db.exists():
-        return 0
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
-        try:
-            return con.execute("SELECT count(*) FROM images").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:  # schema not created yet, or a write in progress
-        return 0
 
 
 @pytest.mark.slow
@@ -60,23 +28,8 @@ def test_sigkill_mid_run_then_rerun_completes(tiny_ckpt: Path, tmp_path: Path) -
     ws = tmp_path / "ws"
     args = ["-q", "-w", str(ws), "index", str(folder), "--model", str(tiny_ckpt), "--workers", "0",
             "--batch-size", "4", "--commit-every", str(COMMIT_EVERY)]
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=repo, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     db = ws / "reid.db"
-    deadline = time.monotonic() + 240
-    try:
-        while committed_rows(db) == 0:
-            assert proc.poll() is None, f"the child ended before its first commit: {proc.stdout.read().decode()}"
-            assert time.monotonic() < deadline, "no commit within 240 s"
-            time.sleep(0.02)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-
-    print(f"killed after {time.monotonic() - deadline + 240:.1f}s")
+    print(f"killed after {index_then_kill(args, db):.1f}s")
     seen = committed_rows(db)
     assert 0 < seen < N_IMAGES, "killed mid-run"
     g = open_gallery(Workspace(ws))  # repairs the index from the DB
@@ -137,16 +90,7 @@ else:
 
 
 def _lib_child(ws: Path, *args: str) -> subprocess.Popen:
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-c", LIB_CHILD, str(ws), *args], cwd=repo, env=env,
-                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    return spawn(LIB_CHILD, str(ws), *args)
 
 
 def _assert_consistent(ws: Path) -> "object":
@@ -203,7 +147,7 @@ def test_sigkill_during_reindex_leaves_the_old_gallery_whole(tmp_path: Path) -> 
             assert time.monotonic() < deadline, "no commit of the new gallery within 240 s"
             time.sleep(0.02)
     finally:
-        _kill(proc)
+        kill(proc)
     g = _assert_consistent(ws)
     np.testing.assert_array_equal(g.ids(), before)  # the old gallery, whole
     assert g.model_fingerprint == "modelA" and g.meta.versions_present() == [0]
@@ -225,7 +169,7 @@ def test_sigkill_after_remove_committed_keeps_the_rows_gone(tmp_path: Path) -> N
         line = proc.stdout.readline().decode()
         assert line.startswith("removed "), line + proc.stdout.read().decode()
     finally:
-        _kill(proc)  # after the commit, before the index file was written
+        kill(proc)  # after the commit, before the index file was written
     gone = [int(i) for i in line.split()[1:]]
     assert len(gone) == 4
     g = _assert_consistent(ws)

@@ -5,12 +5,9 @@ eval/re-ranking on cuhk03 equal to the FAISS gallery's."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from indexer import open_gallery  # noqa: E402
 from indexer.protocol import NewImage, RemoveFilter, SearchFilter  # noqa: E402
 from reid_search.workspace import Workspace  # noqa: E402
 from tests.conftest import shared_path, write_crop  # noqa: E402
+from tests.crash_harness import committed_rows, index_then_kill  # noqa: E402
 
 T0 = datetime(2024, 5, 1, 8, 0, tzinfo=timezone.utc)
 FP = "test-model"
@@ -119,35 +117,6 @@ def test_a_different_store_for_an_existing_gallery_is_a_one_line_cli_error(tmp_p
     assert r.exit_code == 1 and "lives in --store milvus:" in r.output and r.output.count("\n") == 1
 
 
-CHILD = """
-import sys, time
-from reid_search.cli._common import main
-from reid_search.cli.index import index
-from reid_search.extract import TorchExtractor
-
-embed = TorchExtractor.embed
-def slow_embed(self, batch):
-    time.sleep(0.05)
-    return embed(self, batch)
-TorchExtractor.embed = slow_embed
-main.add_command(index)
-main(sys.argv[1:])
-"""
-
-
-def committed_rows(db: Path) -> int:
-    if not db.exists():
-        return 0
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
-        try:
-            return con.execute("SELECT count(*) FROM images").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
-
-
 @pytest.mark.slow
 def test_sigkill_during_index_into_milvus_then_rerun_converges(tiny_ckpt: Path, tmp_path: Path) -> None:
     n_images = 120
@@ -157,21 +126,8 @@ def test_sigkill_during_index_into_milvus_then_rerun_converges(tiny_ckpt: Path, 
     ws = tmp_path / "ws"
     args = ["-q", "-w", str(ws), "--store", "milvus:", "index", str(folder), "--model", str(tiny_ckpt),
             "--workers", "0", "--batch-size", "4", "--commit-every", "8"]
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=repo, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     db = ws / "reid.db"
-    deadline = time.monotonic() + 240
-    try:
-        while committed_rows(db) < 16:
-            assert proc.poll() is None, f"the child ended early: {proc.stdout.read().decode()}"
-            assert time.monotonic() < deadline, "no commit within 240 s"
-            time.sleep(0.02)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    index_then_kill(args, db, min_rows=16)
     seen = committed_rows(db)
     assert 0 < seen < n_images, "killed mid-run"
 
