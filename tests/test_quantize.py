@@ -148,3 +148,47 @@ def test_cli_int8_usage_errors(tiny_ckpt: Path, tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["-q", "export", "--model", str(tiny_ckpt), "--int8", "--calibrate", str(tmp_path / "none"),
                                   "--out", str(tmp_path / "a.onnx")])
     one_line_error(r, "--calibrate", "no such folder")
+
+
+# ---- scripts/bench_extract.py's OpenVINO rows (the `bench` dependency group) -----------------
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_extract", Path(__file__).parents[1] / "scripts" / "bench_extract.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_runs_without_openvino(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    bench = _bench_module()
+    monkeypatch.setitem(sys.modules, "openvino", None)  # what an install without the bench group looks like
+    why = bench.have_openvino()
+    assert why is not None and "--group bench" in why
+
+
+def test_openvino_rows_match_onnx_runtime(int8_path, tiny_ckpt: Path, tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    import torch
+
+    from reid_search.onnx_model import export_onnx
+
+    bench = _bench_module()
+    out, _, root = int8_path
+    fp32 = export_onnx(tiny_ckpt, tmp_path / "fp32.onnx").path
+    ref_ex = OnnxExtractor(fp32, device="cpu")
+    x = torch.randn(5, 3, ref_ex.preprocess.height, ref_ex.preprocess.width, generator=torch.Generator().manual_seed(0))
+    ref = ref_ex.embed(x)
+    # A static batch of 2 serves 5 images as 2 + 2 + 1 (padded): same features as ONNX Runtime's dynamic batch.
+    ov32 = bench.OpenVinoExtractor(fp32, ref_ex.preprocess, 2, "f32")
+    assert ov32.precision == "f32" and ov32.dim == ref_ex.dim
+    np.testing.assert_allclose(ov32.embed(x), ref, atol=1e-4)
+    ovq = bench.OpenVinoExtractor(out, ref_ex.preprocess, 2, None)  # the ORT int8 QDQ graph on OpenVINO's kernels
+    assert (ovq.embed(x) * ref).sum(1).min() > 0.95
+    calib = [r.path for r in split_images(root, None, 8, 8)[0]]
+    q, seconds = bench.nncf_int8(fp32, calib, ref_ex.preprocess)
+    assert seconds > 0 and (bench.OpenVinoExtractor(q, ref_ex.preprocess, 2, None).embed(x) * ref).sum(1).min() > 0.95
