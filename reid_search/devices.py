@@ -1,7 +1,8 @@
 """Where GPU work runs, and the one log line said when it falls back to the CPU.
 
 FAISS search, training (AMP, DDP), extraction and ONNX Runtime each ask here
-whether a CUDA GPU is visible. Where none is, the work runs on the CPU and
+whether a CUDA GPU is visible; extraction and ONNX Runtime turn a ``--device``
+value into a device through :func:`device_from_name`. Where none is, the work runs on the CPU and
 :func:`cpu_fallback` logs one line per component and process saying so and why
 (``CUDA_VISIBLE_DEVICES`` hiding every GPU, no GPU, or a CPU-only build).
 Nothing here imports torch or faiss at import time.
@@ -13,6 +14,8 @@ import logging
 import os
 import threading
 from typing import TYPE_CHECKING
+
+from reid_search.errors import ModelError
 
 if TYPE_CHECKING:
     import torch
@@ -67,6 +70,29 @@ def auto_device(component: str, index: int = 0, detail: str = "") -> "torch.devi
     return torch.device("cpu")
 
 
+def device_from_name(name: "str | torch.device | None", component: str, detail: str = "") -> "torch.device":
+    """The device a ``--device`` value names: ``auto``/``None`` is :func:`auto_device`
+    (CUDA when visible, else the CPU and one :func:`cpu_fallback` line with ``detail``);
+    ``cpu``, ``cuda`` and ``cuda:N`` are taken as they are.
+
+    Raises:
+        ModelError: an unknown device name, or CUDA asked for where no GPU is visible.
+    """
+    import torch
+
+    if name is None or name == "auto":
+        return auto_device(component, 0, detail)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ModelError(f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ModelError(f"--device {name}: {component} runs on cpu or cuda only; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not cuda_visible():
+        raise ModelError(f"--device {name}: {why_no_gpu()} here; use --device cpu or auto")
+    return dev
+
+
 def ddp_backend(device: str = "auto") -> str:
     """The torch.distributed backend: NCCL when ranks train on GPUs, else gloo (logged once)."""
     import torch.distributed as dist
@@ -82,4 +108,5 @@ def ddp_backend(device: str = "auto") -> str:
     return "nccl"
 
 
-__all__ = ["auto_device", "cpu_fallback", "cuda_visible", "ddp_backend", "hidden_by_env", "why_no_gpu"]
+__all__ = ["auto_device", "cpu_fallback", "cuda_visible", "ddp_backend", "device_from_name", "hidden_by_env",
+           "why_no_gpu"]

@@ -21,10 +21,10 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from reid_search.checkpoint import load_model
-from reid_search.devices import auto_device
+from reid_search.devices import device_from_name
 from reid_search.errors import DataError, ModelError
 from reid_search.model import ReIDNet
-from reid_search.precision import autocast_dtype, resolve_precision, validate_precision
+from reid_search.precision import autocast_dtype, choose_precision, resolve_precision, validate_precision
 from reid_search.transforms import Preprocess, build_eval_transform
 
 log = logging.getLogger(__name__)
@@ -137,18 +137,14 @@ class Extractor(Protocol):
         ...
 
 
-def resolve_device(name: str | None = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU (saying so once in the log).
+def resolve_device(name: str | None = "auto", detail: str = "") -> torch.device:
+    """The extraction device for a ``--device`` value (see :func:`reid_search.devices.device_from_name`):
+    ``auto`` picks CUDA when visible, else the CPU, saying so once in the log (with ``detail``).
 
     Raises:
-        ModelError: a CUDA device was asked for and none is available.
+        ModelError: an unknown device, or CUDA asked for where none is available.
     """
-    if name in (None, "auto"):
-        return torch.device(auto_device("feature extraction", detail="in fp32").type)
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"--device {name}: no CUDA GPU is available here; use --device cpu or auto")
-    return dev
+    return device_from_name(name, "feature extraction", detail)
 
 
 # torch.compile costs tens of seconds of compilation (on 2 cores) to win ~10-20 %
@@ -280,7 +276,8 @@ def load_extractor(
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise ModelError(f"cannot run ONNX models here ({exc}); install onnxruntime") from None
         return OnnxExtractor(path, device=device, flip=flip)
-    dev = resolve_device(device)
+    # The CPU-fallback line names the precision the CPU will run (auto: bf16 on AVX512_BF16/AMX).
+    dev = resolve_device(device, f"in {choose_precision(precision, 'cpu')}")
     model, meta, _ = load_model(path, dev)
     return TorchExtractor(model, meta.preprocess, meta.fingerprint, dev, flip=flip, precision=precision, compile=compile)
 

@@ -47,7 +47,7 @@ from torch import nn
 from reid_search import __version__
 from reid_search.atomic import atomic_write_bytes
 from reid_search.checkpoint import ModelMeta, load_model
-from reid_search.devices import cpu_fallback, cuda_visible
+from reid_search.devices import cpu_fallback, cuda_visible, device_from_name
 from reid_search.errors import DataError, ModelError
 from reid_search.extract import ImageLoadError, load_image
 from reid_search.limits import DEFAULT_OPSET, MIN_OPSET, VERIFY_MAX_IMAGES
@@ -272,27 +272,23 @@ def _ort():
 def select_providers(device: str | None) -> tuple[list[Any], torch.device]:
     """ONNX Runtime execution providers for ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
 
+    The device is chosen as for PyTorch extraction
+    (:func:`reid_search.devices.device_from_name`); ``auto`` also stays on the
+    CPU, with a warning, where a GPU is visible but this onnxruntime has no CUDA provider.
+
     Raises:
-        ModelError: CUDA asked for but this onnxruntime has no CUDA provider, or an unknown device.
+        ModelError: an unknown device, CUDA asked for where no GPU is visible,
+            or CUDA asked for and this onnxruntime has no CUDA provider.
     """
-    available = _ort().get_available_providers()
-    has_cuda = _CUDA_EP in available
-    if device in (None, "auto"):
-        gpu = cuda_visible()
-        device = "cuda" if has_cuda and gpu else "cpu"
-        if not gpu:
-            cpu_fallback("ONNX Runtime", "(CPUExecutionProvider)")
-        elif not has_cuda:
-            cpu_fallback("ONNX Runtime", "(CPUExecutionProvider)",
-                         "this onnxruntime has no CUDA provider (the cpu variant is installed)", logging.WARNING)
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ModelError(f"--device {device}: unknown device; use auto, cpu, cuda or cuda:N") from None
+    has_cuda = _CUDA_EP in _ort().get_available_providers()
+    if device in (None, "auto") and not has_cuda and cuda_visible():
+        cpu_fallback("ONNX Runtime", "(CPUExecutionProvider)",
+                     "this onnxruntime has no CUDA provider (the cpu variant is installed)", logging.WARNING)
+        dev = torch.device("cpu")
+    else:
+        dev = device_from_name(device, "ONNX Runtime", "(CPUExecutionProvider)")
     if dev.type == "cpu":
         return [_CPU_EP], dev
-    if dev.type != "cuda":
-        raise ModelError(f"--device {device}: ONNX models run on cpu or cuda only")
     if not has_cuda:
         raise ModelError(f"--device {device}: this onnxruntime has no CUDA execution provider "
                          "(install onnxruntime-gpu); use --device cpu or auto")

@@ -104,30 +104,42 @@ def validate_precision(name: str) -> str:
     return key
 
 
-def resolve_precision(requested: str, device: "torch.device | str", features: CpuFeatures | None = None) -> str:
-    """The concrete precision (``fp32``, ``bf16`` or ``fp16``) to run on ``device``.
+def choose_precision(requested: str, device: "torch.device | str", features: CpuFeatures | None = None) -> str:
+    """The concrete precision (``fp32``, ``bf16`` or ``fp16``) ``requested`` means on ``device``, silently.
 
     ``auto``: fp16 autocast on CUDA, bf16 on a CPU with native bf16
-    (``features``, default this CPU's), else fp32. An explicit choice is
-    honoured; one the CPU would only emulate is logged as a warning.
+    (``features``, default this CPU's), else fp32. An explicit choice is kept.
 
     Raises:
         ModelError: an unknown precision.
     """
     requested = validate_precision(requested)
     kind = device.type if hasattr(device, "type") else str(device).split(":")[0]
+    if requested != "auto":
+        return requested
     if kind == "cuda":
-        return "fp16" if requested == "auto" else requested
+        return "fp16"
+    return "bf16" if (features if features is not None else cpu_features()).bf16 else "fp32"
+
+
+def resolve_precision(requested: str, device: "torch.device | str", features: CpuFeatures | None = None) -> str:
+    """:func:`choose_precision`, logging a warning when an explicit bf16/fp16 would only be emulated on this CPU.
+
+    Raises:
+        ModelError: an unknown precision.
+    """
+    chosen = choose_precision(requested, device, features)
+    kind = device.type if hasattr(device, "type") else str(device).split(":")[0]
+    if kind == "cuda" or chosen == "fp32":
+        return chosen
     feats = features if features is not None else cpu_features()
-    if requested == "auto":
-        return "bf16" if feats.bf16 else "fp32"
-    if requested == "bf16" and not feats.bf16:
+    if chosen == "bf16" and not feats.bf16:
         log.warning("--precision bf16 on a CPU without AVX512_BF16/AMX (%s): emulated, likely slower than fp32",
                     feats.summary())
-    if requested == "fp16" and not feats.fp16:
+    if chosen == "fp16" and not feats.fp16:
         log.warning("--precision fp16 on a CPU without AVX512_FP16/AMX-FP16 (%s): emulated, likely slower than fp32",
                     feats.summary())
-    return requested
+    return chosen
 
 
 def autocast_dtype(precision: str) -> "torch.dtype | None":

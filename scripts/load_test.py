@@ -14,7 +14,9 @@ then a ``--seconds`` window whose answers are counted (at most
 ``--max-requests`` requests per run); the whole run stops at ``--deadline``.
 Reports queries/s, p50/p99 latency, the mean batch size the server formed, and
 errors (anything but a 200 with hits; must be 0 — the exit status is 1
-otherwise). Prints a Markdown table; ``--out`` appends it. Loopback only.
+otherwise). ``--precision`` (default ``auto``: bf16 on AVX512_BF16/AMX CPUs) goes
+to ``serve``, so the servers run the fast path; the report names what they run,
+as their ``/stats`` describes the model. Prints a Markdown table; ``--out`` appends it. Loopback only.
 
     uv run python scripts/load_test.py --arch resnet50 --threads 1 --warmup 10 --seconds 15 --out BENCHMARKS.md
     uv run python scripts/load_test.py --arch resnet18 --height 128 --width 64 --threads 1   # minutes on 2 cores
@@ -82,7 +84,7 @@ class Cell:
 
 
 def build_workspace(root: Path, arch: str, height: int, width: int, ids: int,
-                    images_per_id: int) -> tuple[Path, list[Path], str]:
+                    images_per_id: int, precision: str = "auto") -> tuple[Path, list[Path], str]:
     """Synthetic data + a fresh checkpoint + the indexed gallery; returns (workspace, query images, summary)."""
     import torch
 
@@ -101,7 +103,7 @@ def build_workspace(root: Path, arch: str, height: int, width: int, ids: int,
     save_checkpoint(ckpt, build_model(arch), Preprocess(height=height, width=width))
     ws = Workspace(root / "ws")
     ws.set_model(ckpt)
-    extractor = load_extractor(ckpt, device="cpu")
+    extractor = load_extractor(ckpt, device="cpu", precision=precision)
     with open_gallery(ws) as gallery:
         report = gallery.add_folder(data / "bounding_box_test", extractor)
         if report.skipped:
@@ -121,10 +123,11 @@ def free_port() -> int:
 
 
 def start_server(workspace: Path, max_batch: int, max_wait_ms: float, threads: int | None,
-                 log: Path) -> tuple[subprocess.Popen, str]:
+                 log: Path, precision: str = "auto") -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-c", BOOT, "-w", str(workspace), "serve", "--host", HOST, "--port", str(port),
-           "--device", "cpu", "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--no-access-log"]
+           "--device", "cpu", "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--no-access-log",
+           "--precision", precision]
     if threads is not None:
         cmd += ["--threads", str(threads)]
     env = {k: v for k, v in os.environ.items() if k != "REID_SEARCH_API_KEY"}
@@ -288,6 +291,8 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None,
                     help="the server's model threads (serve --threads) [default: torch's]; 1 on a shared CPU")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                    help="the servers' (and the indexing's) serve --precision; auto = bf16 on AVX512_BF16/AMX CPUs")
     ap.add_argument("--workdir", type=Path, default=None, help="where to build the workspace [default: a temp dir]")
     ap.add_argument("--out", type=Path, default=None, help="append the Markdown table here")
     args = ap.parse_args()
@@ -302,7 +307,8 @@ def main() -> None:
         root = args.workdir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        ws, queries, summary = build_workspace(root, args.arch, args.height, args.width, args.ids, args.images_per_id)
+        ws, queries, summary = build_workspace(root, args.arch, args.height, args.width, args.ids, args.images_per_id,
+                                               args.precision)
         print(f"workspace built in {time.perf_counter() - t0:.0f} s: {summary}; {len(queries)} query images",
               file=sys.stderr)
         images = [(p.name, p.read_bytes()) for p in queries]
@@ -312,14 +318,19 @@ def main() -> None:
             urls = {}
             for mode in modes:  # all up at once: an idle server waits on an event and costs no CPU
                 max_batch = args.max_batch if mode == "batched" else 1
-                proc, urls[mode] = start_server(ws, max_batch, args.max_wait_ms, args.threads, log)
+                proc, urls[mode] = start_server(ws, max_batch, args.max_wait_ms, args.threads, log, args.precision)
                 procs.append(proc)
+            # What the servers say they run (the description carries the resolved precision).
+            served = sorted({httpx.get(u + "/stats", timeout=30).json()["model"]["description"] for u in urls.values()})
+            print(f"servers run {'; '.join(served)}", file=sys.stderr)
             cells = measure(urls, images, clients_list, reranks, args, deadline)
         finally:
             for proc in procs:
                 stop_server(proc)
 
     import torch
+
+    from reid_search.precision import cpu_features
 
     errors = sum(c.errors for c in cells)
     header = (
@@ -330,6 +341,7 @@ def main() -> None:
         f"single = `--max-batch 1`. Clients: asyncio + httpx in the load-test process on the same machine "
         f"({os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, torch {torch.__version__}); "
         f"server model threads: {args.threads or f'torch default ({torch.get_num_threads()})'}; "
+        f"`serve --precision {args.precision}`: the servers run {'; '.join(served)} (CPU {cpu_features().summary()}); "
         f"each cell {args.repeats} × a {args.seconds:g} s window after {args.warmup:g} s of warm-up load "
         f"(closed loop, at most {args.max_requests} requests), the two servers alternating; q/s and latency count "
         f"the answers inside the windows (latency: upload to JSON answer). Errors = anything but a 200 with hits, "

@@ -96,3 +96,52 @@ def test_extractor_uses_checkpoint_preprocessing(tiny_ckpt: Path) -> None:
     assert (ex.preprocess.height, ex.preprocess.width) == (64, 32)
     out = ex.embed(torch.randn(3, 3, 64, 32))
     assert out.shape == (3, 512)
+
+
+# ---- one device path for PyTorch and ONNX Runtime -------------------------------------------
+
+
+def _hide_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    from reid_search import devices
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(devices, "_said", set())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_cpu_fallback_line_names_the_precision_that_runs(tiny_ckpt: Path, precision: str,
+                                                         monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    # Regression: the line said "in fp32" whatever --precision chose (bf16 on AVX512_BF16 CPUs by default).
+    import logging
+
+    _hide_gpus(monkeypatch)
+    caplog.set_level(logging.INFO, logger="reid_search.devices")
+    ex = load_extractor(tiny_ckpt, device="auto", precision=precision)
+    said = [r.getMessage() for r in caplog.records if r.name == "reid_search.devices"]
+    assert ex.precision == precision
+    assert said == [f"CUDA_VISIBLE_DEVICES hides every GPU: feature extraction runs on the CPU in {precision}"]
+
+
+@pytest.mark.parametrize("name", ["tpu", "gpu0", "cuda:x", "mps"])
+def test_unknown_device_is_a_one_line_model_error(tiny_ckpt: Path, tmp_path: Path, name: str) -> None:
+    # Regression: `--device gpu0` escaped as torch's RuntimeError for checkpoints (ONNX files said it in one line).
+    from reid_search.errors import ModelError
+    from reid_search.onnx_model import select_providers
+
+    with pytest.raises(ModelError, match=f"--device {name}: ") as info:
+        load_extractor(tiny_ckpt, device=name)
+    assert "\n" not in str(info.value) and "cpu" in str(info.value)
+    with pytest.raises(ModelError, match=f"--device {name}: "):
+        select_providers(name)
+
+
+def test_cuda_without_a_gpu_is_refused_alike_for_torch_and_onnx(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from reid_search.errors import ModelError
+    from reid_search.onnx_model import select_providers
+
+    _hide_gpus(monkeypatch)
+    for call in (lambda: load_extractor(tiny_ckpt, device="cuda:1"), lambda: select_providers("cuda:1")):
+        with pytest.raises(ModelError, match=r"--device cuda:1: CUDA_VISIBLE_DEVICES hides every GPU here; use --device cpu"):
+            call()
+    assert select_providers("cpu") == (["CPUExecutionProvider"], torch.device("cpu"))

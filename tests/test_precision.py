@@ -16,7 +16,7 @@ from PIL import Image
 from reid_search.cli import main
 from reid_search.errors import ModelError
 from reid_search.extract import TorchExtractor, extract_features, load_extractor, load_image, to_rgb
-from reid_search.precision import CpuFeatures, parse_cpuinfo, resolve_precision, validate_precision
+from reid_search.precision import CpuFeatures, choose_precision, parse_cpuinfo, resolve_precision, validate_precision
 from tests.conftest import one_line_error, write_crop
 
 EPYC = """processor\t: 0
@@ -57,6 +57,21 @@ def test_explicit_precision_is_honoured_with_a_warning_when_emulated(caplog: pyt
     assert resolve_precision("fp32", "cpu", parse_cpuinfo(EPYC)) == "fp32"
     with pytest.raises(ModelError, match="--precision int4: unknown; use one of auto, fp32, bf16, fp16"):
         validate_precision("int4")
+
+
+def test_choose_precision_is_resolve_without_the_warning(caplog: pytest.LogCaptureFixture) -> None:
+    cpus = [parse_cpuinfo(t) for t in (EPYC, OLD_XEON, GRAVITON)]
+    with caplog.at_level(logging.WARNING):
+        for feats in cpus:
+            for device in ("cpu", "cuda:0"):
+                for p in ("auto", "fp32", "bf16", "fp16"):
+                    assert choose_precision(p, device, feats) == resolve_precision(p, device, feats)
+        n_resolve = len(caplog.records)
+        caplog.clear()
+        for feats in cpus:
+            for p in ("auto", "fp32", "bf16", "fp16"):
+                choose_precision(p, "cpu", feats)
+    assert n_resolve > 0 and caplog.records == []
 
 
 def test_bf16_features_match_fp32_and_share_the_fingerprint(tiny_ckpt: Path, tmp_path: Path) -> None:

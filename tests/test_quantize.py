@@ -148,3 +148,70 @@ def test_cli_int8_usage_errors(tiny_ckpt: Path, tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["-q", "export", "--model", str(tiny_ckpt), "--int8", "--calibrate", str(tmp_path / "none"),
                                   "--out", str(tmp_path / "a.onnx")])
     one_line_error(r, "--calibrate", "no such folder")
+
+
+# ---- scripts/bench_extract.py's OpenVINO rows (the `bench` dependency group) -----------------
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_extract", Path(__file__).parents[1] / "scripts" / "bench_extract.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_runs_without_openvino(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    bench = _bench_module()
+    monkeypatch.setitem(sys.modules, "openvino", None)  # what an install without the bench group looks like
+    why = bench.have_openvino()
+    assert why is not None and "--group bench" in why
+
+
+_OPENVINO_CHECK = """
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(sys.argv[1]) / "scripts"))
+import bench_extract as bench
+from reid_search.onnx_model import OnnxExtractor, export_onnx
+from reid_search.quantize import split_images
+
+ckpt, int8, root, tmp = (Path(a) for a in sys.argv[2:6])
+fp32 = export_onnx(ckpt, tmp / "fp32.onnx").path
+ref_ex = OnnxExtractor(fp32, device="cpu")
+x = torch.randn(5, 3, ref_ex.preprocess.height, ref_ex.preprocess.width, generator=torch.Generator().manual_seed(0))
+ref = ref_ex.embed(x)
+# A static batch of 2 serves 5 images as 2 + 2 + 1 (padded): the same features as ONNX Runtime's dynamic batch.
+ov32 = bench.OpenVinoExtractor(fp32, ref_ex.preprocess, 2, "f32")
+assert ov32.precision == "f32" and ov32.dim == ref_ex.dim
+np.testing.assert_allclose(ov32.embed(x), ref, atol=1e-4)
+ovq = bench.OpenVinoExtractor(int8, ref_ex.preprocess, 2, None)  # the ORT int8 QDQ graph on OpenVINO's kernels
+assert (ovq.embed(x) * ref).sum(1).min() > 0.95, (ovq.embed(x) * ref).sum(1)
+calib = [r.path for r in split_images(root, None, 8, 8)[0]]
+q, seconds = bench.nncf_int8(fp32, calib, ref_ex.preprocess)
+cos = (bench.OpenVinoExtractor(q, ref_ex.preprocess, 2, None).embed(x) * ref).sum(1)
+assert seconds > 0 and cos.min() > 0.95, cos
+print("openvino rows ok")
+"""
+
+
+def test_openvino_rows_match_onnx_runtime(int8_path, tiny_ckpt: Path, tmp_path: Path) -> None:
+    # In a child process: OpenVINO's thread pool in the pytest process has crashed later tests (SIGSEGV).
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None:
+        pytest.skip("openvino/nncf are not installed (the bench dependency group)")
+    out, _, root = int8_path
+    repo = Path(__file__).parents[1]
+    r = subprocess.run([sys.executable, "-c", _OPENVINO_CHECK, str(repo), str(tiny_ckpt), str(out), str(root), str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "openvino rows ok" in r.stdout, r.stderr[-3000:]

@@ -263,7 +263,7 @@ def test_extraction_falls_back_with_one_line(monkeypatch: pytest.MonkeyPatch, ca
     assert resolve_device("auto") == torch.device("cpu")
     assert resolve_device(None) == torch.device("cpu")
     assert lines(caplog, "reid_search.devices") == [
-        "CUDA_VISIBLE_DEVICES hides every GPU: feature extraction runs on the CPU in fp32"]
+        "CUDA_VISIBLE_DEVICES hides every GPU: feature extraction runs on the CPU"]
 
 
 def test_auto_device_uses_a_visible_gpu_silently(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
