@@ -499,18 +499,31 @@ class VectorIndex:
         """Search the CPU index with an ``IDSelector`` over ``allowed`` (positions for ivfpq)."""
         if self.positions is not None:
             sel = faiss.IDSelectorBatch(np.nonzero(np.isin(self.positions, allowed))[0].astype(np.int64))
-            base_params = faiss.SearchParametersIVF(sel=sel, nprobe=self._ivf().nprobe)
-            params: Any = faiss.IndexRefineSearchParameters(k_factor=float(auto_k_factor(self.spec)),
+            base_params = faiss.SearchParametersIVF(sel=sel, nprobe=self._filtered_nprobe(len(allowed)))
+            # the true neighbours that pass lie farther out, where the 4-bit codes rank less
+            # surely: re-score as many more candidates as the filter is selective
+            boost = min(16.0, self.ntotal / max(len(allowed), 1))
+            params: Any = faiss.IndexRefineSearchParameters(k_factor=float(auto_k_factor(self.spec)) * max(1.0, boost),
                                                             base_index_params=base_params)
         else:
             sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, np.int64))
             if self.spec.kind == "hnsw":
                 params = faiss.SearchParametersHNSW(sel=sel, efSearch=auto_ef_search(self.spec, k))
             elif self.trained and self.spec.kind in ("ivf", "ivfpq"):
-                params = faiss.SearchParametersIVF(sel=sel, nprobe=self._ivf().nprobe)
+                params = faiss.SearchParametersIVF(sel=sel, nprobe=self._filtered_nprobe(len(allowed)))
             else:
                 params = faiss.SearchParameters(sel=sel)
         return self.base.search(x, k, params=params)
+
+    def _filtered_nprobe(self, n_allowed: int) -> int:
+        """``nprobe`` for a search restricted to ``n_allowed`` crops: the unfiltered one divided by
+        the filter's selectivity (up to every list), so the lists probed still hold about as many
+        candidates that pass. A filter unrelated to where the query lies (a camera, a time
+        window) leaves few passing crops near it: with the plain ``nprobe``, recall@10 fell
+        from 0.95 to 0.50 at a 10 % camera filter (scripts/bench_store.py, 100k vectors)."""
+        ivf = self._ivf()
+        frac = max(n_allowed, 1) / max(self.ntotal, 1)
+        return int(min(ivf.nlist, max(ivf.nprobe, np.ceil(ivf.nprobe / frac))))
 
     # -- files
 

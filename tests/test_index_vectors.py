@@ -88,6 +88,20 @@ def test_approximate_recall_at_defaults(kind: str, big) -> None:
     np.testing.assert_allclose(sims, true_sims, atol=atol)
 
 
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_filtered_ivf_keeps_recall_when_the_filter_is_far_from_the_query(kind: str, big) -> None:
+    # A camera filter is unrelated to where a query lies: here the allowed crops are
+    # a random 10 % of the gallery, so few of them sit in the lists nearest the query.
+    x, q, ids, _ = big
+    idx = build(IndexSpec(kind), ids, x)
+    allowed = np.sort(np.random.default_rng(5).choice(ids, len(ids) // 10, replace=False))
+    mask = np.isin(ids, allowed)
+    _, truth = brute_force(q, x[mask], ids[mask], 10)
+    _, got = idx.search(q, 10, allowed=allowed)
+    assert np.isin(got, allowed).all()
+    assert recall(got, truth) >= 0.9
+
+
 def test_untrained_ivf_stays_exact_until_threshold() -> None:
     x, q = clustered(2000, 16, 20, seed=3)
     ids = np.arange(2000, dtype=np.int64)
