@@ -147,9 +147,10 @@ def resolve_device(name: str | None = "auto", detail: str = "") -> torch.device:
     return device_from_name(name, "feature extraction", detail)
 
 
-# torch.compile costs tens of seconds of compilation (on 2 cores) to win ~10-20 %
-# per batch, so it is only tried on runs at least this long.
-COMPILE_MIN_IMAGES = 1000
+# torch.compile costs tens of seconds of compilation to win ~20 % per batch: on 2 idle
+# cores, ResNet50 256x128 bf16 compiled in 24 s and then ran at 44.6 against 37.4
+# images/s (BENCHMARKS.md), so it pays for itself only after ~6,000 images.
+COMPILE_MIN_IMAGES = 6000
 COMPILE_CHOICES = ("auto", "on", "off")
 
 
