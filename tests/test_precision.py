@@ -15,7 +15,7 @@ from PIL import Image
 
 from reid_search.cli import main
 from reid_search.errors import ModelError
-from reid_search.extract import TorchExtractor, extract_features, load_extractor, load_image, to_rgb
+from reid_search.extract import COMPILE_MIN_IMAGES, TorchExtractor, extract_features, load_extractor, load_image, to_rgb
 from reid_search.precision import CpuFeatures, choose_precision, parse_cpuinfo, resolve_precision, validate_precision
 from tests.conftest import one_line_error, write_crop
 
@@ -232,10 +232,10 @@ def test_compile_only_for_long_runs_and_falls_back(tiny_ckpt: Path, monkeypatch:
     monkeypatch.setattr(torch, "compile", broken_compile)
     ex = load_extractor(tiny_ckpt, device="cpu", precision="fp32")
     ex.prepare(1, 32)  # one query: never compiled
-    ex.prepare(500, 32)  # short run under auto
+    ex.prepare(COMPILE_MIN_IMAGES - 1, 32)  # short run under auto
     assert calls == []
     with caplog.at_level(logging.WARNING):
-        ex.prepare(5000, 32)
+        ex.prepare(COMPILE_MIN_IMAGES, 32)
     assert calls == [1] and "torch.compile failed (no C++ compiler); running the model eagerly" in caplog.text
     assert ex.compile == "off" and ex.compile_seconds is None
     x = torch.randn(3, 3, 64, 32)
