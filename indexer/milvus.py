@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 import math
 import os
 import re
@@ -369,18 +370,26 @@ def connect(location: StoreLocation, token: str | None = None) -> Any:
         if not _lite_open_in_process(path) and _lite_locked(path):
             raise GalleryError(f"the Milvus Lite file {path} is open in another process (Lite allows one at a time, "
                                "e.g. a running `reid-search serve`); stop it first, or use a Milvus server (--store http://HOST:19530)")
-        kwargs: dict[str, Any] = {}
+        # Lite first starts a local server process, which on a busy machine can outlast
+        # pymilvus's default connect timeout (seen once in CI): wait longer, and retry
+        kwargs: dict[str, Any] = {"timeout": 60}
         _hide_lite_timestamp_errors()
     else:
         token = token if token is not None else os.environ.get(TOKEN_ENV)
         kwargs = {"token": token} if token else {}
         kwargs["timeout"] = 30
-    try:
-        return MilvusClient(uri=uri, **kwargs)
-    except Exception as exc:
-        hint = ("check that the server is up and the URL right, and set REID_SEARCH_MILVUS_TOKEN if it needs a token"
-                if not location.is_lite else "check the path, or delete a folder that is not a Milvus Lite store")
-        raise GalleryError(f"cannot open the Milvus store {uri} ({_first_line(exc)}); {hint}") from None
+    attempts = 3 if location.is_lite else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            return MilvusClient(uri=uri, **kwargs)
+        except Exception as exc:
+            error = exc
+            if attempt < attempts:
+                log.warning("connecting to Milvus Lite %s failed (%s); trying again", uri, _first_line(exc))
+                time.sleep(attempt)
+    hint = ("check that the server is up and the URL right, and set REID_SEARCH_MILVUS_TOKEN if it needs a token"
+            if not location.is_lite else "check the path, or delete a folder that is not a Milvus Lite store")
+    raise GalleryError(f"cannot open the Milvus store {uri} ({_first_line(error)}); {hint}") from None
 
 
 class MilvusBackend:
