@@ -23,36 +23,29 @@ from the source vectors, as the gallery does (the source here regenerates them).
     uv run python scripts/bench_store.py --n 100000 --out BENCHMARKS.md  # the figures
 
 Environment: OMP_WAIT_POLICY=PASSIVE and, on AVX-512 CPUs, OPENBLAS_CORETYPE=SKYLAKEX
-(see bench_index.py), both only when unset.
+(set by importing bench_index.py, before numpy), both only when unset.
 """
 
 from __future__ import annotations
 
-import os
 import sys
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-try:
-    if "avx512f" in open("/proc/cpuinfo").read():
-        os.environ.setdefault("OPENBLAS_CORETYPE", "SKYLAKEX")
-except OSError:
-    pass
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+# bench_index sets the thread/BLAS environment (see its docstring) before numpy loads
+from bench_index import DIM, Synthetic, recall_at  # noqa: E402
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any, Callable, Iterator  # noqa: E402
 
 import numpy as np  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from bench_index import DIM, Synthetic, recall_at  # noqa: E402
 
 from indexer.protocol import RowFields, SearchFilter  # noqa: E402
 
