@@ -182,3 +182,33 @@ def fingerprint_state(state: Mapping[str, torch.Tensor]) -> str:
         h.update(str(t.dtype).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def fuse_for_inference(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with every BatchNorm2d folded into the convolution before it.
+
+    In eval a BatchNorm is a fixed per-channel affine map, so it can be baked into
+    the preceding convolution's weights and bias: the same features (float32
+    difference ~1e-4 on ResNet50) with one pass over each activation map fewer.
+    On 2 cores that is ~15 % more images/s for ResNet50 256×128 in bf16
+    (BENCHMARKS.md). ``model`` itself is not changed. A model torch.fx cannot
+    trace is returned as an eval-mode copy, unfused, and the log says so.
+    """
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
+    was_training = model.training
+    model.eval()
+    try:
+        fused = fuse(model, inplace=False)
+    except Exception as exc:  # an optimisation must never cost a run: run the model as it is
+        log.warning("could not fold BatchNorm into the convolutions (%s); running the model unfused",
+                    str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
+        fused = copy.deepcopy(model)
+    finally:
+        model.train(was_training)
+    for name in ("arch", "feat_dim", "num_classes", "neck_type", "last_stride", "neck_feat"):
+        if hasattr(model, name) and not hasattr(fused, name):
+            setattr(fused, name, getattr(model, name))
+    return fused.eval()

@@ -4,7 +4,8 @@
 with int8 per-channel weights and uint8 activations in QDQ form, which ONNX
 Runtime runs with integer (VNNI) kernels on CPU. Activation ranges come from
 running the fp32 graph on calibration crops (min/max, or a percentile of the
-histogram).
+histogram). The convolutions are quantised; the head after the last one
+(pooling, neck, embedding) stays in float (:func:`head_nodes`).
 
 Before anything is written, the int8 graph is compared with the fp32 one on
 check images that were *not* used for calibration:
@@ -192,6 +193,23 @@ class _Batches:
         self._it = self._gen()
 
 
+def head_nodes(path: Path) -> list[str]:
+    """Names of the nodes after the graph's last convolution: the head, kept in float.
+
+    After the last convolution come the pooling, the neck (BNNeck's BatchNorm,
+    OSNet's fc layers) and the output. Quantised, the pooled feature and the
+    embedding itself would each be rounded to 256 levels of one per-tensor
+    scale, which is where most of int8's error lands (the embedding's channels
+    differ in scale; retrieval compares all 2048 of them). In float they cost
+    a few thousand multiply-adds per image against ~10^9 in the convolutions.
+    """
+    import onnx
+
+    nodes = onnx.load(str(path), load_external_data=False).graph.node  # ONNX graphs are topologically sorted
+    last = max((i for i, n in enumerate(nodes) if n.op_type in ("Conv", "ConvInteger", "QLinearConv")), default=-1)
+    return [n.name for n in nodes[last + 1:] if n.name]
+
+
 def quantize_graph(
     fp32_path: Path, out_path: Path, calibration: Sequence[Path], *, method: str = "minmax",
     progress: Callable[[int], None] | None = None,
@@ -220,6 +238,7 @@ def quantize_graph(
         q.quantize_static(
             str(prepared), str(out_path), reader, quant_format=q.QuantFormat.QDQ, per_channel=True,
             activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8, calibrate_method=calib_method,
+            nodes_to_exclude=head_nodes(prepared),
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, "CalibPercentile": 99.999},
         )
     except (DataError, ModelError):

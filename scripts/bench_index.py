@@ -88,7 +88,7 @@ def bench_throughput(args: argparse.Namespace) -> str:
     from reid_search.transforms import Preprocess
 
     torch.manual_seed(0)
-    workers = default_num_workers() if args.workers is None else args.workers
+    workers = default_num_workers("cpu") if args.workers is None else args.workers
     fwd, e2e = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

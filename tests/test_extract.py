@@ -8,7 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from reid_search.extract import ImageLoadError, extract_features, iter_features, load_extractor, load_image
+from reid_search.extract import (
+    ImageLoadError, TorchExtractor, cpu_chunk, extract_features, iter_features, load_extractor, load_image,
+)
+from reid_search.model import build_model
+from reid_search.transforms import Preprocess
 from tests.conftest import write_crop
 
 
@@ -26,6 +30,31 @@ def test_batched_equals_one_by_one(tiny_ckpt: Path, crops: list[Path]) -> None:
     np.testing.assert_allclose(batched, singles, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
     assert np.abs(batched[0] - batched[1]).max() > 1e-3, "different images, different features"
+
+
+def test_cpu_chunks_give_the_features_of_whole_batches(tiny_ckpt: Path) -> None:
+    ex = load_extractor(tiny_ckpt, device="cpu", precision="fp32")
+    x = torch.randn(7, 3, ex.preprocess.height, ex.preprocess.width)
+    whole = TorchExtractor(ex.model, ex.preprocess, "fp", "cpu", precision="fp32", chunk=0)
+    calls: list[int] = []
+    whole.model.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+    want = whole.embed(x)
+    assert calls == [7]
+    chunked = TorchExtractor(ex.model, ex.preprocess, "fp", "cpu", precision="fp32", chunk=3)
+    chunked.model.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+    got = chunked.embed(x)
+    assert calls == [7, 3, 3, 1]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_cpu_chunk_sizes_follow_the_activation_footprint() -> None:
+    # Measured fastest on 2 cores: ResNet50 256x128 in chunks of 8; ResNet18 128x64 whole batches of 32+.
+    assert cpu_chunk(Preprocess(256, 128), 2048) == 8
+    assert cpu_chunk(Preprocess(384, 128), 2048) == 5
+    assert cpu_chunk(Preprocess(128, 64), 512) >= 32
+    assert cpu_chunk(Preprocess(4096, 4096), 2048) == 1
+    ex = TorchExtractor(build_model("resnet50"), Preprocess(256, 128), "fp", "cpu", precision="fp32")
+    assert ex.chunk == 8
 
 
 def test_streaming_yields_bounded_batches(tiny_ckpt: Path, crops: list[Path]) -> None:

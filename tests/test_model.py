@@ -9,7 +9,7 @@ import torchvision
 
 from reid_search.checkpoint import load_model, read_checkpoint, save_checkpoint
 from reid_search.errors import ModelError
-from reid_search.model import BACKBONES, build_model
+from reid_search.model import BACKBONES, build_model, fuse_for_inference
 from reid_search.transforms import Preprocess
 
 
@@ -138,3 +138,55 @@ def test_bad_checkpoints(tmp_path: Path) -> None:
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ModelError, match="not a reid-search checkpoint"):
         read_checkpoint(tmp_path / "other.pt")
+
+
+def _with_running_stats(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial BatchNorm statistics and affine terms, so folding them is not a no-op."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+    return model
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_fuse_for_inference_folds_every_conv_bn_pair(name: str) -> None:
+    model = _with_running_stats(build_model(name, num_classes=7)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = fuse_for_inference(model)
+    # Every BatchNorm2d sits after a convolution in a ResNet: none may be left.
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert not fused.training and (fused.arch, fused.feat_dim) == (model.arch, model.feat_dim)
+    # The caller's model is untouched: same mode, same tensors.
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    x = torch.randn(3, 3, 128, 64)
+    with torch.inference_mode():
+        want = model.eval()(x)
+        got = fused(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+
+
+def test_fuse_for_inference_falls_back_on_untraceable_models(caplog: pytest.LogCaptureFixture) -> None:
+    class DataDependent(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn(self.conv(x))
+            return y if y.sum() > 0 else -y  # control flow on a value: torch.fx cannot trace it
+
+    model = _with_running_stats(DataDependent())
+    with caplog.at_level("WARNING"):
+        fused = fuse_for_inference(model)
+    assert "running the model unfused" in caplog.text
+    assert fused is not model and not fused.training
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), model.eval()(x))

@@ -71,6 +71,28 @@ def test_int8_graph_is_quantised_and_close_to_fp32(int8_path, tiny_ckpt: Path) -
     assert report.metrics.protocol == "query/ vs bounding_box_test/"
 
 
+def test_convolutions_are_int8_and_the_head_stays_float(int8_path) -> None:
+    out, _, _ = int8_path
+    nodes = list(onnx.load(str(out)).graph.node)
+    convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
+    assert convs
+    produced = {o: n for n in nodes for o in n.output}
+    # Every convolution reads a dequantised int8 input and int8 weights.
+    for i in convs:
+        assert all(produced[x].op_type == "DequantizeLinear" for x in nodes[i].input[:2]), nodes[i].name
+    # After the last one (pooling, BNNeck, the embedding) nothing is rounded to 8 bits.
+    tail = nodes[convs[-1] + 1:]
+    assert {"ReduceMean", "BatchNormalization"} <= {n.op_type for n in tail} or "GlobalAveragePool" in {
+        n.op_type for n in tail}
+    qdq = ("QuantizeLinear", "DequantizeLinear")
+    # Only the last conv's own output is rounded (ONNX Runtime's QDQ pattern for a Conv); from the
+    # residual Add on, every node computes in float.
+    first_float = next(i for i, n in enumerate(tail) if n.op_type not in qdq)
+    assert all(produced[n.input[0]].op_type in ("Conv", "QuantizeLinear") for n in tail[:first_float])
+    assert not [n.name for n in tail[first_float:] if n.op_type in qdq]
+    assert produced["features"].op_type not in ("QuantizeLinear", "DequantizeLinear")
+
+
 @pytest.mark.slow
 def test_broken_calibration_is_refused(tiny_ckpt: Path, tmp_path: Path) -> None:
     """Calibrating on blank frames sets activation ranges real crops overflow: the check must refuse it."""

@@ -324,8 +324,7 @@ def evaluate(
         ex = TorchExtractor(model, pre, "eval", device)
         qf, qk, _ = extract_features([r.path for r in query], ex, batch_size)
         gf, gk, _ = extract_features([r.path for r in gallery], ex, batch_size)
-    # TorchExtractor converts the weights to channels_last in place.
-    model.to(memory_format=fmt)
+    model.to(memory_format=fmt)  # TorchExtractor runs a fused copy; restore anyway, cheaply
     model.train(was_training)
     q = [query[i] for i in qk]
     g = [gallery[i] for i in gk]
