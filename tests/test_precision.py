@@ -16,8 +16,8 @@ from PIL import Image
 from reid_search.cli import main
 from reid_search.errors import ModelError
 from reid_search.extract import COMPILE_MIN_IMAGES, TorchExtractor, extract_features, load_extractor, load_image, to_rgb
-from reid_search.precision import CpuFeatures, choose_precision, parse_cpuinfo, resolve_precision, validate_precision
-from tests.conftest import one_line_error, write_crop
+from reid_search.precision import choose_precision, parse_cpuinfo, resolve_precision, validate_precision
+from tests.conftest import write_crop
 
 EPYC = """processor\t: 0
 vendor_id\t: AuthenticAMD
