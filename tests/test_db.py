@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import numpy as np
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import BigInteger, DateTime, Engine, Integer, String, inspect, text
 
 from indexer.db import Base
 from indexer.migrations import alembic_config, current_revision, head_revision, script_location, upgrade_db
@@ -91,49 +94,143 @@ def test_db_upgrade_command(tmp_path: Path) -> None:
         assert "Example:" in CliRunner().invoke(main, args).output
 
 
-def test_a_gallery_made_by_schema_0001_upgrades_in_place(tmp_path: Path) -> None:
-    """Rows, vectors, ids and answers survive 0001 -> head; deleted ids are never handed out again."""
-    import hashlib
-    from datetime import datetime, timezone
+OLD_ROWS = 13  # rows the 0001-era store wrote; the last one is then deleted, so its id is the high-water mark
+OLD_T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
-    import numpy as np
+
+def old_row(i: int) -> dict:
+    """Row ``i`` (1-based) as the 0001-era store inserted it; row 12 has no labels and a non-ASCII name."""
+    unlabelled = i == 12
+    return {"r": "café_12.jpg" if unlabelled else f"{i:04d}_c{i % 3 + 1}s1_{i:06d}_00.jpg",
+            "p": None if unlabelled else i, "c": None if unlabelled else i % 3 + 1,
+            "s": None if unlabelled else 1, "f": None if unlabelled else i,
+            "h": hashlib.sha256(b"%d" % i).hexdigest(), "b": 10 * i, "t": OLD_T0 + timedelta(seconds=i)}
+
+
+def make_0001_gallery(url: str, root: Path) -> np.ndarray:
+    """A DB at schema revision 0001 holding what that era's store wrote: ids from the DB, 12 images with
+    vectors, the highest id (13) deleted, a state row at generation 7. Returns the 12 unit vectors."""
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "0001")
+    x = np.random.default_rng(0).standard_normal((12, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    with engine.begin() as conn:
+        rid = conn.execute(text("INSERT INTO gallery_roots (path, added_at) VALUES (:p, :t) RETURNING id"),
+                           {"p": str(root), "t": OLD_T0}).scalar_one()
+        assert rid == 1
+        for i in range(1, OLD_ROWS + 1):
+            got = conn.execute(text("INSERT INTO images (root_id, rel_path, pid, camid, seq, frame, sha256, size_bytes, "
+                                    "model_fingerprint, indexed_at) VALUES (1, :r, :p, :c, :s, :f, :h, :b, 'm', :t) "
+                                    "RETURNING id"), old_row(i)).scalar_one()
+            assert got == i
+            if i <= 12:
+                conn.execute(text("INSERT INTO embeddings (image_id, vector) VALUES (:i, :v)"),
+                             {"i": i, "v": x[i - 1].astype("<f4").tobytes()})
+        conn.execute(text("DELETE FROM images WHERE id = 13"))
+        conn.execute(text("INSERT INTO gallery_state (id, model_fingerprint, dim, index_spec, generation, updated_at) "
+                          "VALUES (1, 'm', 8, '{\"kind\": \"flat\"}', 7, :t)"), {"t": OLD_T0})
+    engine.dispose()
+    return x
+
+
+def table_dump(engine: Engine) -> dict[str, list[tuple]]:
+    """Every row of the gallery's tables, ordered by key (to tell that an open changed nothing)."""
+    with engine.connect() as conn:
+        return {t: [tuple(r) for r in conn.execute(text(f"SELECT * FROM {t} ORDER BY {k}"))]
+                for t, k in (("gallery_roots", "id"), ("images", "id"), ("embeddings", "image_id"),
+                             ("gallery_state", "id"), ("alembic_version", "version_num"))}
+
+
+def assert_0002_schema(engine: Engine) -> None:
+    """The columns, indexes and constraints migration 0002 adds, as the DB reports them."""
+    insp = inspect(engine)
+    cols = {c["name"]: c for c in insp.get_columns("images")}
+    assert isinstance(cols["gallery"]["type"], Integer) and not cols["gallery"]["nullable"]
+    assert str(cols["gallery"]["default"]).strip("'()") == "0"
+    assert isinstance(cols["time"]["type"], DateTime) and cols["time"]["nullable"]
+    assert isinstance(cols["track"]["type"], String) and cols["track"]["type"].length == 255 and cols["track"]["nullable"]
+    if engine.dialect.name == "postgresql":
+        assert cols["time"]["type"].timezone  # timestamptz, like the other *_at columns
+        assert isinstance(cols["id"]["type"], BigInteger)
+    idx = {i["name"]: (i["column_names"], bool(i["unique"])) for i in insp.get_indexes("images")
+           if i["name"].startswith("ix_")}
+    assert idx == {"ix_images_pid": (["pid"], False), "ix_images_root_id": (["root_id"], False),
+                   "ix_images_camid": (["camid"], False), "ix_images_time": (["time"], False),
+                   "ix_images_track": (["track"], False)}
+    uqs = {u["name"]: u["column_names"] for u in insp.get_unique_constraints("images")}
+    assert uqs == {"uq_images_gallery_root_id_rel_path": ["gallery", "root_id", "rel_path"]}
+    fks = {f["name"]: (f["referred_table"], f["options"].get("ondelete")) for f in insp.get_foreign_keys("embeddings")}
+    assert fks == {"fk_embeddings_image_id_images": ("images", "CASCADE")}
+    state = {c["name"]: c for c in insp.get_columns("gallery_state")}
+    assert not state["active_gallery"]["nullable"] and str(state["active_gallery"]["default"]).strip("'()") == "0"
+    for name, kind, length in (("building_gallery", Integer, None), ("building_fingerprint", String, 64),
+                               ("building_dim", Integer, None), ("store_id", String, 32)):
+        assert isinstance(state[name]["type"], kind) and state[name]["nullable"], name
+        assert length is None or state[name]["type"].length == length, name
+
+
+def check_upgraded_0001_gallery(url: str, root: Path, index_dir: Path, x: np.ndarray) -> None:
+    """Open the DB made by :func:`make_0001_gallery` the normal way and check that it was upgraded whole,
+    answers like brute force, and that opening it again changes nothing."""
+    import logging
 
     from indexer import NewImage, open_gallery
     from indexer.protocol import SearchFilter
 
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    engine = make_engine(url)
-    with engine.begin() as conn:
-        command.upgrade(alembic_config(conn), "0001")
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((12, 8)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    now = datetime(2025, 1, 1, tzinfo=timezone.utc)
-    with engine.begin() as conn:  # what the 0001-era store wrote
-        conn.execute(text("INSERT INTO gallery_roots (id, path, added_at) VALUES (1, :p, :t)"),
-                     {"p": str(tmp_path / "gal"), "t": now})
-        for i in range(1, 14):
-            conn.execute(text("INSERT INTO images (id, root_id, rel_path, pid, camid, seq, frame, sha256, size_bytes, "
-                              "model_fingerprint, indexed_at) VALUES (:i, 1, :r, :p, :c, 1, :i, :h, 10, 'm', :t)"),
-                         {"i": i, "r": f"{i:04d}_c{i % 3 + 1}s1_{i:06d}_00.jpg", "p": i, "c": i % 3 + 1,
-                          "h": hashlib.sha256(b"%d" % i).hexdigest(), "t": now})
-            if i <= 12:
-                conn.execute(text("INSERT INTO embeddings (image_id, vector) VALUES (:i, :v)"),
-                             {"i": i, "v": x[i - 1].astype("<f4").tobytes()})
-        conn.execute(text("DELETE FROM images WHERE id = 13"))  # the highest id was deleted
-        conn.execute(text("INSERT INTO gallery_state (id, model_fingerprint, dim, index_spec, generation, updated_at) "
-                          "VALUES (1, 'm', 8, '{\"kind\": \"flat\"}', 7, :t)"), {"t": now})
-    engine.dispose()
-
-    g = open_gallery(url, tmp_path / "idx")  # upgrades in place
+    g = open_gallery(url, index_dir)  # upgrades in place
     assert current_revision(g.engine) == head_revision() and drift(g.engine) == []
+    assert_0002_schema(g.engine)
     assert g.ntotal == 12 and g.generation == 7 and g.model_fingerprint == "m" and g.dim == 8
+    with g.engine.connect() as conn:  # the defaults the migration gave the old rows
+        assert conn.execute(text("SELECT DISTINCT gallery FROM images")).scalars().all() == [0]
+        assert conn.execute(text("SELECT count(*) FROM images WHERE time IS NULL AND track IS NULL")).scalar() == 12
+        st = conn.execute(text("SELECT active_gallery, building_gallery, building_fingerprint, building_dim, "
+                               "index_spec, updated_at FROM gallery_state").columns(updated_at=DateTime(timezone=True))).one()
+        assert tuple(st[:4]) == (0, None, None, None) and st[4] == '{"kind": "flat"}'
+        assert st[5].replace(tzinfo=st[5].tzinfo or timezone.utc) == OLD_T0  # SQLite keeps no zone
     np.testing.assert_array_equal(g.ids(), np.arange(1, 13))
     np.testing.assert_array_equal(g.vectors(np.arange(1, 13)), x)
+    for m in (b for batch in g.iter_metadata() for b in batch):
+        o = old_row(m.id)
+        assert (m.rel_path, m.pid, m.camid, m.seq, m.frame, m.sha256, m.size_bytes, m.model_fingerprint) == (
+            o["r"], o["p"], o["c"], o["s"], o["f"], o["h"], o["b"], "m"), m
+        assert (m.indexed_at, m.time, m.track, m.root, m.path) == (o["t"], None, None, root, root / o["r"])
     want = np.argsort(-(x @ x.T), axis=1, kind="stable")[:, :5] + 1
     np.testing.assert_array_equal(g.search(x, 5)[1], want)
-    m = g.metadata([4])[0]
-    assert (m.pid, m.camid, m.time, m.track) == (4, 2, None, None) and m.rel_path == "0004_c2s1_000004_00.jpg"
+    cams = np.array([old_row(i)["c"] for i in range(1, 13)], dtype=object)
+    keep = np.flatnonzero(cams == 2)  # ids 1, 4, 7, 10
+    want = keep[np.argsort(-(x @ x[keep].T), axis=1, kind="stable")[:, :3]] + 1
+    np.testing.assert_array_equal(g.search(x, 3, SearchFilter(cameras=frozenset({2})))[1], want)
     assert g.count(SearchFilter(cameras=frozenset({2}))) == 4
-    new = g.add_images([NewImage(tmp_path / "gal" / "new.jpg", "0" * 64, 1)], x[:1], "m")
-    assert new[0] > 13  # AUTOINCREMENT's high-water mark survived the table copy
+    g.close()
+
+    engine = make_engine(url)
+    before = table_dump(engine)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    mig_log = logging.getLogger("indexer.migrations")
+    mig_log.addHandler(handler)
+    old_level, mig_log.level = mig_log.level, logging.INFO
+    try:
+        g = open_gallery(url, index_dir)  # the second open: nothing to migrate, nothing rewritten
+    finally:
+        mig_log.removeHandler(handler)
+        mig_log.setLevel(old_level)
+    assert [r.getMessage() for r in records if "migrated" in r.getMessage()] == []
+    assert table_dump(engine) == before and upgrade_db(engine) == (head_revision(), head_revision())
+    new = g.add_images([NewImage(root / "new.jpg", "0" * 64, 1)], x[:1], "m")
+    assert new[0] > OLD_ROWS  # the deleted id is never handed out again
+    with g.replacing() as b:  # the same paths in a second version: the unique key now includes the version
+        b.add_images([NewImage(root / old_row(i)["r"], old_row(i)["h"], 1) for i in (1, 2)], x[:2], "m")
+    assert g.ntotal == 2 and g.meta.versions_present() == [g.version] and g.version != 0
+    g.close()
+    engine.dispose()
+
+
+def test_a_gallery_made_by_schema_0001_upgrades_in_place(tmp_path: Path) -> None:
+    """Rows, vectors, ids and answers survive 0001 -> head; deleted ids are never handed out again."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    x = make_0001_gallery(url, tmp_path / "gal")
+    check_upgraded_0001_gallery(url, tmp_path / "gal", tmp_path / "idx", x)

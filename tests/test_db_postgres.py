@@ -23,7 +23,7 @@ from click.testing import CliRunner  # noqa: E402
 from indexer import IndexSpec, open_gallery  # noqa: E402
 from indexer.store import make_engine  # noqa: E402
 from reid_search.errors import GalleryError  # noqa: E402
-from tests.test_db import assert_schema_matches_models  # noqa: E402
+from tests.test_db import assert_schema_matches_models, check_upgraded_0001_gallery, make_0001_gallery  # noqa: E402
 from tests.test_store import fake_images, feats  # noqa: E402
 
 
@@ -169,3 +169,9 @@ def test_postgres_filters_retention_reindex_and_odd_names(pg_url: str, tmp_path:
     g2 = open_gallery(pg_url, tmp_path / "idx")
     np.testing.assert_array_equal(g2.ids(), new_ids)
     np.testing.assert_array_equal(g2.index.ids(), new_ids)
+
+
+def test_postgres_gallery_made_by_schema_0001_upgrades_in_place(pg_url: str, tmp_path: Path) -> None:
+    """0001 -> head on PostgreSQL (plain ALTERs, no table copy): rows, defaults, indexes, answers, ids."""
+    x = make_0001_gallery(pg_url, tmp_path / "gal")
+    check_upgraded_0001_gallery(pg_url, tmp_path / "gal", tmp_path / "idx", x)
