@@ -234,3 +234,63 @@ def test_a_gallery_made_by_schema_0001_upgrades_in_place(tmp_path: Path) -> None
     url = f"sqlite:///{tmp_path / 'old.db'}"
     x = make_0001_gallery(url, tmp_path / "gal")
     check_upgraded_0001_gallery(url, tmp_path / "gal", tmp_path / "idx", x)
+
+
+def check_downgrade_to_0001(url: str, tmp_path: Path) -> None:
+    """A gallery re-indexed at head (so its active version is not 0), downgraded to 0001: the active
+    rows and their vectors stay, the schema is 0001's, no id is handed out twice, and it upgrades again."""
+    from indexer import NewImage, open_gallery
+
+    root = tmp_path / "gal"
+    g = open_gallery(url, tmp_path / "idx")
+    first = [NewImage(root / f"{i:04d}_c{i % 3 + 1}s1_{i:06d}_00.jpg", hashlib.sha256(b"a%d" % i).hexdigest(), i,
+                      pid=i, camid=i % 3 + 1, seq=1, frame=i) for i in range(1, 9)]
+    g.add_images(first, np.eye(8, dtype=np.float32), "m")
+    x = np.random.default_rng(1).standard_normal((6, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    with g.replacing() as b:
+        ids = b.add_images(first[:6], x, "m2")
+    assert g.version != 0
+    removed, _ = g.remove([first[5].path])  # the highest id: it must never come back
+    assert removed == 1
+    kept = {m.id: m for batch in g.iter_metadata() for m in batch}
+    vecs, gen, high = g.vectors(ids[:5]), g.generation, int(ids.max())
+    g.close()
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0001")
+    assert current_revision(engine) == "0001"
+    insp = inspect(engine)
+    assert {c["name"] for c in insp.get_columns("images")} == {
+        "id", "root_id", "rel_path", "pid", "camid", "seq", "frame", "sha256", "size_bytes", "model_fingerprint",
+        "indexed_at"}
+    assert {c["name"] for c in insp.get_columns("gallery_state")} == {
+        "id", "model_fingerprint", "dim", "index_spec", "generation", "updated_at"}
+    assert {u["name"]: u["column_names"] for u in insp.get_unique_constraints("images")} == {
+        "uq_images_root_id_rel_path": ["root_id", "rel_path"]}
+    assert {i["name"] for i in insp.get_indexes("images") if i["name"].startswith("ix_")} == {
+        "ix_images_pid", "ix_images_root_id"}
+    with engine.begin() as conn:
+        rows = conn.execute(text("SELECT id, rel_path, pid, camid, seq, frame, sha256, size_bytes, model_fingerprint "
+                                 "FROM images ORDER BY id")).all()
+        assert [tuple(r) for r in rows] == [
+            (m.id, m.rel_path, m.pid, m.camid, m.seq, m.frame, m.sha256, m.size_bytes, m.model_fingerprint)
+            for m in sorted(kept.values(), key=lambda m: m.id)]
+        stored = conn.execute(text("SELECT image_id, vector FROM embeddings ORDER BY image_id")).all()
+        assert [r[0] for r in stored] == sorted(kept)
+        np.testing.assert_array_equal(np.stack([np.frombuffer(r[1], "<f4") for r in stored]), vecs)
+        assert conn.execute(text("SELECT model_fingerprint, dim, generation FROM gallery_state")).one() == ("m2", 8, gen)
+        new = conn.execute(text("INSERT INTO images (root_id, rel_path, sha256, size_bytes, model_fingerprint, "
+                                "indexed_at) SELECT root_id, 'new.jpg', :h, 1, 'm2', indexed_at FROM images "
+                                "WHERE id = :i RETURNING id"), {"h": "0" * 64, "i": int(ids[0])}).scalar_one()
+        assert new > high  # what the 0001-era store would insert next gets a fresh id
+        conn.execute(text("DELETE FROM images WHERE id = :i"), {"i": new})
+    engine.dispose()
+    g = open_gallery(url, tmp_path / "idx")  # and up again
+    assert sorted(g.ids().tolist()) == sorted(kept) and g.model_fingerprint == "m2"
+    np.testing.assert_array_equal(g.search(vecs, 1)[1][:, 0], ids[:5])
+    g.close()
+
+
+def test_downgrade_0002_to_0001_keeps_the_active_gallery(tmp_path: Path) -> None:
+    check_downgrade_to_0001(f"sqlite:///{tmp_path / 'down.db'}", tmp_path)

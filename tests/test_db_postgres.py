@@ -23,7 +23,12 @@ from click.testing import CliRunner  # noqa: E402
 from indexer import IndexSpec, open_gallery  # noqa: E402
 from indexer.store import make_engine  # noqa: E402
 from reid_search.errors import GalleryError  # noqa: E402
-from tests.test_db import assert_schema_matches_models, check_upgraded_0001_gallery, make_0001_gallery  # noqa: E402
+from tests.test_db import (  # noqa: E402
+    assert_schema_matches_models,
+    check_downgrade_to_0001,
+    check_upgraded_0001_gallery,
+    make_0001_gallery,
+)
 from tests.test_store import fake_images, feats  # noqa: E402
 
 
@@ -175,3 +180,7 @@ def test_postgres_gallery_made_by_schema_0001_upgrades_in_place(pg_url: str, tmp
     """0001 -> head on PostgreSQL (plain ALTERs, no table copy): rows, defaults, indexes, answers, ids."""
     x = make_0001_gallery(pg_url, tmp_path / "gal")
     check_upgraded_0001_gallery(pg_url, tmp_path / "gal", tmp_path / "idx", x)
+
+
+def test_postgres_downgrade_0002_to_0001_keeps_the_active_gallery(pg_url: str, tmp_path: Path) -> None:
+    check_downgrade_to_0001(pg_url, tmp_path)

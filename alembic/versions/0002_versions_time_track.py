@@ -38,6 +38,16 @@ def _images(recreate: str) -> None:
         b.create_index("ix_images_track", ["track"], unique=False)
 
 
+def _restore_sequence(bind: sa.Connection, seq: int | None) -> None:
+    """Put back the AUTOINCREMENT high-water mark of the copied SQLite ``images`` table: ids of
+    deleted rows must never come back."""
+    if seq is None:
+        return
+    op.execute(sa.text("UPDATE sqlite_sequence SET seq = max(seq, :s) WHERE name = 'images'").bindparams(s=int(seq)))
+    if bind.execute(sa.text("SELECT count(*) FROM sqlite_sequence WHERE name = 'images'")).scalar() == 0:
+        op.execute(sa.text("INSERT INTO sqlite_sequence (name, seq) VALUES ('images', :s)").bindparams(s=int(seq)))
+
+
 def upgrade() -> None:
     bind = op.get_bind()
     sqlite = bind.dialect.name == "sqlite"
@@ -50,10 +60,7 @@ def upgrade() -> None:
         op.execute("INSERT INTO embeddings (image_id, vector) SELECT b.image_id, b.vector FROM _embeddings_0002 b "
                    "WHERE b.image_id NOT IN (SELECT image_id FROM embeddings)")
         op.execute("DROP TABLE _embeddings_0002")
-        if seq is not None:  # ids of deleted rows must never come back
-            op.execute(sa.text("UPDATE sqlite_sequence SET seq = max(seq, :s) WHERE name = 'images'").bindparams(s=int(seq)))
-            if bind.execute(sa.text("SELECT count(*) FROM sqlite_sequence WHERE name = 'images'")).scalar() == 0:
-                op.execute(sa.text("INSERT INTO sqlite_sequence (name, seq) VALUES ('images', :s)").bindparams(s=int(seq)))
+        _restore_sequence(bind, seq)
     with op.batch_alter_table("gallery_state") as b:
         b.add_column(sa.Column("active_gallery", sa.Integer(), server_default="0", nullable=False))
         b.add_column(sa.Column("building_gallery", sa.Integer(), nullable=True))
@@ -65,14 +72,17 @@ def upgrade() -> None:
 def downgrade() -> None:
     bind = op.get_bind()
     sqlite = bind.dialect.name == "sqlite"
+    # Only the active version survives a downgrade: after a re-index that is not version 0.
+    active = "COALESCE((SELECT active_gallery FROM gallery_state WHERE id = 1), 0)"
+    op.execute(f"DELETE FROM embeddings WHERE image_id IN (SELECT id FROM images WHERE gallery <> {active})")
+    op.execute(f"DELETE FROM images WHERE gallery <> {active}")
     with op.batch_alter_table("gallery_state") as b:
         for col in ("store_id", "building_dim", "building_fingerprint", "building_gallery", "active_gallery"):
             b.drop_column(col)
-    # Only the active version survives a downgrade.
-    op.execute("DELETE FROM embeddings WHERE image_id IN (SELECT id FROM images WHERE gallery <> 0)")
-    op.execute("DELETE FROM images WHERE gallery <> 0")
+    seq = None
     if sqlite:
         op.execute("CREATE TABLE _embeddings_0002 AS SELECT image_id, vector FROM embeddings")
+        seq = bind.execute(sa.text("SELECT seq FROM sqlite_sequence WHERE name = 'images'")).scalar()
     with op.batch_alter_table("images", recreate="always" if sqlite else "auto",
                               table_kwargs={"sqlite_autoincrement": True}) as b:
         b.drop_index("ix_images_track")
@@ -87,3 +97,4 @@ def downgrade() -> None:
         op.execute("INSERT INTO embeddings (image_id, vector) SELECT b.image_id, b.vector FROM _embeddings_0002 b "
                    "WHERE b.image_id NOT IN (SELECT image_id FROM embeddings)")
         op.execute("DROP TABLE _embeddings_0002")
+        _restore_sequence(bind, seq)
