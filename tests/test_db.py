@@ -120,9 +120,10 @@ def make_0001_gallery(url: str, root: Path) -> np.ndarray:
                            {"p": str(root), "t": OLD_T0}).scalar_one()
         assert rid == 1
         for i in range(1, OLD_ROWS + 1):
-            got = conn.execute(text("INSERT INTO images (root_id, rel_path, pid, camid, seq, frame, sha256, size_bytes, "
-                                    "model_fingerprint, indexed_at) VALUES (1, :r, :p, :c, :s, :f, :h, :b, 'm', :t) "
-                                    "RETURNING id"), old_row(i)).scalar_one()
+            got = conn.execute(text("INSERT INTO images (root_id, rel_path, pid, camid, seq, frame, sha256, "
+                                    "size_bytes, model_fingerprint, indexed_at) "
+                                    "VALUES (1, :r, :p, :c, :s, :f, :h, :b, 'm', :t) RETURNING id"),
+                               old_row(i)).scalar_one()
             assert got == i
             if i <= 12:
                 conn.execute(text("INSERT INTO embeddings (image_id, vector) VALUES (:i, :v)"),
@@ -149,7 +150,8 @@ def assert_0002_schema(engine: Engine) -> None:
     assert isinstance(cols["gallery"]["type"], Integer) and not cols["gallery"]["nullable"]
     assert str(cols["gallery"]["default"]).strip("'()") == "0"
     assert isinstance(cols["time"]["type"], DateTime) and cols["time"]["nullable"]
-    assert isinstance(cols["track"]["type"], String) and cols["track"]["type"].length == 255 and cols["track"]["nullable"]
+    assert isinstance(cols["track"]["type"], String) and cols["track"]["type"].length == 255
+    assert cols["track"]["nullable"]
     if engine.dialect.name == "postgresql":
         assert cols["time"]["type"].timezone  # timestamptz, like the other *_at columns
         assert isinstance(cols["id"]["type"], BigInteger)
@@ -186,7 +188,8 @@ def check_upgraded_0001_gallery(url: str, root: Path, index_dir: Path, x: np.nda
         assert conn.execute(text("SELECT DISTINCT gallery FROM images")).scalars().all() == [0]
         assert conn.execute(text("SELECT count(*) FROM images WHERE time IS NULL AND track IS NULL")).scalar() == 12
         st = conn.execute(text("SELECT active_gallery, building_gallery, building_fingerprint, building_dim, "
-                               "index_spec, updated_at FROM gallery_state").columns(updated_at=DateTime(timezone=True))).one()
+                               "index_spec, updated_at FROM gallery_state")
+                          .columns(updated_at=DateTime(timezone=True))).one()
         assert tuple(st[:4]) == (0, None, None, None) and st[4] == '{"kind": "flat"}'
         assert st[5].replace(tzinfo=st[5].tzinfo or timezone.utc) == OLD_T0  # SQLite keeps no zone
     np.testing.assert_array_equal(g.ids(), np.arange(1, 13))
@@ -279,7 +282,8 @@ def check_downgrade_to_0001(url: str, tmp_path: Path) -> None:
         stored = conn.execute(text("SELECT image_id, vector FROM embeddings ORDER BY image_id")).all()
         assert [r[0] for r in stored] == sorted(kept)
         np.testing.assert_array_equal(np.stack([np.frombuffer(r[1], "<f4") for r in stored]), vecs)
-        assert conn.execute(text("SELECT model_fingerprint, dim, generation FROM gallery_state")).one() == ("m2", 8, gen)
+        state = conn.execute(text("SELECT model_fingerprint, dim, generation FROM gallery_state")).one()
+        assert tuple(state) == ("m2", 8, gen)
         new = conn.execute(text("INSERT INTO images (root_id, rel_path, sha256, size_bytes, model_fingerprint, "
                                 "indexed_at) SELECT root_id, 'new.jpg', :h, 1, 'm2', indexed_at FROM images "
                                 "WHERE id = :i RETURNING id"), {"h": "0" * 64, "i": int(ids[0])}).scalar_one()
