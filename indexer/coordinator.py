@@ -221,6 +221,7 @@ class Gallery:
         self._factory = backend_factory or faiss_factory(self.index_dir)
         self._lock = lock or WriterLock(self.index_dir / LOCK_FILE)
         self._building = building is not None
+        self.replaced_count = 0  # see GalleryStore.replaced_count
         self._version = building if building is not None else 0
         self._listeners: dict[str, Callable[[ChangeEvent], None]] = {}
         self._backend: VectorBackend | None = None
@@ -586,6 +587,7 @@ class Gallery:
                     builder._backend.flush(gen_after)
                 old, gen = self.meta.switch(version)
                 removed = self.meta.ids(old)
+                self.replaced_count = len(removed)
                 old_backend = self._backend
                 if old_backend is None and self._state.dim is not None:
                     old_backend = self._make_backend(old, self._state.dim)

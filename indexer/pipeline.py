@@ -330,7 +330,6 @@ def index_folder(
         _index_items(gallery, folder, items, extractor, report, batch_size=batch_size, num_workers=num_workers,
                      prune=prune, commit_every=commit_every, commit_seconds=commit_seconds, progress=progress)
     else:
-        old = gallery.ntotal
         with gallery.replacing() as new:
             _index_items(new, folder, items, extractor, report, batch_size=batch_size, num_workers=num_workers,
                          prune=False, commit_every=commit_every, commit_seconds=commit_seconds, progress=progress)
@@ -338,7 +337,7 @@ def index_folder(
                 reasons = ", ".join(f"{r} {n}" for r, n in report.skipped_by_reason().items()) or "none"
                 raise DataError(f"re-index of {folder}: no image could be embedded (skipped: {reasons}); "
                                 "the gallery is unchanged; check the model and the images")
-        report.dropped = old
+        report.dropped = gallery.replaced_count
     report.seconds = time.perf_counter() - t0
     log.info("%s: %s in %.1fs", folder, report.summary(), report.seconds)
     return report

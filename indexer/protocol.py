@@ -263,7 +263,13 @@ class GalleryStore(Protocol):
 
     def replacing(self) -> ContextManager["GalleryStore"]:
         """A re-index: writes go to a new gallery beside this one, which replaces it atomically
-        when the block exits cleanly; an exception (or a crash) leaves the old gallery whole."""
+        when the block exits cleanly; an exception (or a crash) leaves the old gallery whole.
+        Afterwards :attr:`replaced_count` says how many images the switch dropped."""
+
+    @property
+    def replaced_count(self) -> int:
+        """Images the last :meth:`replacing` through this object dropped at its switch, including
+        any that other writers added to the old gallery during the build; 0 before any."""
 
     def on_change(self, name: str, callback: Callable[[ChangeEvent], None]) -> None:
         """Call ``callback`` after each change committed through this object."""

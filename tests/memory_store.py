@@ -41,6 +41,7 @@ class MemoryStore:
         self._gen = 0
         self._next = 1
         self._listeners: dict[str, Callable[[ChangeEvent], None]] = {}
+        self.replaced_count = 0
 
     # ---- state
     @property
@@ -181,6 +182,7 @@ class MemoryStore:
         new._next, new._gen = self._next, self._gen
         yield new
         removed = list(self._metas)
+        self.replaced_count = len(removed)
         self._metas, self._vecs, self._fp, self._dim, self._next = new._metas, new._vecs, new._fp, new._dim, new._next
         self._changed(list(self._metas), removed)
 

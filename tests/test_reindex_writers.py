@@ -109,6 +109,7 @@ def test_an_upload_from_another_process_during_a_reindex_is_lost_and_index_uploa
                               num_workers=0, reindex=True, progress=write_from_another_process)
         assert "indexed 1," in outputs[0], outputs  # the other process did add it, to the old version
         assert report.indexed == 16
+        assert report.dropped == 9 == g.replaced_count  # the 8 indexed first and the other process's upload
         assert paths(g) == {p.resolve() for p in (market_dir / "bounding_box_train").iterdir()}
     finally:
         g.close()

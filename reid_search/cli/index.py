@@ -95,12 +95,11 @@ def index(app: App, folder: Path, model: Path | None, manifest: Path | None, ind
                    index_params=index_params, batch_size=batch_size, workers=workers, prune=prune,
                    commit_every=commit_every, quiet=app.quiet)
         if reindex:
-            dropped = store.ntotal
             # The new gallery is built beside the old one; leaving this block by an
             # exception (nothing indexable, a bad model, Ctrl-C) keeps the old one whole.
             with store.replacing() as new:
                 report = _index_into(new, **run)
-            report.dropped = dropped
+            report.dropped = store.replaced_count
         else:
             store.check_model(extractor.fingerprint, extractor.dim)
             report = _index_into(store, **run)
