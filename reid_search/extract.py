@@ -147,10 +147,11 @@ def resolve_device(name: str | None = "auto", detail: str = "") -> torch.device:
     return device_from_name(name, "feature extraction", detail)
 
 
-# torch.compile costs tens of seconds of compilation to win ~20 % per batch: on 2 idle
-# cores, ResNet50 256x128 bf16 compiled in 24 s and then ran at 44.6 against 37.4
-# images/s (BENCHMARKS.md), so it pays for itself only after ~6,000 images.
-COMPILE_MIN_IMAGES = 6000
+# torch.compile costs seconds of compilation to win a few per cent per image once BatchNorm
+# is folded and batches are chunked: on 2 idle cores, ResNet50 256x128 bf16 compiled in 15 s
+# and then ran at 47.1 against 44.6 images/s (BENCHMARKS.md), so it pays for itself only
+# after ~12,600 images.
+COMPILE_MIN_IMAGES = 15000
 COMPILE_CHOICES = ("auto", "on", "off")
 
 # On a CPU the model is fastest when one call's activations stay in cache: on 2 cores,

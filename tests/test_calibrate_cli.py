@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from reid_search.calibration import collect_pairs, threshold_at_fpr
+from reid_search.data import list_images
 from reid_search.errors import ModelError
 from reid_search.thresholds import Calibration, decide, load_calibration, save_calibration, thresholds_path
 from reid_search.workspace import Workspace
@@ -51,6 +52,27 @@ def test_calibrate_matches_brute_force_and_saves(indexed, tiny_ckpt: Path, tmp_p
     assert r.exit_code == 0 and "threshold" in r.output and "saved" in r.output, r.output
     rr = load_calibration(Workspace(ws), fp, rerank=True)
     assert rr is not None and load_calibration(Workspace(ws), fp, rerank=False) == cal  # both kept
+
+
+def test_calibrate_embeds_queries_at_the_precision_asked(indexed, tiny_ckpt: Path) -> None:  # noqa: F811
+    from reid_search.extract import extract_features, load_extractor
+    from reid_search.precision import cpu_features
+
+    ws, root = indexed
+    g, gf = brute(tiny_ckpt, root / "bounding_box_test")  # the gallery as indexed (--precision auto)
+    q = list_images(root / "query")
+    qf = extract_features([x.path for x in q], load_extractor(tiny_ckpt, "cpu", precision="fp32"))[0]
+    d = np.maximum(2 - 2 * qf @ gf.T, 0).astype(np.float64)
+    t32 = _slow(d, np.array([x.pid for x in q]), np.array([x.pid for x in g]),
+                np.array([x.camid for x in q]), np.array([x.camid for x in g]), 0.1)[0]
+    r = run(ws, "calibrate", "--fpr", "0.1", "--json", "--no-save", "--precision", "fp32")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["threshold"] == pytest.approx(t32, abs=1e-6)
+    if cpu_features().bf16:  # auto is bf16 here: a different rounding, a different threshold
+        auto = json.loads(run(ws, "calibrate", "--fpr", "0.1", "--json", "--no-save").output)["threshold"]
+        assert abs(auto - t32) > 1e-6
+    bad = run(ws, "calibrate", "--precision", "int4")
+    assert bad.exit_code == 2 and "'int4' is not one of 'auto', 'fp32', 'bf16', 'fp16'" in bad.output
 
 
 def test_threshold_of_one_model_is_refused_for_another(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from reid_search.cli._common import App, pass_app, progress_bar
+from reid_search.cli._common import App, pass_app, precision_option, progress_bar
 from reid_search.data import list_images
 from reid_search.errors import DataError
 
@@ -23,9 +23,10 @@ from reid_search.errors import DataError
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--model", "-m", type=click.Path(dir_okay=False, path_type=Path), default=None, help="[default: the workspace's model]")
 @click.option("--device", default="auto", show_default=True)
+@precision_option
 @pass_app
 def calibrate(app: App, query_dir: Path | None, target_fpr: float, rerank: bool, plot: Path | None, save: bool,
-              as_json: bool, model: Path | None, device: str) -> dict:
+              as_json: bool, model: Path | None, device: str, precision: str = "auto") -> dict:
     """Find the distance below which a hit is a match, on a labelled query folder.
 
     Pairs as `eval` (same pid and camera, and junk, left out): genuine pairs share
@@ -41,6 +42,7 @@ def calibrate(app: App, query_dir: Path | None, target_fpr: float, rerank: bool,
       reid-search index Market-1501/bounding_box_test
       reid-search calibrate --fpr 1e-3 --plot roc.png
       reid-search calibrate Market-1501/query --rerank --json
+      reid-search calibrate --precision fp32
     """
     from reid_search.calibration import (
         REPORTED_FPRS,
@@ -55,7 +57,7 @@ def calibrate(app: App, query_dir: Path | None, target_fpr: float, rerank: bool,
     from reid_search.evaluation import query_distances
     from reid_search.thresholds import Calibration, save_calibration
 
-    engine = open_engine(app, model, device)
+    engine = open_engine(app, model, device, precision)
     if query_dir is None:
         query_dir = default_query_dir(engine, "pass the query folder as an argument")
     if not query_dir.is_dir():
