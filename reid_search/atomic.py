@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 
-def _fsync_dir(folder: Path) -> None:
-    # The rename is only durable once the directory entry is on disk.
+def fsync_dir(folder: Path) -> None:
+    """Flush ``folder``'s entries to disk (a rename or a new file in it is durable only then);
+    best effort: a folder that cannot be opened or fsynced is left as it is."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -43,7 +44,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

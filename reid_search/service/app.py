@@ -42,7 +42,7 @@ from reid_search.limits import (
 from reid_search.multiquery import FUSE_MODES
 from reid_search.service.batching import QueryBatcher
 from reid_search.service.core import QueryJob, SearchCore
-from reid_search.service.guard import ApiError, ServiceLimits, _GuardMiddleware, _json_response, _key_ok, as_api_error
+from reid_search.service.guard import ApiError, ServiceLimits, GuardMiddleware, json_response, key_ok, as_api_error
 from reid_search.service.schemas import AddedOut, ErrorOut, QueryOut, RemovedOut, RemovedWhereOut
 from reid_search.service.uploads import StagedUpload
 from reid_search.thresholds import decide
@@ -154,7 +154,7 @@ def create_app(
 
     async def check_key(given: Annotated[str | None, Security(key_scheme)]) -> None:
         # The guard middleware already refused bad keys; this documents the scheme in OpenAPI.
-        if api_key is not None and not _key_ok(given, api_key):
+        if api_key is not None and not key_ok(given, api_key):
             raise ApiError(401, "unauthorized", f"missing or wrong {API_KEY_HEADER} header")
 
     app = FastAPI(
@@ -164,7 +164,7 @@ def create_app(
         lifespan=lifespan,
         dependencies=[Depends(check_key)] if api_key is not None else [],
     )
-    app.add_middleware(_GuardMiddleware, api_key=api_key, limits=limits)
+    app.add_middleware(GuardMiddleware, api_key=api_key, limits=limits)
     app.state.core, app.state.batcher, app.state.limits = core, batcher, limits
     app.state.close = close  # for an app that is never served (shutdown calls it otherwise)
     app.state.settings = {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "max_queue": max_queue,
@@ -174,12 +174,12 @@ def create_app(
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError):
         headers = {"Retry-After": "1"} if exc.status == 503 else None
-        return _json_response(exc.status, {"detail": exc.message, "reason": exc.reason}, headers)
+        return json_response(exc.status, {"detail": exc.message, "reason": exc.reason}, headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception):  # last resort; see as_api_error
         err = as_api_error(exc, "the request")
-        return _json_response(err.status, {"detail": err.message, "reason": err.reason})
+        return json_response(err.status, {"detail": err.message, "reason": err.reason})
 
     errors = {s: {"model": ErrorOut} for s in (400, 401, 409, 413, 415, 503)}
 

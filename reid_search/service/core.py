@@ -20,6 +20,7 @@ from PIL import Image
 from torchvision.transforms import Resize
 
 from indexer.protocol import NewImage, RemoveFilter, SearchFilter
+from reid_search.atomic import fsync_dir
 from reid_search.engine import Hit, SearchEngine, query_filter
 from reid_search.errors import GalleryError
 from reid_search.extract import load_extractor
@@ -27,12 +28,11 @@ from reid_search.filters import format_time
 from reid_search.multiquery import search_crops
 from reid_search.service.guard import ApiError, as_api_error
 from reid_search.service.uploads import (
-    _EXT_BY_FORMAT,
+    EXT_BY_FORMAT,
     StagedUpload,
-    _copy_limited,
-    _decode,
-    _fsync_dir,
-    _image_format,
+    copy_limited,
+    decode_upload,
+    image_format,
     upload_name,
 )
 from reid_search.thresholds import load_calibration
@@ -110,17 +110,17 @@ class SearchCore:
             ApiError: 413 too many bytes or pixels, 400 empty or corrupt, 415 not an image
                 (or, with ``keep``, a format the gallery does not store).
         """
-        tmp, sha, size = _copy_limited(src, folder, max_bytes, filename, fsync=keep)
+        tmp, sha, size = copy_limited(src, folder, max_bytes, filename, fsync=keep)
         try:
-            img = _decode(tmp, filename, max_pixels)
+            img = decode_upload(tmp, filename, max_pixels)
             ext = ""
             if keep:
-                fmt = _image_format(tmp)
-                ext = _EXT_BY_FORMAT.get(fmt or "", "")
+                fmt = image_format(tmp)
+                ext = EXT_BY_FORMAT.get(fmt or "", "")
                 if not ext:
                     raise ApiError(415, "unsupported-format",
                                    f"upload {filename!r}: {fmt} images are not stored in galleries; "
-                                   f"send {', '.join(sorted(set(_EXT_BY_FORMAT) - {'MPO'}))}")
+                                   f"send {', '.join(sorted(set(EXT_BY_FORMAT) - {'MPO'}))}")
             if self._resize is not None:
                 img = self._resize(img)
         except BaseException:
@@ -266,7 +266,7 @@ class SearchCore:
                 new[name] = (NewImage(dest, st.sha256, st.size, pid=pid, camid=camid, time=capture_time, track=track),
                              st.image)
             if new:
-                _fsync_dir(self.uploads)  # the files must be durable before the rows that name them
+                fsync_dir(self.uploads)  # the files must be durable before the rows that name them
                 imgs = [im for _, im in new.values()]
                 feats = np.concatenate([self._embed(imgs[s:s + 32]) for s in range(0, len(imgs), 32)])
                 ids = self.gallery.add_images([n for n, _ in new.values()], feats, self.extractor.fingerprint)

@@ -2,7 +2,7 @@
 
 :class:`ApiError` is every error the service answers itself (``{"detail": ..., "reason": ...}``);
 :func:`as_api_error` maps any exception to one. :class:`ServiceLimits` caps what one
-request may send, and :class:`_GuardMiddleware` checks the API key and enforces the
+request may send, and :class:`GuardMiddleware` checks the API key and enforces the
 body cap while the body is received (before any parsing).
 """
 
@@ -65,11 +65,12 @@ class ServiceLimits:
         return FORM_OVERHEAD_BYTES
 
 
-def _json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+    """A JSON answer with ``status`` (for the middleware, which runs outside FastAPI's handlers)."""
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-class _GuardMiddleware:
+class GuardMiddleware:
     """API key on every request, and a body size cap enforced while the body is received."""
 
     def __init__(self, app: Any, api_key: str | None, limits: ServiceLimits) -> None:
@@ -80,8 +81,8 @@ class _GuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
-        if self.api_key is not None and not _key_ok(headers.get(API_KEY_HEADER.lower()), self.api_key):
-            await _json_response(401, {"detail": f"missing or wrong {API_KEY_HEADER} header", "reason": "unauthorized"},
+        if self.api_key is not None and not key_ok(headers.get(API_KEY_HEADER.lower()), self.api_key):
+            await json_response(401, {"detail": f"missing or wrong {API_KEY_HEADER} header", "reason": "unauthorized"},
                                  {"WWW-Authenticate": API_KEY_HEADER})(scope, receive, send)
             return
         limit = self.limits.body_limit(scope["method"], scope["path"])
@@ -91,7 +92,7 @@ class _GuardMiddleware:
             declared = 0
         message = f"request body exceeds the {limit}-byte limit of {scope['method']} {scope['path']}"
         if declared > limit:  # refuse before reading a byte
-            await _json_response(413, {"detail": message, "reason": "too-large"})(scope, receive, send)
+            await json_response(413, {"detail": message, "reason": "too-large"})(scope, receive, send)
             return
         received = 0
 
@@ -107,7 +108,8 @@ class _GuardMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-def _key_ok(given: bytes | str | None, expected: str) -> bool:
+def key_ok(given: bytes | str | None, expected: str) -> bool:
+    """Whether the API key ``given`` equals ``expected``, compared in constant time."""
     if given is None:
         return False
     if isinstance(given, str):

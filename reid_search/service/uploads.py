@@ -18,7 +18,7 @@ from reid_search.extract import ImageLoadError, load_image
 from reid_search.service.guard import ApiError
 
 # Formats kept as uploaded (the extensions `reid-search index` picks up).
-_EXT_BY_FORMAT = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}
+EXT_BY_FORMAT = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}
 # load_image's reasons → HTTP status.
 _STATUS_BY_REASON = {"empty": 400, "corrupt": 400, "not-an-image": 415, "too-large": 413}
 
@@ -50,7 +50,7 @@ def upload_name(sha256: str, ext: str, pid: int | None = None, camid: int | None
     return f"{p}_c{camid}_u{sha256}{ext}"
 
 
-def _copy_limited(src: BinaryIO, folder: Path | None, limit: int, filename: str, fsync: bool) -> tuple[Path, str, int]:
+def copy_limited(src: BinaryIO, folder: Path | None, limit: int, filename: str, fsync: bool) -> tuple[Path, str, int]:
     """Copy ``src`` to a hidden temporary file in ``folder`` (None: the system's); 413 past ``limit`` bytes."""
     fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".tmp", dir=folder)
     h, size = hashlib.sha256(), 0
@@ -72,7 +72,8 @@ def _copy_limited(src: BinaryIO, folder: Path | None, limit: int, filename: str,
     return Path(tmp), h.hexdigest(), size
 
 
-def _decode(path: Path, filename: str, max_pixels: int) -> Image.Image:
+def decode_upload(path: Path, filename: str, max_pixels: int) -> Image.Image:
+    """The staged upload at ``path`` as RGB; an unusable one is an :class:`ApiError` naming the client's ``filename``."""
     try:
         return load_image(path, max_pixels=max_pixels)
     except ImageLoadError as exc:
@@ -81,16 +82,9 @@ def _decode(path: Path, filename: str, max_pixels: int) -> Image.Image:
         raise ApiError(status, exc.reason, f"upload {filename!r}: {exc.detail}") from None
 
 
-def _image_format(path: Path) -> str | None:
+def image_format(path: Path) -> str | None:
+    """Pillow's name for the file's format (``JPEG``, ``PNG``...), read from its header."""
     with Image.open(path) as im:
         return im.format
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems cannot fsync a folder
-        pass
-    finally:
-        os.close(fd)
