@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -254,3 +255,29 @@ def test_compiled_features_equal_eager(tiny_ckpt: Path) -> None:
     for n in (8, 5):  # a full batch and a padded last batch
         x = torch.randn(n, 3, 64, 32)
         np.testing.assert_allclose(comp.embed(x), eager.embed(x), atol=1e-4)
+
+
+def test_index_reports_the_compile_time_when_it_compiled(tiny_ckpt: Path, market_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    import reid_search.extract as extract_mod
+    from reid_search.cli import main
+
+    gallery = market_dir / "bounding_box_test"
+    args = ["-w", str(tmp_path / "a"), "index", str(gallery), "--model", str(tiny_ckpt), "--batch-size", "2"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "torch.compile" not in r.output, r.output  # a short run: never compiled
+
+    compiled: list[int] = []
+
+    def instant_compile(fn, **kwargs):  # stands in for inductor: the eager function, counted
+        compiled.append(1)
+        return fn
+
+    monkeypatch.setattr(extract_mod, "COMPILE_MIN_IMAGES", 2)
+    monkeypatch.setattr(torch, "compile", instant_compile)
+    args[1] = str(tmp_path / "b")
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and compiled == [1], r.output
+    assert re.search(r"torch\.compile took \d+\.\ds of that", r.output), r.output

@@ -104,7 +104,7 @@ def index(app: App, folder: Path, model: Path | None, manifest: Path | None, ind
             store.check_model(extractor.fingerprint, extractor.dim)
             report = _index_into(store, **run)
         app.workspace.set_gallery_model(model_file, extractor.fingerprint)
-        _print_report(report, store.describe())
+        _print_report(report, store.describe(), getattr(extractor, "compile_seconds", None))
         _refresh_rerank(app, store)
     finally:
         store.close()
@@ -161,9 +161,11 @@ def _nothing_indexed(report: IndexReport) -> str:
     return f"nothing could be indexed in {report.folder}: {report.summary()}{detail}"
 
 
-def _print_report(report: IndexReport, gallery: str) -> None:
+def _print_report(report: IndexReport, gallery: str, compile_seconds: float | None = None) -> None:
     rate = (report.indexed + report.replaced) / report.seconds if report.seconds > 0 else 0.0
     click.echo(f"{report.summary()} in {report.seconds:.1f}s ({rate:.1f} images/s embedded)")
+    if compile_seconds is not None:
+        click.echo(f"  torch.compile took {compile_seconds:.1f}s of that (a run this long pays it back)")
     for path, reason, detail in report.skipped[:MAX_SKIPPED_LINES]:
         click.echo(f"  skipped {path}: {reason}: {detail}")
     if len(report.skipped) > MAX_SKIPPED_LINES:
