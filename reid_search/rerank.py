@@ -69,6 +69,8 @@ _PAIRS_PER_CHUNK = 1_000_000
 _DENSE_CHUNK_BYTES = 16 << 20
 # Elements of the (rows × k × k [× k]) temporaries of the reciprocal-set steps per chunk.
 _ELEMENTS_PER_CHUNK = 8_000_000
+# Feature values gathered per chunk when near-zero distances are recomputed (16 MB of float32).
+_REFINE_CHUNK_VALUES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -150,10 +152,15 @@ class _Candidates:
         vals = np.maximum(vals, 0.0)
         near = np.flatnonzero(vals <= self.eps * (self.sq[rows] + self.sq[cols]))
         near = near[rows[near] != cols[near]]  # self-distances are already exactly 0
-        if near.size:
-            r, c = rows[near], cols[near]
-            diff = self.feats[r].astype(np.float64) - self.feats[c]
-            vals[near] = np.einsum("ij,ij->i", diff, diff)
+        # In chunks: when most pairs are near (an untrained model's features all agree to
+        # cos > 0.999), gathering them at once took pairs x dim x 8 bytes (16 GB for 1,000 crops).
+        step = max(1, _REFINE_CHUNK_VALUES // max(1, self.feats.shape[1]))
+        for s in range(0, near.size, step):
+            idx = near[s : s + step]
+            # float32 differences of nearby values are exact or within an ulp (Sterbenz);
+            # the squares add up in float64. x - y = -(y - x) exactly: (i, j) and (j, i) agree.
+            diff = self.feats[rows[idx]] - self.feats[cols[idx]]
+            vals[idx] = np.einsum("ij,ij->i", diff, diff, dtype=np.float64)
         return vals + np.float32(0.0)  # adding +0.0 turns -0.0 into +0.0 for the keys
 
     def add(self, rows: np.ndarray, keys: np.ndarray) -> None:

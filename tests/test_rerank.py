@@ -227,3 +227,27 @@ def test_knn_graph_validation():
         knn_graph(np.zeros(4), 2)
     with pytest.raises(ValueError, match="empty"):
         knn_graph(np.zeros((0, 3)), 2)
+
+
+def test_knn_graph_of_near_identical_rows_stays_in_bounded_memory():
+    # An untrained model embeds every crop alike (cos > 0.999): then every pair is in refine()'s
+    # near-zero range. Recomputing them all at once took pairs x dim x 8 bytes (16 GB for 1,000
+    # crops; here 150² x 2048 x 8 = 369 MB); in chunks it is a few tens of MB.
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal(2048).astype(np.float32)
+    x = base + 1e-3 * rng.standard_normal((150, 2048)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x[7] = x[3]  # and one exact duplicate
+    tracemalloc.start()
+    try:
+        graph = knn_graph(x, 10, device="cpu")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100 << 20, f"peak {peak >> 20} MB"
+    order, dist, _ = brute_knn(x, 10)
+    np.testing.assert_array_equal(graph.indices, order)
+    np.testing.assert_allclose(graph.distances, dist, rtol=1e-5)
+    assert list(graph.indices[7, :2]) == [3, 7] and graph.distances[7, 1] == 0.0
