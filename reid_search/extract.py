@@ -342,7 +342,7 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str, str]]):
     return [i for i, _ in ok], tensors, failures
 
 
-def default_num_workers(device: str = "cuda") -> int:
+def default_num_workers(device: "str | torch.device" = "cuda") -> int:
     """Decoding processes for a model running on ``device`` (``cpu`` or a GPU), at most 4.
 
     For a GPU model, every core but one. For a CPU model, only the cores its
@@ -373,8 +373,7 @@ def iter_features(
     if not paths:
         return
     if num_workers is None:
-        device = getattr(extractor, "device", "cpu")
-        num_workers = default_num_workers(getattr(device, "type", device)) if len(paths) > 2 * batch_size else 0
+        num_workers = default_num_workers(getattr(extractor, "device", "cpu")) if len(paths) > 2 * batch_size else 0
     prepare = getattr(extractor, "prepare", None)
     if prepare is not None:
         prepare(len(paths), batch_size)

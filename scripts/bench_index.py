@@ -290,8 +290,13 @@ def main() -> None:
     text = "\n".join(out)
     print(text)
     if args.out:
-        with args.out.open("a") as fh:
-            fh.write(f"```\nuv run python scripts/bench_index.py {' '.join(sys.argv[1:])}\n```\n\n{text}\n")
+        append_report(args.out, "bench_index.py", text)
+
+
+def append_report(out: Path, script: str, text: str) -> None:
+    """Append ``text`` to ``out`` under the command line that made it."""
+    with out.open("a") as fh:
+        fh.write(f"```\nuv run python scripts/{script} {' '.join(sys.argv[1:])}\n```\n\n{text}\n")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 # bench_index sets the thread/BLAS environment (see its docstring) before numpy loads
-from bench_index import DIM, Synthetic, recall_at  # noqa: E402
+from bench_index import DIM, Synthetic, append_report, recall_at  # noqa: E402
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
@@ -221,8 +221,7 @@ def main() -> None:
     text = "\n".join(rows) + "\n"
     print(text)
     if args.out:
-        with args.out.open("a") as fh:
-            fh.write(f"```\nuv run python scripts/bench_store.py {' '.join(sys.argv[1:])}\n```\n\n{text}\n")
+        append_report(args.out, "bench_store.py", text)
 
 
 if __name__ == "__main__":

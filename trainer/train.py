@@ -291,15 +291,6 @@ def train_one_epoch(
     return out
 
 
-def _memory_format(model: nn.Module) -> torch.memory_format:
-    """channels_last when the first conv weight is stored that way, else contiguous."""
-    for p in model.parameters():
-        if p.dim() == 4:
-            is_cl = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-            return torch.channels_last if is_cl else torch.contiguous_format
-    return torch.contiguous_format
-
-
 def _fmt(vals: dict[str, float]) -> str:
     keys = ("loss", "id", "triplet", "center", "acc", "lr", "img_s")
     return " ".join(f"{k}={vals[k]:.4g}" for k in keys if k in vals)
@@ -312,20 +303,16 @@ def evaluate(
 ) -> dict[str, float]:
     """R1/R5/R10/mAP/mINP of ``model`` on a query/gallery split (Market protocol, the engine's metric code).
 
-    Leaves the model as it found it (train/eval mode, memory format) and the
-    global RNG untouched, so evaluating mid-run does not change the training
-    that follows (a resumed run must match an uninterrupted one).
+    Leaves the model as it found it (the extractor runs a BatchNorm-folded copy
+    of it) and the global RNG untouched, so evaluating mid-run does not change
+    the training that follows (a resumed run must match an uninterrupted one).
     """
-    was_training = model.training
-    fmt = _memory_format(model)
     devices = [device.index or 0] if device.type == "cuda" else []
     # The extractor's DataLoader draws its base seed from the global RNG.
     with torch.random.fork_rng(devices=devices):
         ex = TorchExtractor(model, pre, "eval", device)
         qf, qk, _ = extract_features([r.path for r in query], ex, batch_size)
         gf, gk, _ = extract_features([r.path for r in gallery], ex, batch_size)
-    model.to(memory_format=fmt)  # TorchExtractor runs a fused copy; restore anyway, cheaply
-    model.train(was_training)
     q = [query[i] for i in qk]
     g = [gallery[i] for i in gk]
     dist_ = 2.0 - 2.0 * (qf @ gf.T)  # squared Euclidean on unit vectors
