@@ -32,7 +32,7 @@ def _url() -> str:
     import os
     from pathlib import Path
 
-    from reid_search.workspace import DEFAULT_WORKSPACE, WORKSPACE_ENV, Workspace
+    from reid_search.app.workspace import DEFAULT_WORKSPACE, WORKSPACE_ENV, Workspace
 
     return Workspace(Path(os.environ.get(WORKSPACE_ENV, DEFAULT_WORKSPACE))).db_url
 

@@ -2,7 +2,8 @@
 
 Public API::
 
-    from indexer import open_gallery, IndexSpec, SearchFilter, RemoveFilter
+    from indexer import open_gallery, IndexSpec
+    from reid_search.gallery import SearchFilter, RemoveFilter
     g = open_gallery(workspace)                       # or open_gallery("sqlite:///x.db", "index/")
     report = g.add_folder("bounding_box_test", extractor)          # manifest="labels.csv" for time/track
     sims, ids = g.search(query_feats, k=10)           # cosine sims; Euclidean² = 2 - 2·sim
@@ -12,10 +13,11 @@ Public API::
     with g.replacing() as new:                        # re-index beside the old gallery, switch atomically
         new.add_folder("bounding_box_test", other_extractor)
 
-Modules: ``protocol`` (the GalleryStore / VectorBackend protocols and filters),
-``metadata`` (SQL), ``faiss_backend`` (FAISS vectors + filter fields),
-``coordinator`` (locking, repair, refresh, atomic re-index), ``store`` (``open_gallery``),
-``pipeline`` (folder and manifest indexing), ``vectors`` (FAISS index types).
+The contract it implements (data types, filters, the gallery protocol) is
+:mod:`reid_search.gallery`. Modules: ``protocol`` (the backend SPI),
+``metadata`` (SQL), ``faiss`` (FAISS index types and the FAISS backend), ``milvus``
+(the Milvus backend), ``coordinator`` (locking, repair, refresh, atomic re-index),
+``store`` (``open_gallery``), ``pipeline`` (folder and manifest indexing).
 """
 
 from __future__ import annotations
@@ -27,19 +29,18 @@ from typing import TYPE_CHECKING, Any
 # constant) does not pull in faiss, SQLAlchemy and torch through the others.
 _HOME = {
     "IndexReport": "pipeline", "index_folder": "pipeline",
-    "ChangeEvent": "store", "Gallery": "store", "ImageMeta": "store", "NewImage": "store",
-    "RemoveFilter": "protocol", "SearchFilter": "protocol", "GalleryStore": "protocol",
+    "Gallery": "coordinator",
     "open_gallery": "store", "sha256_file": "store",
-    "KINDS": "spec", "IndexSpec": "spec", "VectorIndex": "vectors", "exact_search": "vectors",
+    "KINDS": "spec", "IndexSpec": "spec", "VectorIndex": "faiss.index", "exact_search": "faiss.index",
     "parse_index_spec": "spec",
 }
 
 if TYPE_CHECKING:
     from indexer.pipeline import IndexReport, index_folder
-    from indexer.protocol import GalleryStore, RemoveFilter, SearchFilter
-    from indexer.store import ChangeEvent, Gallery, ImageMeta, NewImage, open_gallery, sha256_file
+    from indexer.coordinator import Gallery
+    from indexer.store import open_gallery, sha256_file
     from indexer.spec import KINDS, IndexSpec, parse_index_spec
-    from indexer.vectors import VectorIndex, exact_search
+    from indexer.faiss.index import VectorIndex, exact_search
 
 
 def __getattr__(name: str) -> Any:
@@ -53,7 +54,6 @@ def __getattr__(name: str) -> Any:
 
 # Spelled out (not derived from _HOME) so that type checkers and linters see the exports.
 __all__ = [
-    "KINDS", "ChangeEvent", "Gallery", "GalleryStore", "ImageMeta", "IndexReport", "IndexSpec", "NewImage",
-    "RemoveFilter", "SearchFilter", "VectorIndex",
+    "KINDS", "Gallery", "IndexReport", "IndexSpec", "VectorIndex",
     "exact_search", "index_folder", "open_gallery", "parse_index_spec", "sha256_file",
 ]

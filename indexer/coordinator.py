@@ -39,23 +39,15 @@ import numpy as np
 from sqlalchemy.exc import OperationalError
 
 from indexer.metadata import MetadataDB, State, VersionMoved, abs_path, model_mismatch
-from indexer.protocol import (
-    ChangeEvent,
-    Filters,
-    ImageMeta,
-    NewImage,
-    RemoveFilter,
-    RowFields,
-    SearchFilter,
-    VectorBackend,
-)
+from reid_search.gallery import ChangeEvent, Filters, ImageMeta, NewImage, RemoveFilter, SearchFilter
+from indexer.protocol import RowFields, VectorBackend
 from indexer.spec import FAISS_KINDS, IndexSpec
 from reid_search.errors import GalleryError
 
 if TYPE_CHECKING:
-    from indexer.vectors import VectorIndex
+    from indexer.faiss.index import VectorIndex
 
-# faiss is imported where a FAISS gallery needs it (indexer.faiss_backend), not for a Milvus one.
+# faiss is imported where a FAISS gallery needs it (indexer.faiss.backend), not for a Milvus one.
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +153,7 @@ def faiss_factory(index_dir: Path) -> BackendFactory:
     """The default backend: one FAISS file per gallery version under ``index_dir``."""
 
     def make(version: int, dim: int, spec: IndexSpec, store_id: str | None, source: SqlSource) -> VectorBackend:
-        from indexer.faiss_backend import FaissBackend
+        from indexer.faiss.backend import FaissBackend
 
         return FaissBackend(index_file(index_dir, version), spec, dim, store_id, source)
 
@@ -181,15 +173,15 @@ def check_faiss_spec(spec: IndexSpec) -> None:
 
 
 def index_file(index_dir: Path, version: int) -> Path:
-    """The FAISS index file of a gallery version (see :func:`indexer.faiss_backend.index_file`)."""
-    from indexer.faiss_backend import index_file as faiss_index_file
+    """The FAISS index file of a gallery version (see :func:`indexer.faiss.backend.index_file`)."""
+    from indexer.faiss.backend import index_file as faiss_index_file
 
     return faiss_index_file(index_dir, version)
 
 
 def file_version(path: Path) -> int | None:
     """The gallery version a FAISS index file name belongs to (``None``: not an index file)."""
-    from indexer.faiss_backend import file_version as faiss_file_version
+    from indexer.faiss.backend import file_version as faiss_file_version
 
     return faiss_file_version(path)
 

@@ -26,8 +26,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from indexer.db import STATE_ROW_ID, Embedding, GalleryRoot, GalleryState, ImageRow, utcnow
-from indexer.migrations import first_line
-from indexer.protocol import UNKNOWN, ImageMeta, NewImage, RemoveFilter, RowFields, SearchFilter, as_utc
+from reid_search.errors import first_line
+from reid_search.gallery import UNKNOWN, ImageMeta, NewImage, RemoveFilter, SearchFilter
+from indexer.protocol import RowFields
+from reid_search.timeutil import as_utc
 from indexer.spec import IndexSpec
 from reid_search.data import parse_name
 from reid_search.errors import GalleryError

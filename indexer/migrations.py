@@ -17,7 +17,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 from sqlalchemy.engine import Connection
 
-from reid_search.errors import GalleryError
+from reid_search.errors import GalleryError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +25,6 @@ _CANDIDATES = (
     Path(__file__).resolve().parent / "alembic",  # packaged copy
     Path(__file__).resolve().parents[1] / "alembic",  # source checkout
 )
-
-
-def first_line(exc: BaseException) -> str:
-    """``Type: message`` of an exception on one line (the DB driver's own error when wrapped)."""
-    inner = getattr(exc, "orig", None) or exc
-    lines = str(inner).strip().splitlines()
-    return f"{type(inner).__name__}: {lines[0] if lines else ''}"
 
 
 def script_location() -> Path:

@@ -41,7 +41,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from indexer.protocol import NewImage, as_utc
+from reid_search.gallery import NewImage
+from reid_search.timeutil import as_utc
 from indexer.store import Gallery, sha256_file
 from reid_search.data import IMAGE_EXTENSIONS, parse_name
 from reid_search.errors import DataError, GalleryError

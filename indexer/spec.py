@@ -2,7 +2,7 @@
 
 :class:`IndexSpec` says which index a gallery's vectors are searched with and its
 parameters (0 = automatic). The FAISS store builds ``flat``, ``ivf``, ``ivfpq`` and
-``hnsw`` (see :mod:`indexer.vectors`); the Milvus store builds those as FLAT,
+``hnsw`` (see :mod:`indexer.faiss.index`); the Milvus store builds those as FLAT,
 IVF_FLAT, IVF_PQ and HNSW, and also the Milvus-only ``ivfsq8`` (IVF_SQ8: 8-bit
 scalar-quantised inverted lists, dim bytes per vector) and ``diskann`` (DISKANN: a
 graph on SSD; Milvus servers only) -- see :mod:`indexer.milvus`. Each store refuses

@@ -1,7 +1,7 @@
 """Opening a gallery store, and the names older code imports from here.
 
 The store is three modules with one job each: :mod:`indexer.metadata` (SQL
-metadata, the source of truth), :mod:`indexer.faiss_backend` (the FAISS
+metadata, the source of truth), :mod:`indexer.faiss.backend` (the FAISS
 vectors and the fields filters read) and :mod:`indexer.coordinator`
 (locking, generation, repair on open, the atomic switch of a re-index).
 :func:`open_gallery` puts them together.
@@ -17,10 +17,10 @@ from pathlib import Path
 from indexer.coordinator import LOCK_FILE, BackendFactory, Gallery, WriterLock
 from indexer.metadata import MetadataDB, make_engine
 from indexer.migrations import current_revision, head_revision, upgrade_db
-from indexer.protocol import ChangeEvent, ImageMeta, NewImage, RemoveFilter, SearchFilter
+from reid_search.gallery import ChangeEvent, ImageMeta, NewImage, RemoveFilter, SearchFilter
 from indexer.spec import IndexSpec
 from reid_search.errors import GalleryError
-from reid_search.workspace import Workspace
+from reid_search.app.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def sha256_file(path: str | os.PathLike[str], bufsize: int = 1 << 20) -> tuple[s
 def _index_files(index_dir: Path) -> list[Path]:
     if not index_dir.is_dir():
         return []
-    from indexer.faiss_backend import file_version  # loads faiss: only where there are files to look at
+    from indexer.faiss.backend import file_version  # loads faiss: only where there are files to look at
 
     return sorted(p for p in index_dir.iterdir() if file_version(p) is not None and p.is_file() and p.stat().st_size > 0)
 
@@ -71,7 +71,7 @@ def open_gallery(
     """
     factory = backend_factory
     if factory is None and isinstance(target, Workspace):  # --store: FAISS (default) or Milvus; the workspace remembers it
-        from indexer.milvus import factory_for
+        from indexer.milvus.factory import factory_for
 
         location = target.store()  # before anything creates the workspace's files
         factory = factory_for(location)

@@ -1,5 +1,5 @@
 """``python -m reid_search`` (used by ``torchrun -m reid_search train ...``)."""
 
-from reid_search.cli import main
+from reid_search.app.cli import main
 
 main(prog_name="reid-search")

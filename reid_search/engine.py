@@ -29,11 +29,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from indexer.protocol import UNKNOWN, GalleryStore, ImageMeta, SearchFilter
+from reid_search.gallery import UNKNOWN, GalleryStore, ImageMeta, SearchFilter
 from reid_search.atomic import atomic_write_bytes
 from reid_search.errors import GalleryError
 from reid_search.extract import Extractor, extract_features
-from reid_search.filters import epoch_micros, filter_mask, format_time
+from reid_search.timeutil import epoch_micros, format_time
+from reid_search.filters import filter_mask
 from reid_search.online_rerank import GalleryRerank, RerankParams
 from reid_search.transforms import build_eval_transform
 

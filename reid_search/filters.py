@@ -2,8 +2,8 @@
 
 The CLI (``query --cameras ...``, ``remove --before ...``) and the HTTP service
 (``POST /query``, ``DELETE /gallery``) take the same fields; this module turns
-their text into :class:`~indexer.protocol.SearchFilter` and
-:class:`~indexer.protocol.RemoveFilter`, raising :class:`~reid_search.errors.DataError`
+their text into :class:`~reid_search.gallery.SearchFilter` and
+:class:`~reid_search.gallery.RemoveFilter`, raising :class:`~reid_search.errors.DataError`
 with a one-line remedy for a bad value. It imports nothing heavy (numpy only),
 so the CLI parses before loading torch or faiss.
 
@@ -14,43 +14,32 @@ re-ranking, which scores every gallery item); it must agree with
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from indexer.protocol import RemoveFilter, SearchFilter, as_utc
 from reid_search.errors import DataError
+from reid_search.gallery import RemoveFilter, SearchFilter
+from reid_search.limits import MAX_LABEL, MIN_PID
+from reid_search.timeutil import NO_TIME, as_utc, format_time, parse_iso, to_micros
 
-# pid and camid are 32-bit integer columns in the metadata DB.
-MAX_LABEL = 2**31 - 1
-MIN_PID = -1  # -1 junk, 0 distractor (Market-1501)
 MAX_ID = 2**63 - 1  # gallery ids are int64
 
 TIME_EXAMPLE = "2024-05-01T13:45:00Z"
 
 
 def parse_time(text: str, option: str) -> datetime:
-    """An ISO 8601 time as an aware UTC datetime; a naive one is taken as UTC.
+    """An ISO 8601 time as an aware UTC datetime; a naive one is taken as UTC, a ``Z`` is read on 3.10 too.
 
     Raises:
         DataError: not ISO 8601, with an example of what is.
     """
-    s = text.strip()
     try:
-        # Python 3.11's fromisoformat reads "Z", dates alone and most ISO 8601 forms.
-        t = datetime.fromisoformat(s)
+        return parse_iso(text)
     except ValueError:
         raise DataError(f"{option} {text!r} is not an ISO 8601 time; write e.g. {TIME_EXAMPLE} "
                         "(no zone means UTC)") from None
-    return as_utc(t)
-
-
-def format_time(t: datetime | None) -> str | None:
-    """ISO 8601 in UTC with a ``Z`` (``None`` stays ``None``): how times leave the CLI and the service."""
-    if t is None:
-        return None
-    return as_utc(t).isoformat().replace("+00:00", "Z")
 
 
 def check_label(value: int, option: str, low: int = 0, high: int = MAX_LABEL) -> int:
@@ -159,21 +148,6 @@ def describe_filter(where: SearchFilter) -> str:
     if where.exclude_tracks:
         parts.append("not tracks " + ",".join(sorted(where.exclude_tracks)))
     return "; ".join(parts)
-
-
-NO_TIME = np.iinfo(np.int64).min  # in :func:`epoch_micros` arrays: the crop has no capture time
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_MICRO = timedelta(microseconds=1)
-
-
-def to_micros(t: datetime) -> int:
-    """Microseconds since the epoch (UTC), exactly (floats lose microseconds at today's dates)."""
-    return (as_utc(t) - _EPOCH) // _MICRO
-
-
-def epoch_micros(times: Sequence[datetime | None]) -> np.ndarray:
-    """Capture times as int64 microseconds since the epoch (UTC), :data:`NO_TIME` where none."""
-    return np.array([NO_TIME if t is None else to_micros(t) for t in times], dtype=np.int64)
 
 
 def filter_mask(where: SearchFilter | None, camids: np.ndarray, times: np.ndarray, tracks: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ MIN_OPSET = 18
 DEFAULT_OPSET = 18
 VERIFY_MAX_IMAGES = 32  # images an export is checked on against PyTorch
 
-# ---- HTTP service (reid_search.service)
+# ---- HTTP service (reid_search.app.service)
 
 API_KEY_HEADER = "X-API-Key"
 API_KEY_ENV = "REID_SEARCH_API_KEY"
@@ -27,6 +27,15 @@ DEFAULT_MAX_PIXELS = 4_000_000
 DEFAULT_MAX_FILES = 32
 DEFAULT_MAX_QUEUE = 256
 
-# ---- gallery index types (indexer.vectors)
+# ---- gallery index types (indexer.spec)
 
 INDEX_KINDS = ("flat", "ivf", "ivfpq", "hnsw", "ivfsq8", "diskann")  # the last two: the Milvus store only
+
+# ---- gallery fields
+
+# A track id's longest length in characters, everywhere: the manifest check, the API's
+# form fields, the SQL column (String(255)) and the Milvus VARCHAR field.
+MAX_TRACK_CHARS = 255
+# pid and camid are 32-bit integer columns in the metadata DB.
+MAX_LABEL = 2**31 - 1
+MIN_PID = -1  # -1 junk, 0 distractor (Market-1501)

@@ -99,7 +99,7 @@ def search_crops(engine: Any, feats: np.ndarray, camids: Sequence[int | None], f
         return engine.search(feats, top_k=top_k, camids=list(camids), rerank=rerank, where=where,
                              keep_same_camera=keep_same_camera)[0]
     if not keep_same_camera:
-        from indexer.protocol import SearchFilter
+        from reid_search.gallery import SearchFilter
 
         where = where if where is not None else SearchFilter()
         for c in camids:

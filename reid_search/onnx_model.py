@@ -49,7 +49,7 @@ from reid_search.atomic import atomic_write_bytes
 from reid_search.checkpoint import ModelMeta, load_model
 from reid_search.devices import cpu_fallback, cuda_visible, device_from_name
 from reid_search.errors import DataError, ModelError
-from reid_search.extract import ImageLoadError, load_image
+from reid_search.images import ImageLoadError, load_image
 from reid_search.limits import DEFAULT_OPSET, MIN_OPSET, VERIFY_MAX_IMAGES
 from reid_search.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, build_eval_transform
 

@@ -36,7 +36,8 @@ import torch
 from reid_search.atomic import atomic_write_bytes
 from reid_search.data import GALLERY_DIR, QUERY_DIR, TRAIN_DIR, ImageRecord, has_identity_labels, list_images
 from reid_search.errors import DataError, ModelError
-from reid_search.extract import ImageLoadError, extract_features, load_image
+from reid_search.images import ImageLoadError, load_image
+from reid_search.extract import extract_features
 from reid_search.limits import DEFAULT_OPSET
 from reid_search.metrics import evaluate
 from reid_search.onnx_model import PRODUCER, OnnxExtractor, export_onnx

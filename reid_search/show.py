@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from reid_search.atomic import atomic_write
 from reid_search.engine import Hit
-from reid_search.extract import ImageLoadError, load_image
+from reid_search.images import ImageLoadError, load_image
 
 CELL_W, CELL_H, PAD, TEXT_H = 64, 128, 6, 26
 GREEN, RED, GREY = (30, 170, 60), (210, 40, 40), (150, 150, 150)

@@ -31,7 +31,7 @@ class Sighting:
 
 def _iso(t: Any) -> Any:
     if isinstance(t, datetime):
-        from reid_search.filters import format_time
+        from reid_search.timeutil import format_time
 
         return format_time(t)
     return t

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from reid_search.atomic import atomic_write_json
 from reid_search.errors import GalleryError, ModelError
-from reid_search.workspace import Workspace
+from reid_search.app.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

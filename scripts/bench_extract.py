@@ -55,7 +55,9 @@ import torch
 from PIL import Image
 
 from reid_search.checkpoint import load_model, save_checkpoint
-from reid_search.extract import TorchExtractor, extract_features, load_extractor
+from reid_search.torch_extractor import TorchExtractor
+from reid_search.extract import extract_features
+from reid_search.extractors import load_extractor
 from reid_search.model import build_model
 from reid_search.precision import cpu_features
 from reid_search.transforms import Preprocess, build_eval_transform
@@ -185,7 +187,7 @@ def nncf_int8(fp32_onnx: Path, calibration: list[Path], pre: Preprocess):
     import nncf
     import openvino as ov
 
-    from reid_search.extract import load_image
+    from reid_search.images import load_image
 
     tf = build_eval_transform(pre)
     items = [tf(load_image(p)).unsqueeze(0).numpy() for p in calibration]

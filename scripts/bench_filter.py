@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer import IndexSpec, NewImage, SearchFilter, open_gallery
-from reid_search.workspace import Workspace
+from indexer import IndexSpec, open_gallery
+from reid_search.gallery import NewImage, SearchFilter
+from reid_search.app.workspace import Workspace
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 

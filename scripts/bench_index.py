@@ -83,7 +83,8 @@ def bench_throughput(args: argparse.Namespace) -> str:
 
     from indexer import open_gallery
     from reid_search.checkpoint import save_checkpoint
-    from reid_search.extract import default_num_workers, load_extractor
+    from reid_search.extract import default_num_workers
+    from reid_search.extractors import load_extractor
     from reid_search.model import build_model
     from reid_search.transforms import Preprocess
 
@@ -161,7 +162,7 @@ def rss_bytes() -> int:
 
 def ground_truth(data: Synthetic, q: np.ndarray, k: int, cache: Path) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Exact top-k (ids, sims) by streaming the chunks, the pure search seconds and the generation seconds."""
-    from indexer.vectors import exact_search
+    from indexer.faiss.index import exact_search
 
     path = cache / f"gt_n{data.n}_q{len(q)}_k{k}_s{data.seed}.npz"
     if path.is_file():
@@ -191,7 +192,7 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
 def bench_ann(args: argparse.Namespace) -> str:
     import faiss
 
-    from indexer.vectors import IndexSpec, VectorIndex, auto_k_factor, auto_nprobe, resolve_build
+    from indexer.faiss.index import IndexSpec, VectorIndex, auto_k_factor, auto_nprobe, resolve_build
 
     data = Synthetic(args.n)
     q = data.queries(args.queries)

@@ -47,7 +47,8 @@ from typing import Any, Callable, Iterator  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from indexer.protocol import RowFields, SearchFilter  # noqa: E402
+from indexer.protocol import RowFields  # noqa: E402
+from reid_search.gallery import SearchFilter
 
 CAMERAS = 10
 KEEP_CAMERA = 3
@@ -66,7 +67,7 @@ def fields_of(ids: np.ndarray) -> RowFields:
 
 
 class SyntheticSource:
-    """A :class:`indexer.faiss_backend.VectorSource` that regenerates the synthetic rows."""
+    """A :class:`indexer.faiss.backend.VectorSource` that regenerates the synthetic rows."""
 
     def __init__(self, data: Synthetic) -> None:
         self.data = data
@@ -98,7 +99,7 @@ class SyntheticSource:
 
 
 def ground_truth(data: Synthetic, q: np.ndarray, keep: Callable[[np.ndarray], np.ndarray] | None) -> np.ndarray:
-    from indexer.vectors import exact_search
+    from indexer.faiss.index import exact_search
 
     best_s = np.full((len(q), K), -np.inf, np.float32)
     best_i = np.full((len(q), K), -1, np.int64)
@@ -120,8 +121,8 @@ def disk_bytes(path: Path) -> int:
 
 
 def make_faiss(kind: str, tmp: Path, data: Synthetic) -> tuple[Any, Path, Callable[[int], None]]:
-    from indexer.faiss_backend import FaissBackend
-    from indexer.vectors import IndexSpec
+    from indexer.faiss.backend import FaissBackend
+    from indexer.faiss.index import IndexSpec
 
     source = SyntheticSource(data)
     path = tmp / f"{kind}.faiss"
@@ -134,7 +135,9 @@ def make_faiss(kind: str, tmp: Path, data: Synthetic) -> tuple[Any, Path, Callab
 
 
 def make_milvus(kind: str, tmp: Path, data: Synthetic) -> tuple[Any, Path, Callable[[int], None]]:
-    from indexer.milvus import open_backend, parse_milvus_spec, parse_store
+    from indexer.milvus.backend import open_backend
+    from indexer.milvus.spec import parse_milvus_spec
+    from indexer.location import parse_store
 
     path = tmp / f"milvus_{kind}.db"
     be = open_backend(parse_store(f"milvus:{path}"), "bench", parse_milvus_spec(kind, lite=True))

@@ -44,8 +44,8 @@ HOST = "127.0.0.1"
 # Runs `reid-search serve` whether or not the CLI group registers it yet.
 BOOT = (
     "import sys\n"
-    "from reid_search.cli import main\n"
-    "from reid_search.cli.serve import serve\n"
+    "from reid_search.app.cli import main\n"
+    "from reid_search.app.cli.serve import serve\n"
     "if 'serve' not in main.commands: main.add_command(serve)\n"
     "main(args=sys.argv[1:], prog_name='reid-search')\n"
 )
@@ -90,11 +90,11 @@ def build_workspace(root: Path, arch: str, height: int, width: int, ids: int,
 
     from indexer.store import open_gallery
     from reid_search.checkpoint import save_checkpoint
-    from reid_search.extract import load_extractor
+    from reid_search.extractors import load_extractor
     from reid_search.model import build_model
     from reid_search.synthetic import generate
     from reid_search.transforms import Preprocess
-    from reid_search.workspace import Workspace
+    from reid_search.app.workspace import Workspace
 
     data = root / "data"
     generate(data, ids=ids, cameras=4, images_per_id=images_per_id, seed=0)

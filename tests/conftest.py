@@ -125,6 +125,6 @@ def store(request: pytest.FixtureRequest) -> str:
 
 def store_workspace(path: Path, store: str):  # -> Workspace (imported lazily: conftest loads for every test)
     """A workspace at ``path`` whose gallery lives in ``store`` (recorded at the first open)."""
-    from reid_search.workspace import Workspace
+    from reid_search.app.workspace import Workspace
 
     return Workspace(path, store_override=store)

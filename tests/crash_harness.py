@@ -16,9 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 # the child while it is still working.
 SLOW_INDEX_CHILD = """
 import sys, time
-from reid_search.cli._common import main
-from reid_search.cli.index import index
-from reid_search.extract import TorchExtractor
+from reid_search.app.cli._common import main
+from reid_search.app.cli.index import index
+from reid_search.torch_extractor import TorchExtractor
 
 embed = TorchExtractor.embed
 def slow_embed(self, batch):

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from indexer.protocol import (
+from reid_search.gallery import (
     UNKNOWN,
     ChangeEvent,
     Filters,

@@ -13,7 +13,7 @@ from reid_search.calibration import collect_pairs, threshold_at_fpr
 from reid_search.data import list_images
 from reid_search.errors import ModelError
 from reid_search.thresholds import Calibration, decide, load_calibration, save_calibration, thresholds_path
-from reid_search.workspace import Workspace
+from reid_search.app.workspace import Workspace
 from tests.conftest import one_line_error
 from tests.test_calibration import _slow
 from tests.test_search import brute, indexed, run  # noqa: F401  (indexed is a fixture)
@@ -41,7 +41,7 @@ def test_calibrate_matches_brute_force_and_saves(indexed, tiny_ckpt: Path, tmp_p
     assert (out["genuine_pairs"], out["impostor_pairs"]) == (s.num_genuine, s.num_impostor)
     assert Image.open(plot).size[0] > 400
 
-    from reid_search.extract import load_extractor
+    from reid_search.extractors import load_extractor
 
     fp = load_extractor(tiny_ckpt, "cpu").fingerprint
     cal = load_calibration(Workspace(ws), fp, rerank=False)
@@ -55,7 +55,8 @@ def test_calibrate_matches_brute_force_and_saves(indexed, tiny_ckpt: Path, tmp_p
 
 
 def test_calibrate_embeds_queries_at_the_precision_asked(indexed, tiny_ckpt: Path) -> None:  # noqa: F811
-    from reid_search.extract import extract_features, load_extractor
+    from reid_search.extract import extract_features
+    from reid_search.extractors import load_extractor
     from reid_search.precision import cpu_features
 
     ws, root = indexed
@@ -132,7 +133,7 @@ def test_query_marks_matches_fuses_crops_and_groups_sightings(indexed, tiny_ckpt
     out = json.loads(run(ws, "query", str(q1), "--json").output)
     assert out["decision"] == "uncalibrated" and out["threshold"] is None
     assert all(h["match"] is None for h in out["hits"])
-    from reid_search.extract import load_extractor
+    from reid_search.extractors import load_extractor
 
     assert run(ws, "calibrate", "--fpr", "0.1").exit_code == 0
     cal = load_calibration(Workspace(ws), load_extractor(tiny_ckpt, "cpu").fingerprint, False)

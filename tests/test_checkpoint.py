@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from reid_search.checkpoint import load_model, read_checkpoint
-from reid_search.cli import main
+from reid_search.app.cli import main
 from reid_search.errors import ModelError
 from tests.conftest import one_line_error, write_crop
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from reid_search.cli import main
+from reid_search.app.cli import main
 from tests.conftest import one_line_error, write_crop
 
 
@@ -43,7 +43,7 @@ def test_embed_folder_npy_and_npz(tiny_ckpt: Path, market_dir: Path, tmp_path: P
 
 
 def test_embed_uses_workspace_model(tiny_ckpt: Path, tmp_path: Path) -> None:
-    from reid_search.workspace import Workspace
+    from reid_search.app.workspace import Workspace
 
     ws = tmp_path / "ws"
     Workspace(ws).set_model(tiny_ckpt)
@@ -81,7 +81,7 @@ def test_cli_starts_without_heavy_libraries() -> None:
     code = (
         "import sys\n"
         "from click.testing import CliRunner\n"
-        "from reid_search.cli import main\n"
+        "from reid_search.app.cli import main\n"
         "for args in ([], *[[c] for c in main.commands], ['db', 'upgrade']):\n"
         "    r = CliRunner().invoke(main, [*args, '--help'])\n"
         "    assert r.exit_code == 0 and 'Example' in r.output, (args, r.output)\n"

@@ -79,8 +79,8 @@ def test_alembic_ini_works_for_developers(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_db_upgrade_command(tmp_path: Path) -> None:
-    from reid_search.cli._common import main
-    from reid_search.cli.index import db
+    from reid_search.app.cli._common import main
+    from reid_search.app.cli.index import db
 
     main.add_command(db)
     ws = str(tmp_path / "ws")
@@ -177,8 +177,9 @@ def check_upgraded_0001_gallery(url: str, root: Path, index_dir: Path, x: np.nda
     answers like brute force, and that opening it again changes nothing."""
     import logging
 
-    from indexer import NewImage, open_gallery
-    from indexer.protocol import SearchFilter
+    from reid_search.gallery import NewImage
+    from indexer import open_gallery
+    from reid_search.gallery import SearchFilter
 
     g = open_gallery(url, index_dir)  # upgrades in place
     assert current_revision(g.engine) == head_revision() and drift(g.engine) == []
@@ -242,7 +243,8 @@ def test_a_gallery_made_by_schema_0001_upgrades_in_place(tmp_path: Path) -> None
 def check_downgrade_to_0001(url: str, tmp_path: Path) -> None:
     """A gallery re-indexed at head (so its active version is not 0), downgraded to 0001: the active
     rows and their vectors stay, the schema is 0001's, no id is handed out twice, and it upgrades again."""
-    from indexer import NewImage, open_gallery
+    from reid_search.gallery import NewImage
+    from indexer import open_gallery
 
     root = tmp_path / "gal"
     g = open_gallery(url, tmp_path / "idx")

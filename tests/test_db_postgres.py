@@ -132,8 +132,8 @@ def test_postgres_gallery_round_trip(pg_url: str, tmp_path: Path) -> None:
 
 
 def test_postgres_index_command(pg_url: str, tiny_ckpt: Path, market_dir: Path, tmp_path: Path) -> None:
-    from reid_search.cli._common import main
-    from reid_search.cli.index import index
+    from reid_search.app.cli._common import main
+    from reid_search.app.cli.index import index
 
     main.add_command(index)
     args = ["-q", "-w", str(tmp_path / "ws"), "--db", pg_url, "index", str(market_dir / "bounding_box_test"),
@@ -148,8 +148,8 @@ def test_postgres_filters_retention_reindex_and_odd_names(pg_url: str, tmp_path:
     """Time bounds on timestamptz, remove_where, the atomic re-index and escaped names, on PostgreSQL."""
     from datetime import datetime, timedelta, timezone
 
-    from indexer import NewImage
-    from indexer.protocol import RemoveFilter, SearchFilter
+    from reid_search.gallery import NewImage
+    from reid_search.gallery import RemoveFilter, SearchFilter
     from tests.test_store_filters import brute_force, crops
 
     g = open_gallery(pg_url, tmp_path / "idx")

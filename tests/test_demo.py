@@ -8,7 +8,7 @@ from pathlib import Path
 from click.testing import CliRunner
 from PIL import Image
 
-from reid_search.cli import main
+from reid_search.app.cli import main
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.protocol import GalleryStore, NewImage, SearchFilter
+from reid_search.gallery import GalleryStore, NewImage, SearchFilter
 from reid_search.engine import RERANK_CACHE, SearchEngine, load_snapshot, query_filter, refresh_rerank_cache
 from reid_search.errors import DataError
-from reid_search.filters import epoch_micros, filter_mask, format_time, make_remove_filter, make_search_filter, parse_time
+from reid_search.timeutil import epoch_micros, format_time
+from reid_search.filters import filter_mask, make_remove_filter, make_search_filter, parse_time
 from reid_search.online_rerank import GalleryRerank
 from reid_search.transforms import Preprocess
 from tests.memory_store import MemoryStore

@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from reid_search.extract import (
-    ImageLoadError, TorchExtractor, cpu_chunk, extract_features, iter_features, load_extractor, load_image,
-)
+from reid_search.images import ImageLoadError, load_image
+from reid_search.torch_extractor import TorchExtractor, cpu_chunk
+from reid_search.extract import extract_features, iter_features
+from reid_search.extractors import load_extractor
 from reid_search.model import build_model
 from reid_search.transforms import Preprocess
 from tests.conftest import write_crop

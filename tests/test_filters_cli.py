@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
-from indexer.protocol import SearchFilter
-from reid_search.cli import main
+from reid_search.gallery import SearchFilter
+from reid_search.app.cli import main
 from reid_search.errors import ModelError
-from reid_search.extract import extract_features, load_extractor
-from reid_search.workspace import Workspace
+from reid_search.extract import extract_features
+from reid_search.extractors import load_extractor
+from reid_search.app.workspace import Workspace
 from tests.conftest import one_line_error, write_crop
 
 T0 = datetime(2024, 5, 1, 8, 0, tzinfo=timezone.utc)
@@ -170,7 +171,7 @@ def test_reindex_keeps_the_gallery_when_nothing_can_be_indexed(cams, tmp_path: P
     assert r.exit_code == 1 and "nothing could be indexed" in r.output.splitlines()[-1], r.output
     assert state() == full
 
-    from reid_search.extract import TorchExtractor
+    from reid_search.torch_extractor import TorchExtractor
 
     def broken(self, batch):
         raise ModelError("this model cannot run here: pass another --model")
@@ -208,7 +209,7 @@ def test_the_model_that_built_the_gallery_is_used(tmp_path: Path, tiny_ckpt: Pat
     assert r.exit_code == 0 and json.loads(r.output)["num_query"] == 3, r.output
     r = run(ws, "embed", str(q), "--json")
     assert r.exit_code == 0, r.output
-    from reid_search.service import SearchCore
+    from reid_search.app.service import SearchCore
 
     core = SearchCore(Workspace(ws), device="cpu")
     try:

@@ -12,13 +12,13 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 from indexer import open_gallery
-from reid_search.cli._common import main
-from reid_search.cli.index import db, index, remove
-from reid_search.workspace import Workspace
+from reid_search.app.cli._common import main
+from reid_search.app.cli.index import db, index, remove
+from reid_search.app.workspace import Workspace
 from tests.conftest import one_line_error as conftest_one_line_error
 from tests.conftest import shared_path, write_crop
 
-# The lead registers these in reid_search/cli/__init__.py; doing it here too is harmless.
+# The lead registers these in reid_search/app/cli/__init__.py; doing it here too is harmless.
 for _cmd in (index, remove, db):
     main.add_command(_cmd)
 
@@ -139,7 +139,7 @@ def test_other_model_is_refused_until_reindex(tiny_ckpt: Path, market_dir: Path,
     one_line_error(index_cmd(ws, folder, other), "was indexed with model", "--reindex", "--workspace")
     r = index_cmd(ws, folder, other, "--reindex")
     assert r.exit_code == 0 and summary(r).startswith("dropped 8 (re-index), indexed 8,"), r.output
-    from reid_search.extract import load_extractor
+    from reid_search.extractors import load_extractor
 
     assert gallery(ws).model_fingerprint == load_extractor(other, device="cpu").fingerprint
 

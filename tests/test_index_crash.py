@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from indexer import open_gallery
-from reid_search.workspace import Workspace
+from reid_search.app.workspace import Workspace
 from tests.conftest import write_crop
 from tests.crash_harness import committed_rows, index_then_kill, kill, spawn
 
@@ -41,8 +41,8 @@ def test_sigkill_mid_run_then_rerun_completes(tiny_ckpt: Path, tmp_path: Path) -
     np.testing.assert_array_equal(g.search(x, 1)[1][:, 0], ids)
     g.close()
 
-    from reid_search.cli._common import main
-    from reid_search.cli.index import index
+    from reid_search.app.cli._common import main
+    from reid_search.app.cli.index import index
 
     main.add_command(index)
     t0 = time.monotonic()
@@ -64,8 +64,8 @@ import sys, time, numpy as np
 from pathlib import Path
 from indexer import open_gallery
 from indexer.pipeline import index_folder
-from indexer.protocol import RemoveFilter
-from reid_search.workspace import Workspace
+from reid_search.gallery import RemoveFilter
+from reid_search.app.workspace import Workspace
 from tests.conftest import TINY_PRE
 
 class Pix:
@@ -95,7 +95,7 @@ def _lib_child(ws: Path, *args: str) -> subprocess.Popen:
 
 def _assert_consistent(ws: Path) -> "object":
     """Rows == stored vectors == index (in memory and in the file); returns the open gallery."""
-    from indexer.vectors import VectorIndex
+    from indexer.faiss.index import VectorIndex
 
     g = open_gallery(Workspace(ws))
     con = sqlite3.connect(ws / "reid.db")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from indexer import vectors as V
-from indexer.vectors import IndexSpec, VectorIndex, exact_search, iter_batches, parse_index_spec
+from indexer.faiss.index import IndexSpec, VectorIndex, exact_search, iter_batches, parse_index_spec
 from reid_search.errors import GalleryError
 
 

@@ -12,13 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.protocol import UNKNOWN, RowFields, SearchFilter
+from reid_search.gallery import UNKNOWN, SearchFilter
+from indexer.protocol import RowFields
 from reid_search.errors import GalleryError
 
 pytest.importorskip("milvus_lite", reason="milvus-lite cannot run here")
-from indexer.milvus import (  # noqa: E402
-    MilvusBackend, MilvusIndexSpec, StoreLocation, filter_expr, open_backend, parse_milvus_spec, parse_store, quote,
-)
+from indexer.milvus.backend import MilvusBackend, open_backend
+from indexer.milvus.spec import MilvusIndexSpec, parse_milvus_spec
+from indexer.location import StoreLocation, parse_store
+from indexer.milvus.expr import filter_expr, quote
 
 T0 = datetime(2024, 5, 1, 8, 0, tzinfo=timezone.utc)
 TRACKS = ['t1', 't2', 'a"b', "back\\slash", "it's", "new\nline", "", "ü,]x"]
@@ -190,7 +192,7 @@ def test_reopen_in_a_new_process(tmp_path: Path) -> None:
     db = tmp_path / "g.db"
     code = (
         "import numpy as np, sys; sys.path.insert(0, '.');"
-        "from indexer.milvus import open_backend, parse_store; from indexer.protocol import RowFields;"
+        "from indexer.milvus.backend import open_backend; from indexer.location import parse_store; from indexer.protocol import RowFields;"
         f"b = open_backend(parse_store('milvus:{db}'), 'g_v1');"
         "x = np.eye(4, dtype=np.float32);"
         "b.add(RowFields(np.arange(1, 5), np.zeros(4, np.int64), np.zeros(4, np.int64), np.full(4, np.nan), [None]*4), x);"
@@ -275,7 +277,7 @@ def test_a_lite_folder_held_by_another_process_is_a_one_line_error(tmp_path: Pat
     db = tmp_path / "g.db"
     code = (
         "import sys, time; sys.path.insert(0, '.');"
-        "from indexer.milvus import open_backend, parse_store;"
+        "from indexer.milvus.backend import open_backend; from indexer.location import parse_store;"
         f"b = open_backend(parse_store('milvus:{db}'), 'g_v1'); print('open', flush=True); time.sleep(60)"
     )
     p = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],

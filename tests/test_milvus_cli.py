@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from reid_search.cli import main
+from reid_search.app.cli import main
 from tests.conftest import store_value
 
 pytest.importorskip("milvus_lite", reason="milvus-lite cannot run here")
@@ -36,8 +36,8 @@ def session(ws: Path, market: Path, model: Path, manifest: Path) -> dict[str, ob
     """Run the command set on one workspace; returns what each command answered."""
     from fastapi.testclient import TestClient
 
-    from reid_search.service import create_app
-    from reid_search.workspace import Workspace
+    from reid_search.app.service import create_app
+    from reid_search.app.workspace import Workspace
 
     gallery = market / "bounding_box_test"
     q = market / "query" / "0005_c1s1_000000_00.jpg"

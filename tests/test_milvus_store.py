@@ -19,8 +19,8 @@ pytest.importorskip("milvus_lite", reason="milvus-lite cannot run here")
 pytest.importorskip("indexer.coordinator", reason="needs the store coordinator (branch i11a)")
 
 from indexer import open_gallery  # noqa: E402
-from indexer.protocol import NewImage, RemoveFilter, SearchFilter  # noqa: E402
-from reid_search.workspace import Workspace  # noqa: E402
+from reid_search.gallery import NewImage, RemoveFilter, SearchFilter  # noqa: E402
+from reid_search.app.workspace import Workspace  # noqa: E402
 from tests.conftest import shared_path, write_crop  # noqa: E402
 from tests.crash_harness import committed_rows, index_then_kill  # noqa: E402
 
@@ -107,7 +107,7 @@ def test_open_repairs_sql_and_milvus_disagreements(tmp_path: Path) -> None:
 
 
 def test_a_different_store_for_an_existing_gallery_is_a_one_line_cli_error(tmp_path: Path) -> None:
-    from reid_search.cli import main
+    from reid_search.app.cli import main
 
     g = open_gallery(Workspace(tmp_path / "ws", store_override="milvus:"))
     imgs, x = images(tmp_path, 3)
@@ -138,8 +138,8 @@ def test_sigkill_during_index_into_milvus_then_rerun_converges(tiny_ckpt: Path, 
     np.testing.assert_array_equal(g.search(x, 1)[1][:, 0], ids)
     g.close()
 
-    from reid_search.cli._common import main
-    from reid_search.cli.index import index
+    from reid_search.app.cli._common import main
+    from reid_search.app.cli.index import index
 
     main.add_command(index)
     r = CliRunner().invoke(main, [*args[:-6], "--workers", "0", "--batch-size", "64"], catch_exceptions=False)
@@ -157,7 +157,7 @@ def test_sigkill_during_index_into_milvus_then_rerun_converges(tiny_ckpt: Path, 
 def test_cuhk03_eval_and_rerank_equal_on_both_stores(tmp_path: Path) -> None:
     data = shared_path("data", "cuhk03-labeled")
     model = shared_path("models", "osnet_x0_25_market1501.onnx")
-    from reid_search.cli import main
+    from reid_search.app.cli import main
 
     out = {}
     for store in ("faiss", "milvus:"):
@@ -225,7 +225,7 @@ def test_index_type_change_rebuilds_the_collection_index(tmp_path: Path) -> None
 
 
 def test_index_type_option_on_a_milvus_and_a_faiss_gallery(tiny_ckpt: Path, tmp_path: Path) -> None:
-    from reid_search.cli import main
+    from reid_search.app.cli import main
 
     folder = tmp_path / "gal"
     for i in range(6):
@@ -254,7 +254,7 @@ def test_index_type_option_on_a_milvus_and_a_faiss_gallery(tiny_ckpt: Path, tmp_
 
 def test_a_milvus_gallery_does_not_load_faiss() -> None:
     """The SQL side, the coordinator and the index spec are plain: a Milvus server deployment needs no faiss."""
-    code = ("import sys, indexer, indexer.metadata, indexer.milvus, indexer.coordinator, indexer.store; "
+    code = ("import sys, indexer, indexer.metadata, indexer.milvus.factory, indexer.milvus.backend, indexer.coordinator, indexer.store; "
             "indexer.IndexSpec('ivfsq8'); indexer.parse_index_spec('hnsw', ['ef_search=64']); "
             "print(sorted(m for m in ('faiss', 'pymilvus') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from indexer.milvus import StoreLocation
-from reid_search.cli import main
+from indexer.location import StoreLocation
+from reid_search.app.cli import main
 from reid_search.errors import GalleryError
-from reid_search.workspace import Workspace
+from reid_search.app.workspace import Workspace
 
 
 def test_store_defaults_to_faiss_and_follows_the_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,10 +15,12 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 from reid_search.checkpoint import load_model, read_checkpoint
-from reid_search.cli import main
-from reid_search.cli.export import export
+from reid_search.app.cli import main
+from reid_search.app.cli.export import export
 from reid_search.errors import ModelError
-from reid_search.extract import extract_features, load_extractor, load_image
+from reid_search.extract import extract_features
+from reid_search.extractors import load_extractor
+from reid_search.images import load_image
 from reid_search.onnx_model import OnnxExtractor, export_onnx
 from reid_search.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, build_eval_transform
 from tests.conftest import SHARED, TINY_PRE, shared_path, write_crop

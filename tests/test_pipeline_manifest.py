@@ -10,9 +10,9 @@ import pytest
 
 from indexer import open_gallery
 from indexer.pipeline import index_folder, parse_time, read_manifest
-from indexer.protocol import RemoveFilter, SearchFilter
+from reid_search.gallery import RemoveFilter, SearchFilter
 from reid_search.errors import DataError
-from reid_search.workspace import Workspace
+from reid_search.app.workspace import Workspace
 from tests.conftest import write_crop
 from tests.test_store_defects import PixelExtractor
 

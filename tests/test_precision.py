@@ -14,9 +14,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from reid_search.cli import main
+from reid_search.app.cli import main
 from reid_search.errors import ModelError
-from reid_search.extract import COMPILE_MIN_IMAGES, TorchExtractor, extract_features, load_extractor, load_image, to_rgb
+from reid_search.torch_extractor import COMPILE_MIN_IMAGES, TorchExtractor
+from reid_search.extract import extract_features
+from reid_search.extractors import load_extractor
+from reid_search.images import load_image, to_rgb
 from reid_search.precision import choose_precision, parse_cpuinfo, resolve_precision, validate_precision
 from tests.conftest import write_crop
 
@@ -212,7 +215,7 @@ def test_8_and_16_bit_copies_of_a_crop_embed_alike(tiny_ckpt: Path, tmp_path: Pa
 def test_undecodable_tiff_says_what_to_do(tmp_path: Path) -> None:
     p = tmp_path / "x.tif"
     p.write_bytes(b"II*\x00" + b"\x00" * 60)
-    from reid_search.extract import ImageLoadError
+    from reid_search.images import ImageLoadError
 
     with pytest.raises(ImageLoadError, match="save it as 8- or 16-bit RGB") as e:
         load_image(p)
@@ -261,8 +264,8 @@ def test_index_reports_the_compile_time_when_it_compiled(tiny_ckpt: Path, market
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
-    import reid_search.extract as extract_mod
-    from reid_search.cli import main
+    import reid_search.torch_extractor as extract_mod
+    from reid_search.app.cli import main
 
     gallery = market_dir / "bounding_box_test"
     args = ["-w", str(tmp_path / "a"), "index", str(gallery), "--model", str(tiny_ckpt), "--batch-size", "2"]

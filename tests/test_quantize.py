@@ -11,9 +11,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from reid_search.cli import main
+from reid_search.app.cli import main
 from reid_search.errors import DataError, ModelError
-from reid_search.extract import extract_features, load_extractor
+from reid_search.extract import extract_features
+from reid_search.extractors import load_extractor
 from reid_search.onnx_model import OnnxExtractor
 from reid_search.quantize import Int8Report, MetricCheck, _refuse_if_short, export_int8, split_images
 from tests.conftest import one_line_error, write_crop

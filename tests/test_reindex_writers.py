@@ -21,7 +21,8 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
-from indexer import NewImage, open_gallery
+from reid_search.gallery import NewImage
+from indexer import open_gallery
 from reid_search.errors import GalleryError
 from tests.conftest import store_workspace, write_crop
 from tests.test_store import fake_images, feats
@@ -33,7 +34,7 @@ def paths(g) -> set[Path]:
 
 
 def test_writes_to_the_old_gallery_during_a_reindex_are_not_carried_over(tmp_path: Path, store: str) -> None:
-    from reid_search.service import upload_name
+    from reid_search.app.service import upload_name
 
     ws = store_workspace(tmp_path / "ws", store)
     folder = tmp_path / "gal"
@@ -77,10 +78,10 @@ def test_an_upload_from_another_process_during_a_reindex_is_lost_and_index_uploa
         tiny_ckpt: Path, market_dir: Path, tmp_path: Path) -> None:
     """Two processes: a `reid-search index` of the uploads folder runs while this one re-indexes."""
     from indexer.pipeline import index_folder
-    from reid_search.cli import main
-    from reid_search.extract import load_extractor
-    from reid_search.service import SearchCore, upload_name
-    from reid_search.workspace import Workspace
+    from reid_search.app.cli import main
+    from reid_search.extractors import load_extractor
+    from reid_search.app.service import SearchCore, upload_name
+    from reid_search.app.workspace import Workspace
 
     ws = Workspace(tmp_path / "ws")
     run = CliRunner()
@@ -97,7 +98,7 @@ def test_an_upload_from_another_process_during_a_reindex_is_lost_and_index_uploa
     def write_from_another_process(n: int) -> None:
         if outputs:
             return
-        out = subprocess.run([sys.executable, "-c", "from reid_search.cli import main; main()", "-q", "-w",
+        out = subprocess.run([sys.executable, "-c", "from reid_search.app.cli import main; main()", "-q", "-w",
                               str(ws.root), "index", str(ws.uploads_dir), "--model", str(tiny_ckpt), "--workers", "0"],
                              capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
         outputs.append(out.stdout + out.stderr)

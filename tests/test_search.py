@@ -10,9 +10,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from reid_search.cli import main
+from reid_search.app.cli import main
 from reid_search.data import list_images
-from reid_search.extract import extract_features, load_extractor
+from reid_search.extract import extract_features
+from reid_search.extractors import load_extractor
 from reid_search.metrics import evaluate
 from reid_search.online_rerank import GalleryRerank
 from reid_search.rerank import k_reciprocal
@@ -31,7 +32,7 @@ def indexed(tmp_path: Path, tiny_ckpt: Path, market_dir: Path):
         write_crop(market_dir / "bounding_box_test" / f"0005_c{cam}s1_{100 + k:06d}_00.jpg", 500 + k)
     r = run(ws, "index", str(market_dir / "bounding_box_test"), "--model", str(tiny_ckpt))
     assert r.exit_code == 0, r.output
-    from reid_search.workspace import Workspace
+    from reid_search.app.workspace import Workspace
 
     Workspace(ws).set_model(tiny_ckpt)
     return ws, market_dir

@@ -25,13 +25,15 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from reid_search.cli._common import App, main
-from reid_search.cli.search import open_engine, query as query_cmd
-from reid_search.cli.serve import serve
+from reid_search.app.cli._common import App, main
+from reid_search.app.cli.search import open_engine, query as query_cmd
+from reid_search.app.cli.serve import serve
 from reid_search.data import parse_name
-from reid_search.extract import extract_features, load_extractor, load_image
-from reid_search.service import ApiError, QueryBatcher, create_app, upload_name
-from reid_search.workspace import Workspace
+from reid_search.extract import extract_features
+from reid_search.extractors import load_extractor
+from reid_search.images import load_image
+from reid_search.app.service import ApiError, QueryBatcher, create_app, upload_name
+from reid_search.app.workspace import Workspace
 from tests.conftest import write_crop
 
 if "serve" not in main.commands:
@@ -51,7 +53,8 @@ KEY = "s3cret-key"
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> Workspace:
     """16 gallery crops (4 ids × 2 cameras × 2) indexed with the tiny model, plus 8 query crops."""
-    from indexer.store import NewImage, open_gallery, sha256_file
+    from reid_search.gallery import NewImage
+    from indexer.store import open_gallery, sha256_file
 
     root = tmp_path_factory.mktemp("svc")
     gallery_dir, query_dir = root / "market" / "bounding_box_test", root / "market" / "query"
@@ -311,7 +314,8 @@ def test_concurrent_writes_and_queries(workspace: Workspace, query_paths: list[P
 
 
 def test_sees_changes_of_other_processes(workspace: Workspace, client: httpx.Client) -> None:
-    from indexer.store import NewImage, open_gallery, sha256_file
+    from reid_search.gallery import NewImage
+    from indexer.store import open_gallery, sha256_file
 
     p = write_crop(workspace.root.parent / "other" / "0055_c4s1_000001_00.jpg", 9100)
     extractor = load_extractor(workspace.model_path(), device="cpu")
@@ -440,7 +444,7 @@ def test_filters_time_track_and_retention(workspace: Workspace, query_paths: lis
     DELETE /gallery?... removes by filter and deletes the uploaded files."""
     from datetime import datetime, timezone
 
-    from indexer.protocol import SearchFilter
+    from reid_search.gallery import SearchFilter
 
     crops = [write_crop(workspace.root.parent / "timed" / f"{i}.jpg", 9300 + i) for i in range(6)]
     added = []
@@ -612,7 +616,7 @@ def test_serve_wiring(workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> 
     import importlib
 
     # The CLI package binds the name `serve` to the command, shadowing the module.
-    serve_mod = importlib.import_module("reid_search.cli.serve")
+    serve_mod = importlib.import_module("reid_search.app.cli.serve")
 
     seen: dict[str, Any] = {}
 

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer import ChangeEvent, Gallery, IndexSpec, NewImage, open_gallery
+from reid_search.gallery import ChangeEvent, NewImage
+from indexer import Gallery, IndexSpec, open_gallery
 from reid_search.errors import GalleryError
-from reid_search.workspace import Workspace
+from reid_search.app.workspace import Workspace
 from tests.conftest import store_workspace
 
 
@@ -181,7 +182,7 @@ def test_stale_vectors_in_the_file_are_dropped_on_open(ws: Workspace, store: str
     np.testing.assert_array_equal(g2.backend.ids(), ids[2:])
     g2.close()
     if store == "faiss":
-        from indexer.vectors import VectorIndex
+        from indexer.faiss.index import VectorIndex
 
         on_disk, _ = VectorIndex.load(ws.index_dir / "gallery.faiss")
         np.testing.assert_array_equal(on_disk.ids(), ids[2:])  # the repair was written back

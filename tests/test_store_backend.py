@@ -12,9 +12,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import pytest
 
-from indexer import NewImage, open_gallery
-from indexer.protocol import RowFields, SearchFilter, VectorBackend
-from reid_search.workspace import Workspace
+from reid_search.gallery import NewImage
+from indexer import open_gallery
+from indexer.protocol import RowFields, VectorBackend
+from reid_search.gallery import SearchFilter
+from reid_search.app.workspace import Workspace
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 

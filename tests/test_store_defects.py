@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer import NewImage, open_gallery
+from reid_search.gallery import NewImage
+from indexer import open_gallery
 from indexer.pipeline import index_folder
 from reid_search.errors import DataError, GalleryError
-from reid_search.workspace import Workspace
+from reid_search.app.workspace import Workspace
 from tests.conftest import TINY_PRE, store_workspace, write_crop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,8 +164,9 @@ def test_a_writer_whose_gallery_was_replaced_meanwhile_writes_into_the_new_one(s
 WRITER = """
 import sys, hashlib, numpy as np
 from pathlib import Path
-from indexer import NewImage, open_gallery
-from reid_search.workspace import Workspace
+from reid_search.gallery import NewImage
+from indexer import open_gallery
+from reid_search.app.workspace import Workspace
 ws, folder, start, n = Workspace(Path(sys.argv[1])), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 x = np.random.default_rng(start).standard_normal((n, 8)).astype(np.float32)
 x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -278,7 +280,8 @@ def test_zero_byte_db_does_not_delete_the_index(store: str, tmp_path: Path) -> N
     assert "\n" not in str(err.value) and str(index) in str(err.value)
     assert index.stat().st_size == size
     if store != "faiss":
-        from indexer.milvus import connect, parse_store
+        from indexer.milvus.client import connect
+        from indexer.location import parse_store
 
         assert connect(parse_store(store).resolved(ws.root)).has_collection(collection)  # the vectors are still there
 

@@ -13,9 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from indexer import IndexSpec, NewImage, open_gallery
-from indexer.protocol import GalleryStore, RemoveFilter, SearchFilter
-from reid_search.workspace import Workspace
+from indexer import IndexSpec, open_gallery
+from reid_search.gallery import NewImage
+from reid_search.gallery import GalleryStore, RemoveFilter, SearchFilter
+from reid_search.app.workspace import Workspace
 from tests.conftest import STORE_KINDS, store_value, store_workspace
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 import trainer.train as train_mod
 from reid_search.checkpoint import load_model
-from reid_search.cli import main as cli
+from reid_search.app.cli import main as cli
 from reid_search.data import load_market
 from reid_search.errors import ModelError
 from reid_search.model import build_model

@@ -58,7 +58,7 @@ WORKER = textwrap.dedent(
 
     T.train_step, T.gather_for_triplet, T.save_checkpoint = spy_step, spy_gather, spy_save
 
-    from reid_search.cli import main
+    from reid_search.app.cli import main
 
     try:
         main(sys.argv[1:], prog_name="reid-search", standalone_mode=False)

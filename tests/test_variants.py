@@ -256,7 +256,7 @@ def hide_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_extraction_falls_back_with_one_line(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
-    from reid_search.extract import resolve_device
+    from reid_search.torch_extractor import resolve_device
 
     hide_gpus(monkeypatch)
     caplog.set_level(logging.INFO, logger="reid_search.devices")
@@ -353,7 +353,7 @@ def test_cpu_onnxruntime_on_a_gpu_machine_warns(monkeypatch: pytest.MonkeyPatch,
 def test_faiss_search_falls_back_with_one_line(kind: str, gpu_build: bool, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     import faiss
 
-    from indexer.vectors import IndexSpec, VectorIndex, iter_batches
+    from indexer.faiss.index import IndexSpec, VectorIndex, iter_batches
 
     if gpu_build:  # a faiss GPU build where CUDA_VISIBLE_DEVICES hides the GPUs
         monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
@@ -368,10 +368,10 @@ def test_faiss_search_falls_back_with_one_line(kind: str, gpu_build: bool, monke
     x = rng.standard_normal((800, 8)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     ids = np.arange(800, dtype=np.int64)
-    caplog.set_level(logging.INFO, logger="indexer.vectors")
+    caplog.set_level(logging.INFO, logger="indexer.faiss.index")
     idx = VectorIndex.build(IndexSpec(kind, min_train=100), 8, lambda: iter_batches(ids, x, 256), len(x))
     _, got = idx.search(x[:5], 1)
     idx.search(x[5:9], 1)
     np.testing.assert_array_equal(got[:, 0], ids[:5])
-    said = [s for s in lines(caplog, "indexer.vectors") if "search runs on" in s]
+    said = [s for s in lines(caplog, "indexer.faiss.index") if "search runs on" in s]
     assert len(said) == 1 and said[0].startswith(f"faiss {kind} search runs on CPU") and why in said[0], said

@@ -36,7 +36,9 @@ from reid_search.checkpoint import read_checkpoint, save_checkpoint
 from reid_search.data import ImageRecord, MarketDataset, load_market, training_labels
 from reid_search.devices import auto_device, ddp_backend
 from reid_search.errors import DataError, ModelError
-from reid_search.extract import ImageLoadError, TorchExtractor, extract_features, load_image
+from reid_search.images import ImageLoadError, load_image
+from reid_search.torch_extractor import TorchExtractor
+from reid_search.extract import extract_features
 from reid_search.metrics import evaluate as evaluate_ranking
 from reid_search.model import ReIDNet, build_model
 from reid_search.transforms import AugmentConfig, Preprocess, build_train_transform

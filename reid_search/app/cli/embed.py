@@ -10,7 +10,7 @@ import click
 import numpy as np
 
 from reid_search.atomic import atomic_write, atomic_write_bytes
-from reid_search.cli._common import App, pass_app, precision_option, progress_bar
+from reid_search.app.cli._common import App, pass_app, precision_option, progress_bar
 from reid_search.data import list_images, record_for
 from reid_search.errors import DataError
 
@@ -37,7 +37,9 @@ def embed(app: App, target: Path, model: Path | None, out: Path | None, as_json:
       reid-search embed bounding_box_test --out gallery.npy
       reid-search embed bounding_box_test --out gallery.npz --precision fp32
     """
-    from reid_search.extract import extract_features, load_extractor, load_image  # torch: only when it runs
+    from reid_search.extract import extract_features  # torch: only when it runs
+    from reid_search.extractors import load_extractor
+    from reid_search.images import load_image
 
     if not target.exists():
         raise DataError(f"no such image or folder: {target}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
 from reid_search.limits import DEFAULT_MAX_QUEUE
-from reid_search.service.guard import ApiError, as_api_error
+from reid_search.app.service.guard import ApiError, as_api_error
 
 T = TypeVar("T")
 R = TypeVar("R")

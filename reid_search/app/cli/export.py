@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from reid_search.cli._common import App, pass_app, progress_bar
+from reid_search.app.cli._common import App, pass_app, progress_bar
 from reid_search.data import iter_image_paths
 from reid_search.errors import DataError, ModelError
 from reid_search.limits import DEFAULT_OPSET, MIN_OPSET, VERIFY_MAX_IMAGES

@@ -21,15 +21,8 @@ from fastapi.security import APIKeyHeader
 from starlette.concurrency import run_in_threadpool
 
 from reid_search.errors import DataError
-from reid_search.filters import (
-    MAX_ID,
-    MAX_LABEL,
-    MIN_PID,
-    filter_dict,
-    make_remove_filter,
-    make_search_filter,
-    parse_time,
-)
+from reid_search.filters import MAX_ID, filter_dict, make_remove_filter, make_search_filter, parse_time
+from reid_search.limits import MAX_LABEL, MIN_PID
 from reid_search.limits import (
     API_KEY_HEADER,
     DEFAULT_MAX_FILES,
@@ -40,13 +33,13 @@ from reid_search.limits import (
     MAX_TOP_K,
 )
 from reid_search.multiquery import FUSE_MODES
-from reid_search.service.batching import QueryBatcher
-from reid_search.service.core import QueryJob, SearchCore
-from reid_search.service.guard import ApiError, ServiceLimits, GuardMiddleware, json_response, key_ok, as_api_error
-from reid_search.service.schemas import AddedOut, ErrorOut, QueryOut, RemovedOut, RemovedWhereOut
-from reid_search.service.uploads import StagedUpload
+from reid_search.app.service.batching import QueryBatcher
+from reid_search.app.service.core import QueryJob, SearchCore
+from reid_search.app.service.guard import ApiError, ServiceLimits, GuardMiddleware, json_response, key_ok, as_api_error
+from reid_search.app.service.schemas import AddedOut, ErrorOut, QueryOut, RemovedOut, RemovedWhereOut
+from reid_search.app.service.uploads import StagedUpload
 from reid_search.thresholds import decide
-from reid_search.workspace import Workspace
+from reid_search.app.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from reid_search.cli._common import App, pass_app, precision_option, progress_bar
+from reid_search.app.cli._common import App, pass_app, precision_option, progress_bar
 from reid_search.data import QUERY_DIR, list_images, record_for
 from reid_search.errors import DataError, GalleryError
 from reid_search.multiquery import FUSE_MODES
@@ -18,7 +18,7 @@ def open_engine(app: App, model: Path | None, device: str, precision: str = "aut
     """The workspace's gallery with the given model, else the one that built the gallery."""
     from indexer.store import open_gallery
     from reid_search.engine import SearchEngine
-    from reid_search.extract import load_extractor
+    from reid_search.extractors import load_extractor
 
     gallery = open_gallery(app.workspace)
     if gallery.ntotal == 0:
@@ -93,7 +93,7 @@ def query(app: App, images: tuple[Path, ...], top_k: int, rerank: bool, camid: i
       reid-search query person.jpg --cameras 1,3 --since 2024-05-01T08:00:00Z --until 2024-05-01T18:00:00Z
       reid-search query crop.jpg --exclude-cameras 4,5 --exclude-track cam2-0042 --keep-same-camera
     """
-    from reid_search.extract import load_image  # torch: only when it runs
+    from reid_search.images import load_image  # torch: only when it runs
     from reid_search.filters import check_label, describe_filter, filter_dict, make_search_filter
     from reid_search.multiquery import search_crops
     from reid_search.thresholds import decide, load_calibration

@@ -103,7 +103,7 @@ class Workspace:
                                            and (self.root / "reid.db").is_file())
 
     def store(self) -> Any:
-        """Where the gallery lives, as an :class:`indexer.milvus.StoreLocation` (workspace default resolved).
+        """Where the gallery lives, as an :class:`indexer.location.StoreLocation` (workspace default resolved).
 
         The recorded store wins; ``--store``/``$REID_SEARCH_STORE`` picks one for a new
         gallery and must otherwise agree with the record.
@@ -111,7 +111,7 @@ class Workspace:
         Raises:
             GalleryError: a ``--store`` that is not where this workspace's gallery lives, or a bad value.
         """
-        from indexer.milvus import parse_store
+        from indexer.location import parse_store
 
         asked = self.store_override if self.store_override is not None else os.environ.get(STORE_ENV)
         recorded = self.recorded_store()

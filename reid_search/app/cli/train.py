@@ -13,7 +13,7 @@ import click
 from click.core import ParameterSource
 from tqdm import tqdm
 
-from reid_search.cli._common import App, pass_app
+from reid_search.app.cli._common import App, pass_app
 
 if TYPE_CHECKING:
     from trainer.config import TrainConfig

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from reid_search.cli._common import App, pass_app
+from reid_search.app.cli._common import App, pass_app
 from reid_search.data import GALLERY_DIR, QUERY_DIR
 
 # A schedule that learns the synthetic identities on 2 idle CPU cores in about 2 minutes
@@ -48,12 +48,12 @@ def demo(ctx: click.Context, app: App, data_root: Path | None, ids: int, epochs:
       reid-search demo
       reid-search -w /tmp/cuhk demo --data ../shared/data/cuhk03-labeled --epochs 4 --max-steps 40
     """
-    from reid_search.cli._common import progress_bar
-    from reid_search.cli.index import index
-    from reid_search.cli.search import evaluate_cmd, query
-    from reid_search.cli.train import train
+    from reid_search.app.cli._common import progress_bar
+    from reid_search.app.cli.index import index
+    from reid_search.app.cli.search import evaluate_cmd, query
+    from reid_search.app.cli.train import train
     from reid_search.data import load_market
-    from reid_search.extract import resolve_device
+    from reid_search.torch_extractor import resolve_device
     from reid_search.model import build_model
     from reid_search.synthetic import generate
     from reid_search.transforms import AugmentConfig

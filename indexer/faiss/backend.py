@@ -1,6 +1,6 @@
 """The FAISS :class:`~indexer.protocol.VectorBackend`: a cache of the vectors the SQL DB holds.
 
-One gallery version's vectors live in a :class:`~indexer.vectors.VectorIndex`
+One gallery version's vectors live in a :class:`~indexer.faiss.index.VectorIndex`
 kept in memory and saved to one file (``gallery.faiss`` for version 0,
 ``gallery.v<N>.faiss`` after re-indexes). Beside the index, a
 :class:`FieldTable` keeps each id's camera, capture time and track, so a
@@ -26,8 +26,9 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 
 from indexer.metadata import time_us
-from indexer.protocol import UNKNOWN, RowFields, SearchFilter
-from indexer.vectors import PARAMS_BY_KIND, SEARCH_PARAMS, IndexSpec, VectorIndex, exact_search, merge_topk
+from reid_search.gallery import UNKNOWN, SearchFilter
+from indexer.protocol import RowFields
+from indexer.faiss.index import PARAMS_BY_KIND, SEARCH_PARAMS, IndexSpec, VectorIndex, exact_search, merge_topk
 from reid_search.errors import GalleryError
 
 log = logging.getLogger(__name__)

@@ -33,26 +33,23 @@ CLI can parse ``--store`` without loading it.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import time
 import math
-import os
 import re
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from indexer.protocol import UNKNOWN, RowFields, SearchFilter
+from reid_search.gallery import SearchFilter
+from indexer.protocol import RowFields
 from reid_search.errors import GalleryError
+from indexer.location import StoreLocation
+from indexer.milvus.client import connect, milvus_error, quiet_pymilvus
+from indexer.milvus.expr import filter_expr
+from indexer.milvus.spec import LITE_INDEX_TYPES, MilvusIndexSpec, parse_milvus_spec, spec_from_index_spec
 
 log = logging.getLogger(__name__)
 
-STORE_ENV = "REID_SEARCH_STORE"
-TOKEN_ENV = "REID_SEARCH_MILVUS_TOKEN"
-LITE_FILE = "milvus.db"  # default Milvus Lite folder inside a workspace
 STAMP_KEY = "reid_search.generation"
 MAX_TOPK = 16_384  # Milvus's limit on hits per query (and on queries per request)
 MAX_TRACK_CHARS = 1024
@@ -60,337 +57,6 @@ _QUERY_BATCH = 1024  # queries per search request
 _INSERT_BYTES = 16 << 20  # bytes of vectors per insert request (servers cap a request at 64 MB)
 _GET_BATCH = 4096  # ids per get / delete request
 _COLLECTION_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
-
-# ---- index types -----------------------------------------------------------
-
-# --index-type name -> Milvus index_type
-MILVUS_INDEX_TYPES: dict[str, str] = {
-    "flat": "FLAT",
-    "ivf": "IVF_FLAT",
-    "ivfsq8": "IVF_SQ8",
-    "ivfpq": "IVF_PQ",
-    "hnsw": "HNSW",
-    "diskann": "DISKANN",
-}
-# What Milvus Lite (milvus-lite 3.x) builds; the rest need a Milvus server.
-LITE_INDEX_TYPES = ("flat", "ivf", "ivfsq8", "hnsw")
-MILVUS_DEFAULT_NLIST = 128  # what Milvus builds an IVF index with when nlist is not given
-# Parameters each type takes at build time and at search time (Milvus names).
-BUILD_PARAMS: dict[str, tuple[str, ...]] = {
-    "flat": (),
-    "ivf": ("nlist",),
-    "ivfsq8": ("nlist",),
-    "ivfpq": ("nlist", "m", "nbits"),
-    "hnsw": ("M", "efConstruction"),
-    "diskann": (),
-}
-SEARCH_PARAMS: dict[str, tuple[str, ...]] = {
-    "flat": (),
-    "ivf": ("nprobe",),
-    "ivfsq8": ("nprobe",),
-    "ivfpq": ("nprobe",),
-    "hnsw": ("ef",),
-    "diskann": ("search_list",),
-}
-# The FAISS-style names reid-search uses for the same knobs.
-PARAM_ALIASES = {"hnsw_m": "M", "m_hnsw": "M", "ef_construction": "efConstruction", "ef_search": "ef",
-                 "pq_m": "m", "search_list_size": "search_list"}
-
-
-@dataclass(frozen=True)
-class MilvusIndexSpec:
-    """How a Milvus collection's vector index is built and searched.
-
-    ``kind`` is a key of :data:`MILVUS_INDEX_TYPES`; ``params`` are Milvus
-    parameter names with integer values (``nlist``, ``M``, ``ef``, ...); a
-    parameter not given takes Milvus's default.
-    """
-
-    kind: str = "flat"
-    params: tuple[tuple[str, int], ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.kind not in MILVUS_INDEX_TYPES:
-            raise GalleryError(f"unknown Milvus index type {self.kind!r}; choose one of {', '.join(MILVUS_INDEX_TYPES)}")
-        object.__setattr__(self, "params", tuple(sorted((str(k), int(v)) for k, v in self.params)))
-
-    @property
-    def index_type(self) -> str:
-        """The Milvus ``index_type``, e.g. ``IVF_SQ8``."""
-        return MILVUS_INDEX_TYPES[self.kind]
-
-    def build_params(self) -> dict[str, int]:
-        """Parameters for ``create_index``."""
-        return {k: v for k, v in self.params if k in BUILD_PARAMS[self.kind]}
-
-    def search_params(self, k: int | None = None) -> dict[str, int]:
-        """Parameters for a ``search`` of ``k`` hits; those not given are automatic, as for FAISS.
-
-        ``nprobe`` = max(32, nlist/5) (Milvus's own default, 8 of 128 lists, misses
-        much under a filter); HNSW ``ef`` = max(128, 2k); ``ef`` and DiskANN's
-        ``search_list`` are raised to k where smaller (Milvus refuses less).
-        """
-        out = {name: v for name, v in self.params if name in SEARCH_PARAMS[self.kind]}
-        if "nprobe" in SEARCH_PARAMS[self.kind] and "nprobe" not in out:
-            nlist = dict(self.params).get("nlist", MILVUS_DEFAULT_NLIST)
-            out["nprobe"] = min(nlist, max(32, nlist // 5))
-        if self.kind == "hnsw":
-            out["ef"] = max(out.get("ef", max(128, 2 * (k or 0))), k or 0)
-        if self.kind == "diskann" and "search_list" in out:
-            out["search_list"] = max(out["search_list"], k or 0)
-        return out
-
-    def to_json(self) -> str:
-        """Compact form (stored beside the gallery)."""
-        return json.dumps({"kind": self.kind, **dict(self.params)}, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "MilvusIndexSpec":
-        """Inverse of :meth:`to_json`."""
-        d = json.loads(text)
-        kind = d.pop("kind", "flat")
-        return cls(kind, tuple(d.items()))
-
-    def describe(self) -> str:
-        """E.g. ``milvus HNSW (M=16)``."""
-        p = ", ".join(f"{k}={v}" for k, v in self.params)
-        return f"milvus {self.index_type}" + (f" ({p})" if p else "")
-
-
-def parse_milvus_spec(kind: str, params: Iterable[str] = (), lite: bool = False) -> MilvusIndexSpec:
-    """A spec from ``--index-type`` and ``--index-param KEY=VALUE`` strings.
-
-    Raises:
-        GalleryError: unknown type or key, a non-integer value, or a type Milvus Lite cannot build.
-    """
-    kind = kind.lower().replace("_", "")
-    kind = {"ivfflat": "ivf"}.get(kind, kind)
-    if kind not in MILVUS_INDEX_TYPES:
-        raise GalleryError(f"unknown Milvus index type {kind!r}; choose one of {', '.join(MILVUS_INDEX_TYPES)}")
-    if lite and kind not in LITE_INDEX_TYPES:
-        raise GalleryError(
-            f"Milvus Lite cannot build {MILVUS_INDEX_TYPES[kind]} (it builds {', '.join(LITE_INDEX_TYPES)}); "
-            "choose one of those, or use a Milvus server: --store http://HOST:19530"
-        )
-    allowed = BUILD_PARAMS[kind] + SEARCH_PARAMS[kind]
-    values: dict[str, int] = {}
-    for item in params:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        key = PARAM_ALIASES.get(key, key)
-        if not sep or key not in allowed:
-            raise GalleryError(f"--index-param {item!r}: Milvus {MILVUS_INDEX_TYPES[kind]} takes KEY=VALUE with KEY one of: "
-                               f"{', '.join(allowed) or 'none'}")
-        try:
-            values[key] = int(value)
-        except ValueError:
-            raise GalleryError(f"--index-param {item!r}: the value must be an integer") from None
-        if values[key] <= 0:
-            raise GalleryError(f"--index-param {item!r}: the value must be positive")
-    return MilvusIndexSpec(kind, tuple(values.items()))
-
-
-# ---- where the store lives ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StoreLocation:
-    """Which store a gallery lives in (parsed ``--store``).
-
-    ``kind`` is ``faiss`` or ``milvus``. For Milvus, ``uri`` is a server URL or the
-    absolute path of a Milvus Lite folder (ending in ``.db``); ``None`` means the
-    workspace's own Lite file (``<workspace>/milvus.db``), resolved with :meth:`resolved`.
-    """
-
-    kind: str = "faiss"
-    uri: str | None = None
-
-    @property
-    def is_lite(self) -> bool:
-        """True for Milvus Lite (a local folder)."""
-        return self.kind == "milvus" and not is_server_uri(self.uri or "")
-
-    def resolved(self, workspace_dir: str | os.PathLike[str]) -> "StoreLocation":
-        """The location with the workspace default filled in."""
-        if self.kind == "milvus" and self.uri is None:
-            return StoreLocation("milvus", str(Path(workspace_dir).resolve() / LITE_FILE))
-        return self
-
-    def to_str(self) -> str:
-        """The ``--store`` value that names this location."""
-        if self.kind == "faiss":
-            return "faiss"
-        if self.uri is not None and is_server_uri(self.uri):
-            return self.uri
-        return "milvus:" + (self.uri or "")
-
-
-def is_server_uri(uri: str) -> bool:
-    """Whether ``uri`` names a Milvus server rather than a Lite file."""
-    return uri.startswith(("http://", "https://", "tcp://", "grpc://", "unix:"))
-
-
-def parse_store(value: str | None) -> StoreLocation:
-    """Parse ``--store`` (or ``$REID_SEARCH_STORE``): ``faiss``, ``milvus:``, ``milvus:PATH.db``, ``http://HOST:19530``.
-
-    Raises:
-        GalleryError: anything else.
-    """
-    v = (value or "faiss").strip()
-    if v.lower() == "faiss":
-        return StoreLocation("faiss")
-    if is_server_uri(v):
-        return StoreLocation("milvus", v.rstrip("/"))
-    if v.lower().startswith("milvus:"):
-        rest = v[len("milvus:"):]
-        if rest.startswith("//"):  # milvus://HOST:PORT
-            return StoreLocation("milvus", "http:" + rest)
-        if not rest:
-            return StoreLocation("milvus", None)
-        if not rest.endswith(".db"):
-            raise GalleryError(f"--store {value!r}: a Milvus Lite file must end in .db (e.g. milvus:gallery.db)")
-        return StoreLocation("milvus", str(Path(rest).expanduser().resolve()))
-    raise GalleryError(f"--store {value!r}: use faiss, milvus: (Milvus Lite in the workspace), milvus:PATH.db, "
-                       "or http://HOST:19530 (a Milvus server)")
-
-
-# ---- filters -------------------------------------------------------------------
-
-
-def quote(s: str) -> str:
-    """A Milvus expression string literal for ``s``."""
-    out = s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
-    return f'"{out}"'
-
-
-def _num(x: float) -> str:
-    return repr(float(x))
-
-
-def filter_expr(f: SearchFilter | None) -> str | None:
-    """The Milvus boolean expression for ``f``: ``""`` lets everything through, ``None`` nothing.
-
-    Mirrors :meth:`SearchFilter.allows` exactly: crops without a camera never pass a
-    camera list nor match an excluded camera; crops without a time never pass a
-    time bound; crops without a track are never dropped by ``exclude_tracks``.
-    """
-    if f is None or f.is_empty:
-        return ""
-    parts: list[str] = []
-    if f.cameras is not None:
-        cams = sorted(c for c in f.cameras if c != UNKNOWN and c not in f.exclude_cameras)
-        if not cams:
-            return None
-        parts.append(f"camid in [{', '.join(str(c) for c in cams)}]")
-    else:
-        excl = sorted(c for c in f.exclude_cameras if c != UNKNOWN)
-        if excl:
-            parts.append(f"camid not in [{', '.join(str(c) for c in excl)}]")
-    if f.since is not None or f.until is not None:
-        lo = f.since.timestamp() if f.since is not None else None
-        hi = f.until.timestamp() if f.until is not None else None
-        if lo is not None and hi is not None and lo > hi:
-            return None
-        parts.append("has_ts == true")
-        if lo is not None:
-            parts.append(f"ts >= {_num(lo)}")
-        if hi is not None:
-            parts.append(f"ts <= {_num(hi)}")
-    if f.exclude_tracks:
-        names = ", ".join(quote(t) for t in sorted(f.exclude_tracks))
-        parts.append(f"(has_track == false or track not in [{names}])")
-    return " and ".join(parts)
-
-
-# ---- the backend ----------------------------------------------------------------
-
-
-def _first_line(exc: BaseException) -> str:
-    msg = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-    return str(msg).strip().splitlines()[0] if str(msg).strip() else type(exc).__name__
-
-
-def _lite_locked(path: Path) -> bool:
-    """Whether another process holds the Milvus Lite folder (it allows one process at a time)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        return False
-    lock = path / "LOCK"
-    if not lock.exists():
-        return False
-    fd = os.open(lock, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
-def _lite_open_in_process(path: Path) -> bool:
-    try:
-        from milvus_lite.server_manager import server_manager_instance
-    except ImportError:  # pragma: no cover
-        return False
-    return str(path) in getattr(server_manager_instance, "_servers", {})
-
-
-def connect(location: StoreLocation, token: str | None = None) -> Any:
-    """A ``MilvusClient`` for a resolved Milvus location (token from ``$REID_SEARCH_MILVUS_TOKEN``).
-
-    Raises:
-        GalleryError: pymilvus or milvus-lite missing, a Lite folder open in another process,
-            or a server that cannot be reached.
-    """
-    if location.kind != "milvus" or location.uri is None:
-        raise GalleryError(f"not a resolved Milvus location: {location!r}")
-    # gRPC's core logs at INFO on every fork (image-decoding workers) while its threads run; keep warnings
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    try:
-        from pymilvus import MilvusClient
-    except ImportError:
-        raise GalleryError("the Milvus store needs pymilvus: pip install 'pymilvus[milvus_lite]'") from None
-    uri = location.uri
-    if location.is_lite:
-        try:
-            import milvus_lite  # noqa: F401
-        except ImportError:
-            raise GalleryError("--store milvus: needs milvus-lite (pip install milvus-lite; Linux and macOS), "
-                               "or use a server: --store http://HOST:19530") from None
-        path = Path(uri)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise GalleryError(f"cannot create the folder of the Milvus Lite file {path} ({exc.strerror}); "
-                               "pass another --store milvus:PATH.db") from None
-        if not _lite_open_in_process(path) and _lite_locked(path):
-            raise GalleryError(f"the Milvus Lite file {path} is open in another process (Lite allows one at a time, "
-                               "e.g. a running `reid-search serve`); stop it first, or use a Milvus server (--store http://HOST:19530)")
-        # Lite first starts a local server process, which on a busy machine can outlast
-        # pymilvus's default connect timeout (seen once in CI): wait longer, and retry
-        kwargs: dict[str, Any] = {"timeout": 60}
-        _hide_lite_timestamp_errors()
-    else:
-        token = token if token is not None else os.environ.get(TOKEN_ENV)
-        kwargs = {"token": token} if token else {}
-        kwargs["timeout"] = 30
-    attempts = 3 if location.is_lite else 1
-    for attempt in range(1, attempts + 1):
-        try:
-            return MilvusClient(uri=uri, **kwargs)
-        except Exception as exc:
-            error = exc
-            if attempt < attempts:
-                log.warning("connecting to Milvus Lite %s failed (%s); trying again", uri, _first_line(exc))
-                time.sleep(attempt)
-    hint = ("check that the server is up and the URL right, and set REID_SEARCH_MILVUS_TOKEN if it needs a token"
-            if not location.is_lite else "check the path, or delete a folder that is not a Milvus Lite store")
-    raise GalleryError(f"cannot open the Milvus store {uri} ({_first_line(error)}); {hint}") from None
-
 
 class MilvusBackend:
     """A gallery's vectors in one Milvus collection (see the module docstring).
@@ -430,7 +96,7 @@ class MilvusBackend:
         except GalleryError:
             raise
         except Exception as exc:
-            raise GalleryError(f"Milvus {method} on collection {self.collection} failed ({_first_line(exc)}); "
+            raise GalleryError(f"Milvus {method} on collection {self.collection} failed ({milvus_error(exc)}); "
                                "check that the Milvus store is reachable and retry") from None
 
     def _check_existing(self) -> None:
@@ -530,16 +196,16 @@ class MilvusBackend:
         if not self._exists:
             return np.zeros(0, np.int64)
         out: list[np.ndarray] = []
-        with _quiet_pymilvus():
+        with quiet_pymilvus():
             it = self._call("query_iterator", self.collection, batch_size=MAX_TOPK, filter="", output_fields=["id"])
         try:
-            with _quiet_pymilvus():
+            with quiet_pymilvus():
                 while batch := it.next():
                     out.append(np.fromiter((r["id"] for r in batch), np.int64, len(batch)))
         except GalleryError:
             raise
         except Exception as exc:
-            raise GalleryError(f"listing the ids of Milvus collection {self.collection} failed ({_first_line(exc)}); retry") from None
+            raise GalleryError(f"listing the ids of Milvus collection {self.collection} failed ({milvus_error(exc)}); retry") from None
         finally:
             with contextlib.suppress(Exception):
                 it.close()
@@ -650,7 +316,7 @@ class MilvusBackend:
         short = [i for i in short if (out[i] >= 0).sum() < min(k, passing)]
         if not short:
             return
-        from indexer.vectors import exact_search, merge_topk
+        from indexer.faiss.index import exact_search, merge_topk
 
         log.debug("%d filtered queries fell back to exact search over %d crops", len(short), passing)
         q = feats[short]
@@ -667,17 +333,17 @@ class MilvusBackend:
 
     def _iter_where(self, expr: str, batch_size: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(ids, vectors)`` of every entity matching ``expr``, a batch at a time."""
-        with _quiet_pymilvus():
+        with quiet_pymilvus():
             it = self._call("query_iterator", self.collection, batch_size=batch_size, filter=expr,
                             output_fields=["id", "vec"])
         try:
             while True:
                 try:
-                    with _quiet_pymilvus():
+                    with quiet_pymilvus():
                         batch = it.next()
                 except Exception as exc:
                     raise GalleryError(f"reading the vectors of Milvus collection {self.collection} failed "
-                                       f"({_first_line(exc)}); retry") from None
+                                       f"({milvus_error(exc)}); retry") from None
                 if not batch:
                     return
                 yield (np.fromiter((r["id"] for r in batch), np.int64, len(batch)),
@@ -766,41 +432,6 @@ class MilvusBackend:
             self.client.close()
 
 
-class _LiteTimestampFilter(logging.Filter):
-    """Drops the traceback Lite's in-process gRPC server logs when pymilvus's query iterator asks it for a
-    timestamp (``AllocTimestamp``, which Lite does not implement; pymilvus then uses a client-side one)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(exc, NotImplementedError) and "AllocTimestamp" in _traceback_names(record))
-
-
-def _traceback_names(record: logging.LogRecord) -> str:
-    tb = record.exc_info[2] if record.exc_info else None
-    names = []
-    while tb is not None:
-        names.append(tb.tb_frame.f_code.co_name)
-        tb = tb.tb_next
-    return " ".join(names)
-
-
-def _hide_lite_timestamp_errors() -> None:
-    lg = logging.getLogger("grpc._server")
-    if not any(isinstance(f, _LiteTimestampFilter) for f in lg.filters):
-        lg.addFilter(_LiteTimestampFilter())
-
-
-@contextlib.contextmanager
-def _quiet_pymilvus() -> Iterator[None]:
-    """pymilvus's query iterator warns on every Lite call that it uses a client-side timestamp; that is expected."""
-    lg = logging.getLogger("pymilvus")
-    old = lg.level
-    lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        lg.setLevel(old)
-
 
 def open_backend(location: StoreLocation, collection: str, spec: MilvusIndexSpec | None = None) -> MilvusBackend:
     """Connect to a resolved Milvus location and open (or prepare) ``collection``.
@@ -811,93 +442,3 @@ def open_backend(location: StoreLocation, collection: str, spec: MilvusIndexSpec
     return MilvusBackend(connect(location), collection, spec, lite=location.is_lite)
 
 
-# ---- plugging into the coordinator ----------------------------------------------
-
-# FAISS-style index kinds (what the SQL state records) -> Milvus kinds; parameters renamed alike.
-_FROM_FAISS_KIND = {"flat": "flat", "ivf": "ivf", "ivfpq": "ivfpq", "hnsw": "hnsw", "ivfsq8": "ivfsq8",
-                    "diskann": "diskann"}
-_FROM_FAISS_PARAM = {"nlist": "nlist", "nprobe": "nprobe", "pq_m": "m", "hnsw_m": "M",
-                     "ef_construction": "efConstruction", "ef_search": "ef", "search_list": "search_list"}
-
-
-def spec_from_index_spec(spec: Any, lite: bool = False) -> MilvusIndexSpec:
-    """The Milvus index for a gallery's recorded :class:`indexer.spec.IndexSpec`.
-
-    ``flat``/``ivf``/``ivfpq``/``hnsw``/``ivfsq8``/``diskann`` become
-    FLAT/IVF_FLAT/IVF_PQ/HNSW/IVF_SQ8/DISKANN with the parameters that have a
-    Milvus counterpart (0 = automatic: see :meth:`MilvusIndexSpec.search_params`).
-
-    Raises:
-        GalleryError: an unknown type, or one Milvus Lite cannot build, on Lite.
-    """
-    if spec is None:
-        return MilvusIndexSpec()
-    kind = getattr(spec, "kind", "flat")
-    if kind not in _FROM_FAISS_KIND:
-        raise GalleryError(f"unknown index type {kind!r} for the Milvus store; choose one of {', '.join(_FROM_FAISS_KIND)}")
-    kind = _FROM_FAISS_KIND[kind]
-    params = []
-    for name, milvus_name in _FROM_FAISS_PARAM.items():
-        v = int(getattr(spec, name, 0) or 0)
-        if v > 0 and milvus_name in BUILD_PARAMS[kind] + SEARCH_PARAMS[kind]:
-            params.append(f"{milvus_name}={v}")
-    return parse_milvus_spec(kind, params, lite=lite)
-
-
-def collection_name(store_id: str | None, version: int) -> str:
-    """The collection of one gallery version: ``reid_<SQL DB id>_v<version>`` (one server holds many galleries)."""
-    sid = re.sub(r"[^A-Za-z0-9_]", "", store_id or "")[:32] or "gallery"
-    return f"reid_{sid}_v{int(version)}"
-
-
-class MilvusFactory:
-    """A coordinator backend factory, ``(version, dim, spec, store_id, source) -> MilvusBackend``.
-
-    One connection is shared by every version's backend; ``holds_vectors`` tells the
-    coordinator to keep no vectors in SQL.
-    """
-
-    kind = "milvus"
-    holds_vectors = True
-
-    def __init__(self, location: StoreLocation) -> None:
-        self.location = location
-        self._client: Any = None
-
-    def leftovers(self, workspace_dir: str | os.PathLike[str]) -> list[Path]:
-        """The workspace's own Lite file when it holds reid-search collections (checked when the DB is empty:
-        a lost or truncated DB beside them); ``[]`` otherwise. A shared file or a server holds other galleries
-        too, so only the workspace's own file is checked."""
-        own = Path(workspace_dir).resolve() / LITE_FILE
-        if not self.location.is_lite or Path(self.location.uri or "") != own or not own.exists():
-            return []
-        try:
-            names = self.client.list_collections()
-        except Exception as exc:
-            raise GalleryError(f"cannot list the collections of the Milvus Lite file {own} ({_first_line(exc)}); "
-                               "check the file, or delete it to start a new gallery") from None
-        return [own] if any(str(n).startswith("reid_") for n in names) else []
-
-    def check_spec(self, spec: Any) -> None:
-        """Raise ``GalleryError`` for an index type this store cannot build (IVF_PQ, DISKANN on Lite)."""
-        spec_from_index_spec(spec, lite=self.location.is_lite)
-
-    @property
-    def client(self) -> Any:
-        """The shared ``MilvusClient`` (connected at first use)."""
-        if self._client is None:
-            self._client = connect(self.location)
-        return self._client
-
-    def __call__(self, version: int, dim: int, spec: Any, store_id: str | None, source: Any) -> MilvusBackend:
-        b = MilvusBackend(self.client, collection_name(store_id, version),
-                          spec_from_index_spec(spec, lite=self.location.is_lite), lite=self.location.is_lite)
-        if b.dim is not None and dim and b.dim != dim:
-            raise GalleryError(f"the Milvus collection {b.collection} holds {b.dim}-d vectors but the gallery is {dim}-d; "
-                               "re-index with `reid-search index DIR --reindex`")
-        return b
-
-
-def factory_for(location: StoreLocation) -> MilvusFactory | None:
-    """The coordinator's backend factory for a resolved store: ``None`` (FAISS, the default) or Milvus."""
-    return MilvusFactory(location) if location.kind == "milvus" else None

@@ -15,7 +15,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from reid_search import __version__
 from reid_search.errors import ReidSearchError
 from reid_search.precision import PRECISIONS
-from reid_search.workspace import DB_ENV, DEFAULT_WORKSPACE, STORE_ENV, WORKSPACE_ENV, Workspace
+from reid_search.app.workspace import DB_ENV, DEFAULT_WORKSPACE, STORE_ENV, WORKSPACE_ENV, Workspace
 
 
 class _Group(click.Group):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from reid_search.cli._common import App, pass_app, precision_option, progress_bar
+from reid_search.app.cli._common import App, pass_app, precision_option, progress_bar
 from reid_search.data import list_images
 from reid_search.errors import DataError
 
@@ -53,7 +53,7 @@ def calibrate(app: App, query_dir: Path | None, target_fpr: float, rerank: bool,
         tpr_at_fpr,
         tpr_at_threshold,
     )
-    from reid_search.cli.search import default_query_dir, open_engine
+    from reid_search.app.cli.search import default_query_dir, open_engine
     from reid_search.evaluation import query_distances
     from reid_search.thresholds import Calibration, save_calibration
 

@@ -14,8 +14,8 @@ from typing import BinaryIO
 
 from PIL import Image
 
-from reid_search.extract import ImageLoadError, load_image
-from reid_search.service.guard import ApiError
+from reid_search.images import ImageLoadError, load_image
+from reid_search.app.service.guard import ApiError
 
 # Formats kept as uploaded (the extensions `reid-search index` picks up).
 EXT_BY_FORMAT = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}

@@ -1,4 +1,4 @@
-"""``reid-search serve``: the HTTP search service (see :mod:`reid_search.service`)."""
+"""``reid-search serve``: the HTTP search service (see :mod:`reid_search.app.service`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from reid_search.cli._common import App, pass_app, precision_option
+from reid_search.app.cli._common import App, pass_app, precision_option
 from reid_search.limits import (
     API_KEY_ENV,
     API_KEY_HEADER,
@@ -81,7 +81,7 @@ def serve(app: App, host: str, port: int, api_key: str | None, model: Path | Non
       REID_SEARCH_API_KEY=s3cret reid-search serve --host 0.0.0.0 --model model.onnx
       reid-search serve --precision fp32 --threads 2
     """
-    from reid_search.service import create_app
+    from reid_search.app.service import create_app
 
     if api_key is not None and not api_key.strip():
         raise click.BadParameter("the key is empty; pass a non-empty key or none", param_hint="--api-key")

@@ -19,15 +19,15 @@ import numpy as np
 from PIL import Image
 from torchvision.transforms import Resize
 
-from indexer.protocol import NewImage, RemoveFilter, SearchFilter
+from reid_search.gallery import NewImage, RemoveFilter, SearchFilter
 from reid_search.atomic import fsync_dir
 from reid_search.engine import Hit, SearchEngine, query_filter
 from reid_search.errors import GalleryError
-from reid_search.extract import load_extractor
-from reid_search.filters import format_time
+from reid_search.extractors import load_extractor
+from reid_search.timeutil import format_time
 from reid_search.multiquery import search_crops
-from reid_search.service.guard import ApiError, as_api_error
-from reid_search.service.uploads import (
+from reid_search.app.service.guard import ApiError, as_api_error
+from reid_search.app.service.uploads import (
     EXT_BY_FORMAT,
     StagedUpload,
     copy_limited,
@@ -37,7 +37,7 @@ from reid_search.service.uploads import (
 )
 from reid_search.thresholds import load_calibration
 from reid_search.transforms import build_eval_transform
-from reid_search.workspace import Workspace
+from reid_search.app.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import click
 
 from tqdm import tqdm
 
-from reid_search.cli._common import App, pass_app
+from reid_search.app.cli._common import App, pass_app
 from reid_search.synthetic import generate
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from reid_search.cli._common import App, pass_app, precision_option, progress_bar
+from reid_search.app.cli._common import App, pass_app, precision_option, progress_bar
 from reid_search.data import iter_image_paths
 from reid_search.errors import DataError, GalleryError
 from reid_search.limits import INDEX_KINDS
@@ -78,7 +78,7 @@ def index(app: App, folder: Path, model: Path | None, manifest: Path | None, ind
       cam1/000001.jpg,1,2024-05-01T08:00:03Z,cam1-0007
     """
     from indexer.store import open_gallery
-    from reid_search.extract import load_extractor
+    from reid_search.extractors import load_extractor
 
     if not folder.exists():
         raise DataError(f"no such folder: {folder}; pass the folder of gallery crops (e.g. bounding_box_test)")
@@ -115,7 +115,7 @@ def _index_into(store, *, folder: Path, extractor, manifest: Path | None, index_
                 commit_every: int, quiet: bool) -> IndexReport:
     """Index FOLDER into ``store``; GalleryError when nothing could be indexed."""
     from indexer.pipeline import index_folder
-    from indexer.vectors import parse_index_spec
+    from indexer.faiss.index import parse_index_spec
 
     if index_type is not None or index_params:
         store.set_spec(parse_index_spec(index_type or store.spec.kind, index_params, base=store.spec))

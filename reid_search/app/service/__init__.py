@@ -36,18 +36,18 @@ How it holds up:
 - **API key.** When set, every route (``/healthz``, ``/docs`` and
   ``/openapi.json`` included) needs header ``X-API-Key``; otherwise 401.
 
-Modules: :mod:`~reid_search.service.batching` (the query batcher),
-:mod:`~reid_search.service.uploads` (upload staging), :mod:`~reid_search.service.core`
-(the gallery, model and engine on the model thread), :mod:`~reid_search.service.schemas`
-(response models), :mod:`~reid_search.service.guard` (errors, limits, API key and body cap),
-:mod:`~reid_search.service.app` (:func:`create_app` and its routes).
+Modules: :mod:`~reid_search.app.service.batching` (the query batcher),
+:mod:`~reid_search.app.service.uploads` (upload staging), :mod:`~reid_search.app.service.core`
+(the gallery, model and engine on the model thread), :mod:`~reid_search.app.service.schemas`
+(response models), :mod:`~reid_search.app.service.guard` (errors, limits, API key and body cap),
+:mod:`~reid_search.app.service.app` (:func:`create_app` and its routes).
 """
 
-from reid_search.service.app import create_app
-from reid_search.service.batching import BatchStats, QueryBatcher
-from reid_search.service.core import ORPHAN_AGE_S, QueryAnswer, QueryJob, SearchCore
-from reid_search.service.guard import FORM_OVERHEAD_BYTES, ApiError, ServiceLimits, as_api_error
-from reid_search.service.schemas import (
+from reid_search.app.service.app import create_app
+from reid_search.app.service.batching import BatchStats, QueryBatcher
+from reid_search.app.service.core import ORPHAN_AGE_S, QueryAnswer, QueryJob, SearchCore
+from reid_search.app.service.guard import FORM_OVERHEAD_BYTES, ApiError, ServiceLimits, as_api_error
+from reid_search.app.service.schemas import (
     AddedItem,
     AddedOut,
     ErrorOut,
@@ -57,7 +57,7 @@ from reid_search.service.schemas import (
     RemovedOut,
     RemovedWhereOut,
 )
-from reid_search.service.uploads import StagedUpload, upload_name
+from reid_search.app.service.uploads import StagedUpload, upload_name
 
 __all__ = [
     "FORM_OVERHEAD_BYTES",

@@ -1,0 +1,76 @@
+"""The Milvus backend factory the coordinator opens gallery versions with."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+
+from reid_search.errors import GalleryError
+from indexer.location import LITE_FILE, StoreLocation
+from indexer.milvus.backend import MilvusBackend
+from indexer.milvus.client import connect, milvus_error
+from indexer.milvus.spec import spec_from_index_spec
+
+log = logging.getLogger(__name__)
+
+def collection_name(store_id: str | None, version: int) -> str:
+    """The collection of one gallery version: ``reid_<SQL DB id>_v<version>`` (one server holds many galleries)."""
+    sid = re.sub(r"[^A-Za-z0-9_]", "", store_id or "")[:32] or "gallery"
+    return f"reid_{sid}_v{int(version)}"
+
+
+class MilvusFactory:
+    """A coordinator backend factory, ``(version, dim, spec, store_id, source) -> MilvusBackend``.
+
+    One connection is shared by every version's backend; ``holds_vectors`` tells the
+    coordinator to keep no vectors in SQL.
+    """
+
+    kind = "milvus"
+    holds_vectors = True
+
+    def __init__(self, location: StoreLocation) -> None:
+        self.location = location
+        self._client: Any = None
+
+    def leftovers(self, workspace_dir: str | os.PathLike[str]) -> list[Path]:
+        """The workspace's own Lite file when it holds reid-search collections (checked when the DB is empty:
+        a lost or truncated DB beside them); ``[]`` otherwise. A shared file or a server holds other galleries
+        too, so only the workspace's own file is checked."""
+        own = Path(workspace_dir).resolve() / LITE_FILE
+        if not self.location.is_lite or Path(self.location.uri or "") != own or not own.exists():
+            return []
+        try:
+            names = self.client.list_collections()
+        except Exception as exc:
+            raise GalleryError(f"cannot list the collections of the Milvus Lite file {own} ({milvus_error(exc)}); "
+                               "check the file, or delete it to start a new gallery") from None
+        return [own] if any(str(n).startswith("reid_") for n in names) else []
+
+    def check_spec(self, spec: Any) -> None:
+        """Raise ``GalleryError`` for an index type this store cannot build (IVF_PQ, DISKANN on Lite)."""
+        spec_from_index_spec(spec, lite=self.location.is_lite)
+
+    @property
+    def client(self) -> Any:
+        """The shared ``MilvusClient`` (connected at first use)."""
+        if self._client is None:
+            self._client = connect(self.location)
+        return self._client
+
+    def __call__(self, version: int, dim: int, spec: Any, store_id: str | None, source: Any) -> MilvusBackend:
+        b = MilvusBackend(self.client, collection_name(store_id, version),
+                          spec_from_index_spec(spec, lite=self.location.is_lite), lite=self.location.is_lite)
+        if b.dim is not None and dim and b.dim != dim:
+            raise GalleryError(f"the Milvus collection {b.collection} holds {b.dim}-d vectors but the gallery is {dim}-d; "
+                               "re-index with `reid-search index DIR --reindex`")
+        return b
+
+
+def factory_for(location: StoreLocation) -> MilvusFactory | None:
+    """The coordinator's backend factory for a resolved store: ``None`` (FAISS, the default) or Milvus."""
+    return MilvusFactory(location) if location.kind == "milvus" else None

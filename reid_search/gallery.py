@@ -1,0 +1,255 @@
+"""The gallery contract: the data types and protocols every gallery store satisfies.
+
+This is what the search engine, evaluation, the pipeline, the CLI and the service
+need of a gallery, defined in core so that none of them depends on a store's
+implementation (``indexer`` implements it; ``tests/memory_store.py`` is the
+reference oracle). The plain data types (:class:`ImageMeta`, :class:`NewImage`,
+:class:`SearchFilter`, :class:`RemoveFilter`) import nothing heavy, so the CLI
+can use them without loading faiss or SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, ContextManager, Iterable, Iterator, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from reid_search.timeutil import as_utc
+
+UNKNOWN = -2  # pid / camid of a crop whose name or manifest gave none
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """What the gallery knows about one crop (``id`` is its vector id in the backend)."""
+
+    id: int
+    path: Path  # absolute
+    rel_path: str  # relative to ``root``, POSIX separators (surrogate-escaped when the name was not UTF-8)
+    root: Path
+    pid: int | None
+    camid: int | None
+    seq: int | None
+    frame: int | None
+    sha256: str
+    size_bytes: int
+    model_fingerprint: str
+    indexed_at: datetime
+    time: datetime | None = None  # capture time, UTC
+    track: str | None = None
+
+
+@dataclass(frozen=True)
+class NewImage:
+    """A crop to add, with its final labels (from the manifest, else parsed from the name)."""
+
+    path: Path
+    sha256: str
+    size_bytes: int
+    pid: int | None = None
+    camid: int | None = None
+    seq: int | None = None
+    frame: int | None = None
+    time: datetime | None = None  # UTC
+    track: str | None = None
+
+
+@dataclass(frozen=True)
+class SearchFilter:
+    """Which gallery crops a search may return; every condition given is ANDed.
+
+    ``since``/``until`` are inclusive bounds on the capture time; a crop without a
+    time never passes a time bound. :meth:`allows` is the reference meaning that
+    every backend must reproduce (tests compare backends with it, row by row).
+    """
+
+    cameras: frozenset[int] | None = None  # only these cameras (None: any)
+    exclude_cameras: frozenset[int] = frozenset()
+    since: datetime | None = None
+    until: datetime | None = None
+    exclude_tracks: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        for name in ("since", "until"):
+            t = getattr(self, name)
+            if t is not None:
+                object.__setattr__(self, name, as_utc(t))
+        if self.cameras is not None:
+            object.__setattr__(self, "cameras", frozenset(int(c) for c in self.cameras))
+        object.__setattr__(self, "exclude_cameras", frozenset(int(c) for c in self.exclude_cameras))
+        object.__setattr__(self, "exclude_tracks", frozenset(str(t) for t in self.exclude_tracks))
+
+    @property
+    def is_empty(self) -> bool:
+        """True when the filter lets every crop through."""
+        return (self.cameras is None and not self.exclude_cameras and self.since is None
+                and self.until is None and not self.exclude_tracks)
+
+    def excluding_camera(self, camid: int | None) -> "SearchFilter":
+        """This filter that also drops ``camid`` (the query's own camera); unchanged for ``None``."""
+        if camid is None:
+            return self
+        return SearchFilter(self.cameras, self.exclude_cameras | {int(camid)}, self.since, self.until,
+                            self.exclude_tracks)
+
+    def excluding_tracks(self, tracks: Iterable[str]) -> "SearchFilter":
+        """This filter that also drops ``tracks``."""
+        return SearchFilter(self.cameras, self.exclude_cameras, self.since, self.until,
+                            self.exclude_tracks | frozenset(tracks))
+
+    def allows(self, camid: int | None, time: datetime | None, track: str | None) -> bool:
+        """Whether a crop with these fields passes (the reference semantics)."""
+        if self.cameras is not None and (camid is None or camid not in self.cameras):
+            return False
+        if camid is not None and camid in self.exclude_cameras:
+            return False
+        if self.since is not None or self.until is not None:
+            if time is None:
+                return False
+            t = as_utc(time)
+            if self.since is not None and t < self.since:
+                return False
+            if self.until is not None and t > self.until:
+                return False
+        if track is not None and track in self.exclude_tracks:
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class RemoveFilter:
+    """Which crops a retention or erasure request deletes: every field given is ANDed.
+
+    ``before`` is exclusive (capture time strictly earlier); crops without a time
+    never match it. At least one field must be given.
+    """
+
+    pid: int | None = None
+    camid: int | None = None
+    before: datetime | None = None
+    track: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.before is not None:
+            object.__setattr__(self, "before", as_utc(self.before))
+        if self.pid is None and self.camid is None and self.before is None and self.track is None:
+            raise ValueError("a RemoveFilter needs at least one of pid, camid, before, track")
+
+    def matches(self, meta: ImageMeta) -> bool:
+        """Whether ``meta`` is selected (the reference semantics)."""
+        if self.pid is not None and meta.pid != self.pid:
+            return False
+        if self.camid is not None and meta.camid != self.camid:
+            return False
+        if self.before is not None and (meta.time is None or as_utc(meta.time) >= self.before):
+            return False
+        if self.track is not None and meta.track != self.track:
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class ChangeEvent:
+    """What one committed change did; passed to :meth:`GalleryStore.on_change` callbacks."""
+
+    added: np.ndarray  # int64 ids
+    removed: np.ndarray  # int64 ids
+    generation: int
+
+
+Filters = SearchFilter | Sequence[SearchFilter | None] | None
+"""One filter for every query, one per query, or none."""
+
+
+@runtime_checkable
+class GalleryStore(Protocol):
+    """A gallery of embedded crops with their metadata (see the module docstring)."""
+
+    @property
+    def kind(self) -> str:
+        """The vector backend, e.g. ``faiss`` or ``milvus``."""
+
+    @property
+    def ntotal(self) -> int:
+        """Crops (= vectors) in the gallery."""
+
+    @property
+    def dim(self) -> int | None:
+        """Feature dimension, ``None`` while empty."""
+
+    @property
+    def model_fingerprint(self) -> str | None:
+        """Fingerprint of the model that embedded every vector (``None`` while empty)."""
+
+    @property
+    def generation(self) -> int:
+        """Change counter of the state this object reflects; grows with every committed change."""
+
+    def describe(self) -> str:
+        """One line: size, index, model."""
+
+    def refresh(self) -> bool:
+        """Load every change other processes committed; True if there were any."""
+
+    def check_model(self, fingerprint: str, dim: int) -> None:
+        """Raise ``GalleryError`` unless the gallery is empty or was embedded by this model."""
+
+    # reading
+    def search(self, feats: np.ndarray, k: int, filters: Filters = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(sims [q, k], ids [q, k])`` of the k best crops per query that pass its filter.
+
+        Cosine similarities, best first; padding is id -1 and similarity -inf, and
+        there is padding only when fewer than k crops pass the filter (exact
+        backends) or the index could not find more (approximate ones).
+        """
+
+    def count(self, where: SearchFilter | RemoveFilter | None = None) -> int:
+        """Crops that pass ``where`` (all of them for ``None``)."""
+
+    def metadata(self, ids: Iterable[int] | np.ndarray) -> list[ImageMeta]:
+        """Metadata of ``ids`` in the same order; ``GalleryError`` for an unknown id."""
+
+    def iter_metadata(self, batch_size: int = 10_000) -> Iterator[list[ImageMeta]]:
+        """Every crop's metadata in id order, a batch at a time."""
+
+    def labels(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(ids, pids, camids)`` of every crop in id order (int64, UNKNOWN where none)."""
+
+    def vectors(self, ids: Iterable[int] | np.ndarray) -> np.ndarray:
+        """The exact stored features of ``ids`` (``[n, dim]`` float32, in the given order)."""
+
+    def iter_vectors(self, batch_size: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every ``(ids, feats)`` in id order, a batch at a time."""
+
+    # writing
+    def add_images(self, images: Sequence[NewImage], feats: np.ndarray, model_fingerprint: str,
+                   replace_ids: Iterable[int] = ()) -> np.ndarray:
+        """Commit crops with their features (and delete ``replace_ids``) atomically; returns the new ids."""
+
+    def remove_ids(self, ids: Iterable[int]) -> int:
+        """Delete crops by id; returns how many existed."""
+
+    def remove_where(self, where: RemoveFilter, dry_run: bool = False) -> list[ImageMeta]:
+        """Delete the crops ``where`` selects (retention, erasure); returns their metadata."""
+
+    def remove(self, paths: Iterable[str]) -> tuple[int, list[str]]:
+        """Delete crops by file or folder path; returns ``(removed, paths that matched nothing)``."""
+
+    def replacing(self) -> ContextManager["GalleryStore"]:
+        """A re-index: writes go to a new gallery beside this one, which replaces it atomically
+        when the block exits cleanly; an exception (or a crash) leaves the old gallery whole.
+        Afterwards :attr:`replaced_count` says how many images the switch dropped."""
+
+    @property
+    def replaced_count(self) -> int:
+        """Images the last :meth:`replacing` through this object dropped at its switch, including
+        any that other writers added to the old gallery during the build; 0 before any."""
+
+    def on_change(self, name: str, callback: Callable[[ChangeEvent], None]) -> None:
+        """Call ``callback`` after each change committed through this object."""
+
+    def close(self) -> None:
+        """Flush pending state and release connections."""
