@@ -128,6 +128,14 @@ def test_refusal_thresholds() -> None:
     _refuse_if_short(_report(0.98, None), Path("x.onnx"))
     with pytest.raises(ModelError, match=r"int8 loses 0\.60 points \(rank-1 50\.0→50\.0, mAP 30\.0→29\.4"):
         _refuse_if_short(_report(0.99, MetricCheck("p", 10, 50.0, 50.0, 30.0, 29.4)), Path("x.onnx"))
+    # rank-1 moves in steps of one query (100/n points): one query of 90 is tolerated, two are not,
+    # and with 1,000 queries the 0.5-point bound applies as it is.
+    _refuse_if_short(_report(0.99, MetricCheck("p", 90, 4300 / 90, 4200 / 90, 30.0, 29.9)), Path("x.onnx"))
+    with pytest.raises(ModelError, match=r"int8 loses 2\.22 points \(rank-1 47\.8→45\.6"):
+        _refuse_if_short(_report(0.99, MetricCheck("p", 90, 4300 / 90, 4100 / 90, 30.0, 29.9)), Path("x.onnx"))
+    with pytest.raises(ModelError, match=r"int8 loses 0\.60 points \(rank-1 50\.0→49\.4"):
+        _refuse_if_short(_report(0.99, MetricCheck("p", 1000, 50.0, 49.4, 30.0, 30.0)), Path("x.onnx"))
+    assert MetricCheck("p", 90, 4300 / 90, 4200 / 90, 30.0, 29.9).rank1_step == pytest.approx(100 / 90)
     with pytest.raises(ModelError, match="min cosine 0.9790 < 0.98"):
         _refuse_if_short(_report(0.979, ok), Path("x.onnx"))
     with pytest.raises(ModelError, match="min cosine nan"):
