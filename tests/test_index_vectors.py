@@ -8,8 +8,11 @@ import faiss
 import numpy as np
 import pytest
 
-from indexer import vectors as V
-from indexer.faiss.index import IndexSpec, VectorIndex, exact_search, iter_batches, parse_index_spec
+from indexer.faiss import index as V
+from indexer.faiss.index import VectorIndex
+from indexer.spec import IndexSpec, parse_index_spec
+from indexer.topk import exact_search
+from tests.conftest import iter_batches
 from reid_search.errors import GalleryError
 
 

@@ -46,14 +46,15 @@ import math
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import faiss
 import numpy as np
 
 from reid_search.atomic import atomic_write
 from reid_search.devices import why_no_gpu
-from indexer.spec import KINDS, PARAMS_BY_KIND, SEARCH_PARAMS, IndexSpec, parse_index_spec
+from indexer.spec import PARAMS_BY_KIND, SEARCH_PARAMS, IndexSpec, auto_ef, auto_nprobe
+from indexer.topk import exact_search
 from reid_search.errors import GalleryError
 
 log = logging.getLogger(__name__)
@@ -140,23 +141,9 @@ def train_threshold(spec: IndexSpec) -> int:
     return max(spec.min_train, 39 * spec.nlist, 2)
 
 
-def auto_nprobe(spec: IndexSpec, nlist: int) -> int:
-    """Lists visited per query."""
-    if spec.nprobe:
-        return min(spec.nprobe, nlist)
-    # A fifth of the lists: recall@10 ≈ 0.97 on a million re-ID-like 2048-d features
-    # (scripts/bench_index.py); fewer lists trade recall for speed.
-    return min(nlist, max(32, nlist // 5))
-
-
 def auto_k_factor(spec: IndexSpec) -> int:
     """ivfpq candidates per wanted neighbour."""
     return spec.k_factor or 8
-
-
-def auto_ef_search(spec: IndexSpec, k: int) -> int:
-    """hnsw beam width for ``k`` neighbours."""
-    return max(spec.ef_search or 128, k)
 
 
 # ---- GPU placement ----------------------------------------------------------
@@ -481,7 +468,7 @@ class VectorIndex:
         elif allowed is not None:
             sims, ids = self._search_selected(x, kk, allowed)
         elif self.spec.kind == "hnsw":
-            params = faiss.SearchParametersHNSW(efSearch=auto_ef_search(self.spec, kk))
+            params = faiss.SearchParametersHNSW(efSearch=auto_ef(self.spec, kk))
             sims, ids = searcher.search(x, kk, params=params)
         else:
             sims, ids = searcher.search(x, kk)
@@ -508,7 +495,7 @@ class VectorIndex:
         else:
             sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, np.int64))
             if self.spec.kind == "hnsw":
-                params = faiss.SearchParametersHNSW(sel=sel, efSearch=auto_ef_search(self.spec, k))
+                params = faiss.SearchParametersHNSW(sel=sel, efSearch=auto_ef(self.spec, k))
             elif self.trained and self.spec.kind in ("ivf", "ivfpq"):
                 params = faiss.SearchParametersIVF(sel=sel, nprobe=self._filtered_nprobe(len(allowed)))
             else:
@@ -569,38 +556,6 @@ class VectorIndex:
         return cls(spec, int(header["dim"]), base, trained_n=int(header.get("trained_n", 0)), positions=positions), header
 
 
-def exact_search(x: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int,
-                 max_block_floats: int = 1 << 25) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force inner-product k-NN of queries ``x`` among rows ``xb`` (labelled ``ids``).
-
-    Streams ``xb`` in blocks so memory stays at ~``max_block_floats`` scores.
-    Returns ``(sims [q, k], ids [q, k])`` best first, padded with -inf / -1.
-    """
-    q, n = len(x), len(xb)
-    best_s = np.full((q, k), -np.inf, np.float32)
-    best_i = np.full((q, k), -1, np.int64)
-    if n == 0 or q == 0:
-        return best_s, best_i
-    block = max(1024, max_block_floats // max(q, 1))
-    for s in range(0, n, block):
-        sims = x @ xb[s : s + block].T
-        kk = min(k, sims.shape[1])
-        part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk] if kk < sims.shape[1] else np.broadcast_to(np.arange(kk), sims.shape).copy()
-        best_s, best_i = merge_topk(best_s, best_i, np.take_along_axis(sims, part, 1),
-                                    np.asarray(ids[s : s + block], np.int64)[part], k)
-    best_i[~np.isfinite(best_s)] = -1
-    return best_s.astype(np.float32, copy=False), best_i
-
-
-def merge_topk(best_s: np.ndarray, best_i: np.ndarray, cand_s: np.ndarray, cand_i: np.ndarray,
-               k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best of two ``(sims, ids)`` candidate sets per row, best first (ties keep ``best`` first)."""
-    cat_s = np.concatenate([best_s, cand_s], axis=1)
-    cat_i = np.concatenate([best_i, cand_i], axis=1)
-    order = np.argsort(-cat_s, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(cat_s, order, 1), np.take_along_axis(cat_i, order, 1)
-
-
 def _sample(source: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], n: int, size: int, seed: int) -> np.ndarray:
     """About ``size`` vectors drawn uniformly from one pass over ``source()``."""
     rng = np.random.default_rng(seed)
@@ -612,13 +567,7 @@ def _sample(source: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], n: in
     return np.ascontiguousarray(sample[:size])
 
 
-def iter_batches(ids: np.ndarray, x: np.ndarray, batch: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Split in-memory ``(ids, feats)`` into batches (a :meth:`VectorIndex.build` source)."""
-    for s in range(0, len(ids), batch):
-        yield ids[s : s + batch], x[s : s + batch]
-
-
 __all__ = [
-    "IndexSpec", "KINDS", "exact_search", "merge_topk", "PARAMS_BY_KIND", "VectorIndex", "auto_nlist", "gpu_count",
-    "has_multibit_rabitq", "iter_batches", "no_gpu_reason", "parse_index_spec", "refine_codes", "resolve_build", "to_search_device", "train_threshold",
+    "VectorIndex", "auto_k_factor", "auto_nlist", "gpu_count", "has_multibit_rabitq", "no_gpu_reason", "refine_codes",
+    "resolve_build", "to_search_device", "train_threshold",
 ]
