@@ -192,7 +192,8 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
 def bench_ann(args: argparse.Namespace) -> str:
     import faiss
 
-    from indexer.faiss.index import VectorIndex, auto_k_factor, resolve_build
+    from indexer.faiss.index import VectorIndex
+    from indexer.faiss.params import auto_k_factor, resolve_build
     from indexer.spec import IndexSpec, auto_nprobe
 
     data = Synthetic(args.n)
