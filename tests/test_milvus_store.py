@@ -197,6 +197,7 @@ def test_a_reader_of_a_replaced_gallery_reads_the_new_one(tmp_path: Path) -> Non
 
 def test_index_type_change_rebuilds_the_collection_index(tmp_path: Path) -> None:
     from indexer import IndexSpec
+    from indexer.milvus.spec import search_params
     from reid_search.errors import GalleryError
 
     ws = Workspace(tmp_path / "ws", store_override="milvus:")
@@ -208,7 +209,7 @@ def test_index_type_change_rebuilds_the_collection_index(tmp_path: Path) -> None
     assert g.backend.index_type() == "HNSW" and g.spec.kind == "hnsw" and g.ntotal == 300
     np.testing.assert_array_equal(g.search(x[:30], 1)[1][:, 0], ids[:30])
     assert g.set_spec(IndexSpec("hnsw", hnsw_m=8, ef_search=64)) is False  # a search parameter: no rebuild
-    assert g.backend.spec.search_params(10) == {"ef": 64}
+    assert search_params(g.backend.spec, 10) == {"ef": 64}
     assert g.set_spec(IndexSpec("ivfsq8", nlist=8)) is True  # a Milvus-only type
     assert g.backend.index_type() == "IVF_SQ8"
     assert (g.search(x[:30], 1)[1][:, 0] == ids[:30]).mean() >= 0.9  # 8-bit codes: near ties may swap
