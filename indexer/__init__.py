@@ -31,7 +31,7 @@ _HOME = {
     "IndexReport": "pipeline", "index_folder": "pipeline",
     "Gallery": "coordinator",
     "open_gallery": "store", "sha256_file": "store",
-    "KINDS": "spec", "IndexSpec": "spec", "VectorIndex": "faiss.index", "exact_search": "faiss.index",
+    "INDEX_KINDS": "spec", "IndexSpec": "spec", "VectorIndex": "faiss.index", "exact_search": "topk",
     "parse_index_spec": "spec",
 }
 
@@ -39,8 +39,9 @@ if TYPE_CHECKING:
     from indexer.pipeline import IndexReport, index_folder
     from indexer.coordinator import Gallery
     from indexer.store import open_gallery, sha256_file
-    from indexer.spec import KINDS, IndexSpec, parse_index_spec
-    from indexer.faiss.index import VectorIndex, exact_search
+    from indexer.spec import INDEX_KINDS, IndexSpec, parse_index_spec
+    from indexer.faiss.index import VectorIndex
+    from indexer.topk import exact_search
 
 
 def __getattr__(name: str) -> Any:
@@ -54,6 +55,6 @@ def __getattr__(name: str) -> Any:
 
 # Spelled out (not derived from _HOME) so that type checkers and linters see the exports.
 __all__ = [
-    "KINDS", "Gallery", "IndexReport", "IndexSpec", "VectorIndex",
+    "INDEX_KINDS", "Gallery", "IndexReport", "IndexSpec", "VectorIndex",
     "exact_search", "index_folder", "open_gallery", "parse_index_spec", "sha256_file",
 ]

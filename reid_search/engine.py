@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from reid_search.gallery import UNKNOWN, GalleryStore, ImageMeta, SearchFilter
+from reid_search.gallery import UNKNOWN, Filters, GalleryStore, ImageMeta, SearchFilter, per_query_filters
 from reid_search.atomic import atomic_write_bytes
 from reid_search.errors import GalleryError
 from reid_search.extract import Extractor, extract_features
@@ -41,10 +41,6 @@ from reid_search.transforms import build_eval_transform
 log = logging.getLogger(__name__)
 
 RERANK_CACHE = "rerank.npz"
-
-Where = SearchFilter | Sequence[SearchFilter | None] | None
-"""The user's filter: one for every query, one per query, or none."""
-
 
 @dataclass(frozen=True)
 class Hit:
@@ -73,7 +69,7 @@ class GallerySnapshot:
     feats: np.ndarray  # float32 [g, d]
     pids: np.ndarray  # int64, UNKNOWN where none
     camids: np.ndarray  # int64, UNKNOWN where none
-    times: np.ndarray  # int64 epoch microseconds, reid_search.filters.NO_TIME where none
+    times: np.ndarray  # int64 epoch microseconds, reid_search.timeutil.NO_TIME where none
     tracks: np.ndarray  # object: str or None
     generation: int
     model_fingerprint: str | None = None
@@ -157,7 +153,7 @@ class SearchEngine:
     # ------------------------------------------------------------ search
 
     def search(self, feats: np.ndarray, *, top_k: int = 10, camids: Sequence[int | None] | None = None,
-               rerank: bool = False, where: Where = None, keep_same_camera: bool = False) -> list[list[Hit]]:
+               rerank: bool = False, where: Filters = None, keep_same_camera: bool = False) -> list[list[Hit]]:
         """Top-k gallery hits per query feature that pass the query's filter.
 
         The filter of query ``i`` is ``where`` (or ``where[i]``) and, unless
@@ -170,11 +166,9 @@ class SearchEngine:
         feats = np.atleast_2d(np.asarray(feats, dtype=np.float32))
         n = len(feats)
         cams = list(camids) if camids is not None else [None] * n
-        wheres = [where] * n if where is None or isinstance(where, SearchFilter) else list(where)
         if len(cams) != n:
             raise ValueError(f"{n} queries but {len(cams)} camids")
-        if len(wheres) != n:
-            raise ValueError(f"{n} queries but {len(wheres)} filters")
+        wheres = per_query_filters(where, n)
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, not {top_k}")
         filters = [query_filter(w, c, keep_same_camera) for w, c in zip(wheres, cams)]

@@ -7,20 +7,21 @@ their text into :class:`~reid_search.gallery.SearchFilter` and
 with a one-line remedy for a bad value. It imports nothing heavy (numpy only),
 so the CLI parses before loading torch or faiss.
 
-:func:`filter_mask` evaluates a :class:`SearchFilter` over whole columns (for
-re-ranking, which scores every gallery item); it must agree with
-:meth:`SearchFilter.allows`, row by row (tested).
+:func:`filter_mask` evaluates a :class:`SearchFilter` over whole columns: the one
+numpy form of the filter, used by re-ranking (which scores every gallery item) and
+by the FAISS store's field table. It must agree with :meth:`SearchFilter.allows`,
+row by row (tested).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from reid_search.errors import DataError
-from reid_search.gallery import RemoveFilter, SearchFilter
+from reid_search.gallery import UNKNOWN, RemoveFilter, SearchFilter
 from reid_search.limits import MAX_LABEL, MIN_PID
 from reid_search.timeutil import NO_TIME, as_utc, format_time, parse_iso, to_micros
 
@@ -150,19 +151,23 @@ def describe_filter(where: SearchFilter) -> str:
     return "; ".join(parts)
 
 
-def filter_mask(where: SearchFilter | None, camids: np.ndarray, times: np.ndarray, tracks: np.ndarray) -> np.ndarray:
-    """Boolean mask of the rows ``where`` lets through (all rows for ``None``).
+def filter_mask(where: SearchFilter | None, camids: np.ndarray, times: np.ndarray, tracks: np.ndarray,
+                vocab: Mapping[str, int] | None = None) -> np.ndarray:
+    """Boolean mask of the rows ``where`` lets through (all rows for ``None``), as :meth:`SearchFilter.allows`.
 
     Args:
-        camids: int64, ``UNKNOWN`` (negative) where none.
-        times: int64 epoch microseconds, :data:`NO_TIME` where none (see :func:`epoch_micros`).
-        tracks: object array of ``str`` or ``None``.
+        camids: int64, :data:`~reid_search.gallery.UNKNOWN` where none.
+        times: int64 epoch microseconds, :data:`~reid_search.timeutil.NO_TIME` where none
+            (see :func:`~reid_search.timeutil.epoch_micros`).
+        tracks: object array of ``str`` or ``None``; with ``vocab``, integer codes into it
+            (any code not in ``vocab``, e.g. -1, for none).
+        vocab: track name -> code, when ``tracks`` holds codes.
     """
     n = len(camids)
     ok = np.ones(n, dtype=bool)
     if where is None or where.is_empty:
         return ok
-    known = camids >= 0
+    known = camids != UNKNOWN
     if where.cameras is not None:
         ok &= known & np.isin(camids, np.fromiter(where.cameras, np.int64, len(where.cameras)))
     if where.exclude_cameras:
@@ -174,5 +179,10 @@ def filter_mask(where: SearchFilter | None, camids: np.ndarray, times: np.ndarra
         if where.until is not None:
             ok &= times <= to_micros(where.until)
     if where.exclude_tracks:
-        ok &= ~np.fromiter((t is not None and t in where.exclude_tracks for t in tracks), bool, n)
+        if vocab is None:
+            ok &= ~np.fromiter((t is not None and t in where.exclude_tracks for t in tracks), bool, n)
+        else:
+            codes = [vocab[t] for t in where.exclude_tracks if t in vocab]
+            if codes:
+                ok &= ~np.isin(tracks, np.asarray(codes, np.asarray(tracks).dtype))
     return ok

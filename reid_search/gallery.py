@@ -253,3 +253,29 @@ class GalleryStore(Protocol):
 
     def close(self) -> None:
         """Flush pending state and release connections."""
+
+
+# ---- filters per query (the engine and every store) --------------------------------
+
+
+def per_query_filters(filters: Filters, n: int) -> list[SearchFilter | None]:
+    """One filter for each of ``n`` queries: a single filter (or ``None``) repeated, a sequence as given.
+
+    Raises:
+        ValueError: a sequence of another length than ``n``.
+    """
+    if filters is None or isinstance(filters, SearchFilter):
+        return [filters] * n
+    out = list(filters)
+    if len(out) != n:
+        raise ValueError(f"{n} queries but {len(out)} filters")
+    return out
+
+
+def group_by_filter(filters: Sequence[SearchFilter | None]) -> dict[SearchFilter | None, list[int]]:
+    """The query rows of each distinct filter (an empty one counted as ``None``), in first-seen order,
+    so that a store searches each filter once."""
+    groups: dict[SearchFilter | None, list[int]] = {}
+    for i, f in enumerate(filters):
+        groups.setdefault(None if f is None or f.is_empty else f, []).append(i)
+    return groups

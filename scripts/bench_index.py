@@ -162,7 +162,7 @@ def rss_bytes() -> int:
 
 def ground_truth(data: Synthetic, q: np.ndarray, k: int, cache: Path) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Exact top-k (ids, sims) by streaming the chunks, the pure search seconds and the generation seconds."""
-    from indexer.faiss.index import exact_search
+    from indexer.topk import exact_search
 
     path = cache / f"gt_n{data.n}_q{len(q)}_k{k}_s{data.seed}.npz"
     if path.is_file():
@@ -192,7 +192,9 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
 def bench_ann(args: argparse.Namespace) -> str:
     import faiss
 
-    from indexer.faiss.index import IndexSpec, VectorIndex, auto_k_factor, auto_nprobe, resolve_build
+    from indexer.faiss.index import VectorIndex
+    from indexer.faiss.params import auto_k_factor, resolve_build
+    from indexer.spec import IndexSpec, auto_nprobe
 
     data = Synthetic(args.n)
     q = data.queries(args.queries)

@@ -99,7 +99,7 @@ class SyntheticSource:
 
 
 def ground_truth(data: Synthetic, q: np.ndarray, keep: Callable[[np.ndarray], np.ndarray] | None) -> np.ndarray:
-    from indexer.faiss.index import exact_search
+    from indexer.topk import exact_search
 
     best_s = np.full((len(q), K), -np.inf, np.float32)
     best_i = np.full((len(q), K), -1, np.int64)
@@ -122,7 +122,7 @@ def disk_bytes(path: Path) -> int:
 
 def make_faiss(kind: str, tmp: Path, data: Synthetic) -> tuple[Any, Path, Callable[[int], None]]:
     from indexer.faiss.backend import FaissBackend
-    from indexer.faiss.index import IndexSpec
+    from indexer.spec import IndexSpec
 
     source = SyntheticSource(data)
     path = tmp / f"{kind}.faiss"
@@ -136,11 +136,11 @@ def make_faiss(kind: str, tmp: Path, data: Synthetic) -> tuple[Any, Path, Callab
 
 def make_milvus(kind: str, tmp: Path, data: Synthetic) -> tuple[Any, Path, Callable[[int], None]]:
     from indexer.milvus.backend import open_backend
-    from indexer.milvus.spec import parse_milvus_spec
     from indexer.location import parse_store
+    from indexer.spec import IndexSpec
 
     path = tmp / f"milvus_{kind}.db"
-    be = open_backend(parse_store(f"milvus:{path}"), "bench", parse_milvus_spec(kind, lite=True))
+    be = open_backend(parse_store(f"milvus:{path}"), "bench", IndexSpec(kind))
     return be, path, lambda upto: None
 
 

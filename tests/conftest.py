@@ -50,6 +50,12 @@ def write_crop(path: Path, seed: int, size: tuple[int, int] = (64, 128), mode: s
     return path
 
 
+def iter_batches(ids: np.ndarray, x: np.ndarray, batch: int = 65_536):
+    """Split in-memory ``(ids, feats)`` into batches (a ``VectorIndex.build`` source)."""
+    for s in range(0, len(ids), batch):
+        yield ids[s : s + batch], x[s : s + batch]
+
+
 @pytest.fixture()
 def market_dir(tmp_path: Path) -> Path:
     """A tiny Market-layout root: 4 train ids, 3 test ids over 2 cameras, one junk, one distractor."""

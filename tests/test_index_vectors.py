@@ -8,8 +8,11 @@ import faiss
 import numpy as np
 import pytest
 
-from indexer import vectors as V
-from indexer.faiss.index import IndexSpec, VectorIndex, exact_search, iter_batches, parse_index_spec
+from indexer.faiss import params as V
+from indexer.faiss.index import VectorIndex, gpu_count
+from indexer.spec import IndexSpec, parse_index_spec
+from indexer.topk import exact_search
+from tests.conftest import iter_batches
 from reid_search.errors import GalleryError
 
 
@@ -260,7 +263,7 @@ def test_cpu_when_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)
     x, q = clustered(200, 8, 2, seed=7, per=10)
     idx = build(IndexSpec("flat"), np.arange(200), x)
-    assert V.gpu_count() == 0
+    assert gpu_count() == 0
     idx.search(q, 3)
     assert idx.device.startswith("CPU")
 

@@ -18,7 +18,8 @@ from reid_search.errors import GalleryError
 
 pytest.importorskip("milvus_lite", reason="milvus-lite cannot run here")
 from indexer.milvus.backend import MilvusBackend, open_backend
-from indexer.milvus.spec import MilvusIndexSpec, parse_milvus_spec
+from indexer.milvus.spec import build_params, check_milvus_spec, index_type, search_params
+from indexer.spec import IndexSpec, parse_index_spec
 from indexer.location import StoreLocation, parse_store
 from indexer.milvus.expr import filter_expr, quote
 
@@ -225,7 +226,8 @@ def test_search_on_an_empty_backend_pads(backend: MilvusBackend) -> None:
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivfsq8"])
 def test_lite_index_types_search_and_find_themselves(tmp_path: Path, kind: str) -> None:
-    spec = parse_milvus_spec(kind, ["nlist=8"] if kind.startswith("ivf") else ["M=8", "ef=64"], lite=True)
+    spec = parse_index_spec(kind, ["nlist=8"] if kind.startswith("ivf") else ["hnsw_m=8", "ef_search=64"])
+    check_milvus_spec(spec, lite=True)
     b = open_backend(parse_store(f"milvus:{tmp_path / 'g.db'}"), "g_v1", spec)
     fields, x = make_rows(300, 16)
     b.add(fields, x)
@@ -235,28 +237,34 @@ def test_lite_index_types_search_and_find_themselves(tmp_path: Path, kind: str) 
 
 
 def test_index_spec_parsing() -> None:
-    s = parse_milvus_spec("HNSW", ["hnsw_m=16", "ef_construction=200", "ef=64"])
-    assert s.index_type == "HNSW" and s.build_params() == {"M": 16, "efConstruction": 200}
-    assert s.search_params() == {"ef": 64} and s.search_params(k=100) == {"ef": 100}  # Milvus needs ef >= k
+    """One parser (``parse_index_spec``) for both stores; Milvus gets its own names for the same spec."""
+    s = parse_index_spec("hnsw", ["hnsw_m=16", "ef_construction=200", "ef_search=64"])
+    assert index_type(s) == "HNSW" and build_params(s) == {"M": 16, "efConstruction": 200}
+    assert search_params(s) == {"ef": 64} and search_params(s, k=100) == {"ef": 100}  # Milvus needs ef >= k
     # automatic search parameters, as for FAISS: nprobe = max(32, nlist/5), ef = max(128, 2k)
-    assert parse_milvus_spec("ivf").search_params() == {"nprobe": 32}
-    assert parse_milvus_spec("ivfsq8", ["nlist=4096"]).search_params() == {"nprobe": 819}
-    assert parse_milvus_spec("ivf", ["nlist=16"]).search_params() == {"nprobe": 16}
-    assert parse_milvus_spec("ivf", ["nprobe=3"]).search_params() == {"nprobe": 3}
-    assert parse_milvus_spec("hnsw").search_params(k=10) == {"ef": 128}
-    assert parse_milvus_spec("hnsw").search_params(k=500) == {"ef": 1000}
-    assert MilvusIndexSpec.from_json(s.to_json()) == s
-    assert parse_milvus_spec("IVF_PQ", ["nlist=1024", "pq_m=64", "nbits=8", "nprobe=32"]).index_type == "IVF_PQ"
-    assert parse_milvus_spec("ivf_flat").index_type == "IVF_FLAT"
+    assert search_params(parse_index_spec("ivf")) == {"nprobe": 32}
+    assert search_params(parse_index_spec("ivfsq8", ["nlist=4096"])) == {"nprobe": 819}
+    assert search_params(parse_index_spec("ivf", ["nlist=16"])) == {"nprobe": 16}
+    assert search_params(parse_index_spec("ivf", ["nprobe=3"])) == {"nprobe": 3}
+    assert search_params(parse_index_spec("hnsw"), k=10) == {"ef": 128}
+    assert search_params(parse_index_spec("hnsw"), k=500) == {"ef": 1000}
+    assert IndexSpec.from_json(s.to_json()) == s
+    pq = parse_index_spec("ivfpq", ["nlist=1024", "pq_m=64", "nprobe=32"])
+    assert index_type(pq) == "IVF_PQ" and build_params(pq) == {"nlist": 1024, "m": 64}
+    assert search_params(pq) == {"nprobe": 32}
+    assert index_type(parse_index_spec("ivf")) == "IVF_FLAT"
+    assert search_params(parse_index_spec("diskann", ["search_list=50"]), k=80) == {"search_list": 80}
+    assert search_params(parse_index_spec("diskann"), k=80) == {}  # Milvus's own default
     for kind in ("ivfpq", "diskann"):
         with pytest.raises(GalleryError, match="Milvus Lite cannot build .*--store http"):
-            parse_milvus_spec(kind, lite=True)
+            check_milvus_spec(IndexSpec(kind), lite=True)
+        check_milvus_spec(IndexSpec(kind), lite=False)  # a server builds them
     with pytest.raises(GalleryError, match="KEY one of: nlist, nprobe"):
-        parse_milvus_spec("ivf", ["M=3"])
+        parse_index_spec("ivf", ["M=3"])
     with pytest.raises(GalleryError, match="integer"):
-        parse_milvus_spec("ivf", ["nlist=x"])
+        parse_index_spec("ivf", ["nlist=x"])
     with pytest.raises(GalleryError, match="choose one of"):
-        parse_milvus_spec("annoy")
+        parse_index_spec("annoy")
 
 
 def test_parse_store(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import textwrap
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -196,6 +197,7 @@ def test_a_reader_of_a_replaced_gallery_reads_the_new_one(tmp_path: Path) -> Non
 
 def test_index_type_change_rebuilds_the_collection_index(tmp_path: Path) -> None:
     from indexer import IndexSpec
+    from indexer.milvus.spec import search_params
     from reid_search.errors import GalleryError
 
     ws = Workspace(tmp_path / "ws", store_override="milvus:")
@@ -207,7 +209,7 @@ def test_index_type_change_rebuilds_the_collection_index(tmp_path: Path) -> None
     assert g.backend.index_type() == "HNSW" and g.spec.kind == "hnsw" and g.ntotal == 300
     np.testing.assert_array_equal(g.search(x[:30], 1)[1][:, 0], ids[:30])
     assert g.set_spec(IndexSpec("hnsw", hnsw_m=8, ef_search=64)) is False  # a search parameter: no rebuild
-    assert g.backend.spec.search_params(10) == {"ef": 64}
+    assert search_params(g.backend.spec, 10) == {"ef": 64}
     assert g.set_spec(IndexSpec("ivfsq8", nlist=8)) is True  # a Milvus-only type
     assert g.backend.index_type() == "IVF_SQ8"
     assert (g.search(x[:30], 1)[1][:, 0] == ids[:30]).mean() >= 0.9  # 8-bit codes: near ties may swap
@@ -257,6 +259,39 @@ def test_a_milvus_gallery_does_not_load_faiss() -> None:
     code = ("import sys, indexer, indexer.metadata, indexer.milvus.factory, indexer.milvus.backend, indexer.coordinator, indexer.store; "
             "indexer.IndexSpec('ivfsq8'); indexer.parse_index_spec('hnsw', ['ef_search=64']); "
             "print(sorted(m for m in ('faiss', 'pymilvus') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+    # Nor does a filtered search that the index leaves short (the exact fallback), on a stand-in client:
+    # the HNSW search finds 1 hit where 3 crops pass, so the 3 are searched exactly.
+    code = textwrap.dedent("""
+        import sys
+        import numpy as np
+        from indexer.milvus.backend import MilvusBackend
+        from indexer.spec import IndexSpec
+        from reid_search.gallery import SearchFilter
+
+        class Batches:
+            def __init__(self, rows): self.rows = rows
+            def next(self): rows, self.rows = self.rows, []; return rows
+            def close(self): pass
+
+        class Client:
+            def has_collection(self, name): return True
+            def describe_collection(self, name):
+                return {"fields": [{"name": "vec", "params": {"dim": 4}}, {"name": "camid"}, {"name": "has_ts"}]}
+            def describe_index(self, name, field): return {"index_type": "HNSW"}
+            def load_collection(self, name): pass
+            def search(self, name, data, **kw): return [[{"id": 1, "distance": 0.0}] for _ in data]
+            def query(self, name, filter, output_fields): return [{"count(*)": 3}]
+            def query_iterator(self, name, batch_size, filter, output_fields):
+                return Batches([{"id": i, "vec": np.eye(4)[i].tolist()} for i in (1, 2, 3)])
+
+        b = MilvusBackend(Client(), "g_v1", IndexSpec("hnsw"))
+        _, ids = b.search(np.eye(4, dtype=np.float32)[[2]], 3, [SearchFilter(cameras=frozenset({1}))])
+        assert ids[0, 0] == 2 and sorted(ids[0].tolist()) == [1, 2, 3], ids
+        print(sorted(m for m in ("faiss", "pymilvus") if m in sys.modules))
+    """)
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr

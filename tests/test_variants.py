@@ -353,7 +353,9 @@ def test_cpu_onnxruntime_on_a_gpu_machine_warns(monkeypatch: pytest.MonkeyPatch,
 def test_faiss_search_falls_back_with_one_line(kind: str, gpu_build: bool, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     import faiss
 
-    from indexer.faiss.index import IndexSpec, VectorIndex, iter_batches
+    from indexer.faiss.index import VectorIndex
+    from indexer.spec import IndexSpec
+    from tests.conftest import iter_batches
 
     if gpu_build:  # a faiss GPU build where CUDA_VISIBLE_DEVICES hides the GPUs
         monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)

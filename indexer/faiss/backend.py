@@ -25,15 +25,17 @@ from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
-from indexer.metadata import time_us
-from reid_search.gallery import UNKNOWN, SearchFilter
+from reid_search.filters import filter_mask
+from reid_search.gallery import SearchFilter, group_by_filter, per_query_filters
+from reid_search.timeutil import NO_TIME
 from indexer.protocol import RowFields
-from indexer.faiss.index import PARAMS_BY_KIND, SEARCH_PARAMS, IndexSpec, VectorIndex, exact_search, merge_topk
+from indexer.faiss.index import VectorIndex
+from indexer.spec import PARAMS_BY_KIND, SEARCH_PARAMS, IndexSpec
+from indexer.topk import exact_search, fill_short
 from reid_search.errors import GalleryError
 
 log = logging.getLogger(__name__)
 
-NO_TIME = np.iinfo(np.int64).min
 EXACT_SUBSET = 4096  # a filter passing at most this many crops is answered by exact search over them
 _FILE_RE = re.compile(r"^gallery(?:\.v(\d+))?\.faiss$")
 
@@ -110,24 +112,8 @@ class FieldTable:
         self.ids, self.camids, self.times, self.tracks = self.ids[keep], self.camids[keep], self.times[keep], self.tracks[keep]
 
     def allowed(self, f: SearchFilter) -> np.ndarray:
-        """Sorted ids that pass ``f`` (same meaning as :meth:`SearchFilter.allows`)."""
-        m = np.ones(len(self.ids), bool)
-        known = self.camids != UNKNOWN
-        if f.cameras is not None:
-            m &= known & np.isin(self.camids, np.fromiter(f.cameras, np.int64))
-        if f.exclude_cameras:
-            m &= ~(known & np.isin(self.camids, np.fromiter(f.exclude_cameras, np.int64)))
-        if f.since is not None or f.until is not None:
-            m &= self.times != NO_TIME
-            if f.since is not None:
-                m &= self.times >= time_us(f.since)
-            if f.until is not None:
-                m &= self.times <= time_us(f.until)
-        if f.exclude_tracks:
-            codes = [self._code[t] for t in f.exclude_tracks if t in self._code]
-            if codes:
-                m &= ~np.isin(self.tracks, np.asarray(codes, np.int32))
-        return np.sort(self.ids[m])
+        """Sorted ids that pass ``f`` (:func:`reid_search.filters.filter_mask`, on the track codes)."""
+        return np.sort(self.ids[filter_mask(f, self.camids, self.times, self.tracks, vocab=self._code)])
 
     def to_bytes(self) -> bytes:
         """Serialised form (stored after the index in the file)."""
@@ -250,10 +236,7 @@ class FaissBackend:
         q = len(x)
         sims = np.full((q, k), -np.inf, np.float32)
         out = np.full((q, k), -1, np.int64)
-        groups: dict[SearchFilter | None, list[int]] = {}
-        for j, f in enumerate(filters):
-            groups.setdefault(None if f is None or f.is_empty else f, []).append(j)
-        for f, rows in groups.items():
+        for f, rows in group_by_filter(per_query_filters(filters, q)).items():
             sel = np.asarray(rows)
             if f is None:
                 s, i = self.index.search(x[sel], k)
@@ -269,22 +252,16 @@ class FaissBackend:
         if not exact_kind and len(allowed) <= EXACT_SUBSET:
             return exact_search(x, self._source.vectors(allowed), allowed, k)
         s, i = self.index.search(x, k, allowed)
-        short = (i >= 0).sum(axis=1) < min(k, len(allowed))
-        if short.any() and not exact_kind:
-            # The approximate index found fewer than k of the crops that pass: answer
-            # those queries exactly from the stored vectors, streamed.
-            log.debug("%d filtered queries fell back to exact search over %d crops", int(short.sum()), len(allowed))
-            s2, i2 = self._exact_over(x[short], k, allowed)
-            s[short], i[short] = s2, i2
+        if not exact_kind:
+            # queries the approximate index left short of the crops that pass: exact, streamed from the DB
+            fill_short(x, k, s, i, len(allowed), lambda: self._exact_over(allowed))
         return s, i
 
-    def _exact_over(self, x: np.ndarray, k: int, allowed: np.ndarray, block: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
-        best_s = np.full((len(x), k), -np.inf, np.float32)
-        best_i = np.full((len(x), k), -1, np.int64)
+    def _exact_over(self, allowed: np.ndarray, block: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(ids, vectors)`` of ``allowed`` from the DB, ``block`` at a time (the exact fallback's source)."""
         for s in range(0, len(allowed), block):
             part = allowed[s : s + block]
-            best_s, best_i = merge_topk(best_s, best_i, *exact_search(x, self._source.vectors(part), part, k), k)
-        return best_s, best_i
+            yield part, self._source.vectors(part)
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """Exact features of ``ids`` (from the DB: FAISS may hold only codes)."""

@@ -27,6 +27,10 @@ Index types (``IndexSpec.kind``):
     Graph search over full vectors (``IndexIDMap2(IndexHNSWFlat)``); needs
     no training, but removing images rebuilds the graph.
 
+What the automatic (0) build parameters become is :mod:`indexer.faiss.params`;
+the automatic search parameters (``nprobe``, ``ef_search``) are shared with the
+Milvus store (:mod:`indexer.spec`).
+
 ``ivf`` and ``ivfpq`` need training. Until the gallery holds ``min_train``
 vectors (and at least 39 per list), they keep an exact flat index and report
 ``trained = False``; :meth:`VectorIndex.rebuild_reason` tells the owner when to
@@ -39,124 +43,28 @@ else on the CPU; the choice is made at the first search and logged once.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import math
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import faiss
 import numpy as np
 
 from reid_search.atomic import atomic_write
 from reid_search.devices import why_no_gpu
-from indexer.spec import KINDS, PARAMS_BY_KIND, SEARCH_PARAMS, IndexSpec, parse_index_spec
+from indexer.faiss.params import auto_k_factor, auto_nlist, refine_codes, resolve_build, train_threshold
+from indexer.spec import PARAMS_BY_KIND, SEARCH_PARAMS, IndexSpec, auto_ef, auto_nprobe
+from indexer.topk import exact_search
 from reid_search.errors import GalleryError
 
 log = logging.getLogger(__name__)
 
 FILE_MAGIC = b"reid-search faiss index v1\n"
 GROWTH_RETRAIN = 16  # retrain ivf/ivfpq (automatic nlist) once the gallery is this many times larger
-# bits per dimension of the ivfpq re-scoring codes -> faiss scalar quantizer (4, 6, 8) or multi-bit RaBitQ (2, 3)
-SQ_CODES = {4: faiss.ScalarQuantizer.QT_4bit, 6: faiss.ScalarQuantizer.QT_6bit, 8: faiss.ScalarQuantizer.QT_8bit}
-RABITQ_BITS = (2, 3)
-REFINE_BITS = tuple(sorted((*SQ_CODES, *RABITQ_BITS)))
 DEAD_FRACTION = 0.25  # ivfpq: rebuild once this share of the re-scoring codes belongs to removed images
-
-
-# ---- automatic parameters (pure functions) ---------------------------------
-
-
-def auto_nlist(n: int) -> int:
-    """≈ √n as a power of two, between 16 and 65536, with ≥ 39 training points per list."""
-    if n < 39 * 16:
-        return 16
-    target = math.sqrt(n)
-    nlist = 2 ** int(round(math.log2(target)))
-    while nlist > 16 and 39 * nlist > n:
-        nlist //= 2
-    return int(min(max(nlist, 16), 65536))
-
-
-def _divisor_near(d: int, target: int, even: bool = False) -> int:
-    """The divisor of ``d`` closest to ``target`` (even if asked), ≥ 1."""
-    cands = [m for m in range(1, d + 1) if d % m == 0 and (not even or m % 2 == 0)]
-    if not cands:
-        return 1
-    return min(cands, key=lambda m: (abs(m - target), -m))
-
-
-def resolve_build(spec: IndexSpec, dim: int, n: int) -> dict[str, int]:
-    """Concrete build parameters of ``spec`` for ``n`` vectors of ``dim`` (auto → numbers).
-
-    Raises:
-        GalleryError: a parameter that does not divide ``dim``.
-    """
-    out: dict[str, int] = {}
-    if spec.kind in ("ivf", "ivfpq"):
-        out["nlist"] = spec.nlist or auto_nlist(n)
-    if spec.kind == "ivfpq":
-        pq_m = spec.pq_m or _divisor_near(dim, max(8, dim // 32), even=True)
-        if dim % pq_m:
-            raise GalleryError(f"index parameter pq_m={pq_m} must divide the feature dimension {dim}")
-        if pq_m % 2:
-            raise GalleryError(f"index parameter pq_m={pq_m} must be even (4-bit fast-scan codes come in pairs)")
-        bits = spec.refine_bits or (8 if dim <= 512 else 2 if has_multibit_rabitq() else 4)
-        if bits not in REFINE_BITS:
-            raise GalleryError(f"index parameter refine_bits={bits}: choose 2 or 3 (RaBitQ), 4, 6 or 8 bits per dimension")
-        if bits in RABITQ_BITS and not has_multibit_rabitq():
-            raise GalleryError(f"index parameter refine_bits={bits} needs faiss ≥ 1.13 (multi-bit RaBitQ), "
-                               f"this is faiss {faiss.__version__}; upgrade faiss or use refine_bits=4")
-        out["pq_m"], out["refine_bits"] = pq_m, bits
-    if spec.kind == "hnsw":
-        out["hnsw_m"], out["ef_construction"] = spec.hnsw_m or 32, spec.ef_construction or 80
-    return out
-
-
-@functools.cache
-def has_multibit_rabitq() -> bool:
-    """Whether the installed faiss has multi-bit RaBitQ codes (``IndexRaBitQ(d, metric, bits)``)."""
-    try:
-        faiss.IndexRaBitQ(8, faiss.METRIC_INNER_PRODUCT, 2)
-    except Exception:  # older faiss: no class, or a 1-bit-only constructor
-        return False
-    return True
-
-
-def refine_codes(dim: int, bits: int) -> faiss.Index:
-    """The untrained re-scoring index of ivfpq: RaBitQ for 2-3 bits, a scalar quantizer for 4-8."""
-    if bits in RABITQ_BITS:
-        return faiss.IndexRaBitQ(dim, faiss.METRIC_INNER_PRODUCT, bits)
-    return faiss.IndexScalarQuantizer(dim, SQ_CODES[bits], faiss.METRIC_INNER_PRODUCT)
-
-
-def train_threshold(spec: IndexSpec) -> int:
-    """Vectors needed before ``ivf``/``ivfpq`` are trained (0 for the other kinds)."""
-    if spec.kind not in ("ivf", "ivfpq"):
-        return 0
-    return max(spec.min_train, 39 * spec.nlist, 2)
-
-
-def auto_nprobe(spec: IndexSpec, nlist: int) -> int:
-    """Lists visited per query."""
-    if spec.nprobe:
-        return min(spec.nprobe, nlist)
-    # A fifth of the lists: recall@10 ≈ 0.97 on a million re-ID-like 2048-d features
-    # (scripts/bench_index.py); fewer lists trade recall for speed.
-    return min(nlist, max(32, nlist // 5))
-
-
-def auto_k_factor(spec: IndexSpec) -> int:
-    """ivfpq candidates per wanted neighbour."""
-    return spec.k_factor or 8
-
-
-def auto_ef_search(spec: IndexSpec, k: int) -> int:
-    """hnsw beam width for ``k`` neighbours."""
-    return max(spec.ef_search or 128, k)
 
 
 # ---- GPU placement ----------------------------------------------------------
@@ -481,7 +389,7 @@ class VectorIndex:
         elif allowed is not None:
             sims, ids = self._search_selected(x, kk, allowed)
         elif self.spec.kind == "hnsw":
-            params = faiss.SearchParametersHNSW(efSearch=auto_ef_search(self.spec, kk))
+            params = faiss.SearchParametersHNSW(efSearch=auto_ef(self.spec, kk))
             sims, ids = searcher.search(x, kk, params=params)
         else:
             sims, ids = searcher.search(x, kk)
@@ -508,7 +416,7 @@ class VectorIndex:
         else:
             sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, np.int64))
             if self.spec.kind == "hnsw":
-                params = faiss.SearchParametersHNSW(sel=sel, efSearch=auto_ef_search(self.spec, k))
+                params = faiss.SearchParametersHNSW(sel=sel, efSearch=auto_ef(self.spec, k))
             elif self.trained and self.spec.kind in ("ivf", "ivfpq"):
                 params = faiss.SearchParametersIVF(sel=sel, nprobe=self._filtered_nprobe(len(allowed)))
             else:
@@ -569,38 +477,6 @@ class VectorIndex:
         return cls(spec, int(header["dim"]), base, trained_n=int(header.get("trained_n", 0)), positions=positions), header
 
 
-def exact_search(x: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int,
-                 max_block_floats: int = 1 << 25) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force inner-product k-NN of queries ``x`` among rows ``xb`` (labelled ``ids``).
-
-    Streams ``xb`` in blocks so memory stays at ~``max_block_floats`` scores.
-    Returns ``(sims [q, k], ids [q, k])`` best first, padded with -inf / -1.
-    """
-    q, n = len(x), len(xb)
-    best_s = np.full((q, k), -np.inf, np.float32)
-    best_i = np.full((q, k), -1, np.int64)
-    if n == 0 or q == 0:
-        return best_s, best_i
-    block = max(1024, max_block_floats // max(q, 1))
-    for s in range(0, n, block):
-        sims = x @ xb[s : s + block].T
-        kk = min(k, sims.shape[1])
-        part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk] if kk < sims.shape[1] else np.broadcast_to(np.arange(kk), sims.shape).copy()
-        best_s, best_i = merge_topk(best_s, best_i, np.take_along_axis(sims, part, 1),
-                                    np.asarray(ids[s : s + block], np.int64)[part], k)
-    best_i[~np.isfinite(best_s)] = -1
-    return best_s.astype(np.float32, copy=False), best_i
-
-
-def merge_topk(best_s: np.ndarray, best_i: np.ndarray, cand_s: np.ndarray, cand_i: np.ndarray,
-               k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best of two ``(sims, ids)`` candidate sets per row, best first (ties keep ``best`` first)."""
-    cat_s = np.concatenate([best_s, cand_s], axis=1)
-    cat_i = np.concatenate([best_i, cand_i], axis=1)
-    order = np.argsort(-cat_s, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(cat_s, order, 1), np.take_along_axis(cat_i, order, 1)
-
-
 def _sample(source: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], n: int, size: int, seed: int) -> np.ndarray:
     """About ``size`` vectors drawn uniformly from one pass over ``source()``."""
     rng = np.random.default_rng(seed)
@@ -612,13 +488,4 @@ def _sample(source: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], n: in
     return np.ascontiguousarray(sample[:size])
 
 
-def iter_batches(ids: np.ndarray, x: np.ndarray, batch: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Split in-memory ``(ids, feats)`` into batches (a :meth:`VectorIndex.build` source)."""
-    for s in range(0, len(ids), batch):
-        yield ids[s : s + batch], x[s : s + batch]
-
-
-__all__ = [
-    "IndexSpec", "KINDS", "exact_search", "merge_topk", "PARAMS_BY_KIND", "VectorIndex", "auto_nlist", "gpu_count",
-    "has_multibit_rabitq", "iter_batches", "no_gpu_reason", "parse_index_spec", "refine_codes", "resolve_build", "to_search_device", "train_threshold",
-]
+__all__ = ["VectorIndex", "gpu_count", "no_gpu_reason", "to_search_device"]

@@ -21,8 +21,10 @@ One collection per gallery (version), fields:
     the tracklet name; ``has_track`` false where none, so that only crops whose
     track is in ``exclude_tracks`` are dropped.
 
-:class:`~indexer.protocol.SearchFilter` becomes a Milvus boolean expression
-(:func:`filter_expr`); queries that share a filter go to Milvus in one search.
+:class:`~reid_search.gallery.SearchFilter` becomes a Milvus boolean expression
+(:func:`~indexer.milvus.expr.filter_expr`); queries that share a filter go to Milvus
+in one search. The gallery's :class:`~indexer.spec.IndexSpec` is put in Milvus's
+words by :mod:`indexer.milvus.spec`.
 Every request uses ``Strong`` consistency, so a search sees every insert and
 delete acknowledged before it.
 
@@ -40,19 +42,21 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from reid_search.gallery import SearchFilter
+from reid_search.gallery import SearchFilter, group_by_filter, per_query_filters
+from reid_search.limits import MAX_TRACK_CHARS
 from indexer.protocol import RowFields
 from reid_search.errors import GalleryError
 from indexer.location import StoreLocation
 from indexer.milvus.client import connect, milvus_error, quiet_pymilvus
 from indexer.milvus.expr import filter_expr
-from indexer.milvus.spec import LITE_INDEX_TYPES, MilvusIndexSpec, parse_milvus_spec, spec_from_index_spec
+from indexer.milvus.spec import build_params, check_milvus_spec, describe, index_type, search_params
+from indexer.spec import IndexSpec
+from indexer.topk import fill_short
 
 log = logging.getLogger(__name__)
 
 STAMP_KEY = "reid_search.generation"
 MAX_TOPK = 16_384  # Milvus's limit on hits per query (and on queries per request)
-MAX_TRACK_CHARS = 1024
 _QUERY_BATCH = 1024  # queries per search request
 _INSERT_BYTES = 16 << 20  # bytes of vectors per insert request (servers cap a request at 64 MB)
 _GET_BATCH = 4096  # ids per get / delete request
@@ -71,16 +75,15 @@ class MilvusBackend:
     kind = "milvus"
     holds_vectors = True
 
-    def __init__(self, client: Any, collection: str, spec: MilvusIndexSpec | None = None, *,
+    def __init__(self, client: Any, collection: str, spec: IndexSpec | None = None, *,
                  lite: bool = False) -> None:
         if not _COLLECTION_RE.match(collection):
             raise GalleryError(f"bad Milvus collection name {collection!r}: letters, digits and _, not starting with a digit")
         self.client = client
         self.collection = collection
-        self.spec = spec or MilvusIndexSpec()
+        self.spec = spec or IndexSpec()
         self.lite = lite
-        if lite and self.spec.kind not in LITE_INDEX_TYPES:
-            parse_milvus_spec(self.spec.kind, lite=True)  # raises the one-line error
+        check_milvus_spec(self.spec, lite)
         self.dim: int | None = None
         self._exists = False
         if self._call("has_collection", collection):
@@ -106,10 +109,11 @@ class MilvusBackend:
             raise GalleryError(f"the Milvus collection {self.collection} is not a reid-search gallery; "
                                "pass another --store or drop it")
         self.dim = int(fields["vec"].get("params", {}).get("dim"))
+        # The track field's max_length is not checked: collections made before the 255 limit have 1024.
         built = str(self._built().get("index_type", "")).upper()
-        if built and built != self.spec.index_type:  # e.g. a crash between recording a new type and the rebuild
+        if built and built != index_type(self.spec):  # e.g. a crash between recording a new type and the rebuild
             log.warning("the Milvus collection %s has a %s index, not the recorded %s; run `reid-search index DIR "
-                        "--index-type %s` to rebuild it", self.collection, built, self.spec.index_type, self.spec.kind)
+                        "--index-type %s` to rebuild it", self.collection, built, index_type(self.spec), self.spec.kind)
 
     def _built(self) -> dict[str, Any]:
         """``describe_index`` of the vector field (``{}`` when there is none)."""
@@ -118,8 +122,8 @@ class MilvusBackend:
         except Exception:  # no index (or no collection): nothing built
             return {}
 
-    def set_spec(self, spec: Any) -> bool:
-        """Switch to ``spec`` (an :class:`indexer.spec.IndexSpec` or a :class:`MilvusIndexSpec`).
+    def set_spec(self, spec: IndexSpec) -> bool:
+        """Switch to ``spec``.
 
         When the index type or a build parameter changes, the collection's index is
         rebuilt in place: released, its vector index dropped and created anew, loaded
@@ -129,14 +133,15 @@ class MilvusBackend:
         Raises:
             GalleryError: a type Milvus Lite cannot build (on Lite), or a failing Milvus.
         """
-        new = spec if isinstance(spec, MilvusIndexSpec) else spec_from_index_spec(spec, lite=self.lite)
-        old, self.spec = self.spec, new
+        check_milvus_spec(spec, self.lite)
+        old, new = self.spec, spec
+        self.spec = new
         if not self._exists:
             return False
         built = self.index_type()
-        if built == new.index_type and old.kind == new.kind and old.build_params() == new.build_params():
+        if built == index_type(new) and old.kind == new.kind and build_params(old) == build_params(new):
             return False
-        log.info("rebuilding the index of Milvus collection %s: %s -> %s", self.collection, built or "none", new.describe())
+        log.info("rebuilding the index of Milvus collection %s: %s -> %s", self.collection, built or "none", describe(new))
         self._call("release_collection", self.collection)
         try:
             if built is not None:
@@ -152,9 +157,9 @@ class MilvusBackend:
             self._call("load_collection", self.collection)
         return True
 
-    def _create_index(self, spec: MilvusIndexSpec) -> None:
+    def _create_index(self, spec: IndexSpec) -> None:
         index = self.client.prepare_index_params()
-        index.add_index("vec", index_type=spec.index_type, metric_type="IP", params=spec.build_params())
+        index.add_index("vec", index_type=index_type(spec), metric_type="IP", params=build_params(spec))
         self._call("create_index", self.collection, index)
 
     def index_type(self) -> str | None:
@@ -177,11 +182,11 @@ class MilvusBackend:
         schema.add_field("track", DataType.VARCHAR, max_length=MAX_TRACK_CHARS)
         schema.add_field("has_track", DataType.BOOL)
         index = self.client.prepare_index_params()
-        index.add_index("vec", index_type=self.spec.index_type, metric_type="IP", params=self.spec.build_params())
+        index.add_index("vec", index_type=index_type(self.spec), metric_type="IP", params=build_params(self.spec))
         self._call("create_collection", self.collection, schema=schema, index_params=index,
                    consistency_level="Strong")
         self._call("load_collection", self.collection)
-        log.info("created Milvus collection %s (%d-d, %s)", self.collection, dim, self.spec.describe())
+        log.info("created Milvus collection %s (%d-d, %s)", self.collection, dim, describe(self.spec))
         self._exists, self.dim = True, dim
 
     # ---- VectorBackend ------------------------------------------------------------
@@ -216,7 +221,8 @@ class MilvusBackend:
 
         Raises:
             GalleryError: wrong shapes, a dimension other than the collection's, a track name
-                longer than 1024 characters, or a failing Milvus.
+                longer than :data:`~reid_search.limits.MAX_TRACK_CHARS` (255, the SQL column's width),
+                or a failing Milvus.
         """
         feats = np.ascontiguousarray(feats, np.float32)
         ids = np.asarray(fields.ids, np.int64)
@@ -271,8 +277,7 @@ class MilvusBackend:
         """
         feats = np.atleast_2d(np.asarray(feats, np.float32))
         q = len(feats)
-        if len(filters) != q:
-            raise GalleryError(f"{q} queries but {len(filters)} filters")
+        flist = per_query_filters(filters, q)
         if k > MAX_TOPK:
             raise GalleryError(f"Milvus returns at most {MAX_TOPK} hits per query, not {k}; ask for fewer")
         sims = np.full((q, k), -np.inf, np.float32)
@@ -281,12 +286,10 @@ class MilvusBackend:
             return sims, out
         if feats.shape[1] != self.dim:
             raise GalleryError(f"{feats.shape[1]}-d query features for a {self.dim}-d gallery; use the gallery's model")
-        groups: dict[str | None, list[int]] = {}
-        for i, f in enumerate(filters):
-            groups.setdefault(filter_expr(f), []).append(i)
-        params = {"metric_type": "IP", "params": self.spec.search_params(k)}
-        for expr, rows in groups.items():
-            if expr is None:
+        params = {"metric_type": "IP", "params": search_params(self.spec, k)}
+        for f, rows in group_by_filter(flist).items():
+            expr = filter_expr(f)
+            if expr is None:  # nothing can pass
                 continue
             for s in range(0, len(rows), _QUERY_BATCH):
                 part = rows[s:s + _QUERY_BATCH]
@@ -306,26 +309,14 @@ class MilvusBackend:
         """Answer exactly the queries an approximate index left short of k although more crops pass ``expr``.
 
         A selective filter can leave a graph or inverted-list search with fewer than k
-        hits (Milvus Lite's HNSW does); as with FAISS, such queries are re-answered by
-        exact search over the vectors that pass the filter, streamed from Milvus.
+        hits (Milvus Lite's HNSW does); as on FAISS (:func:`indexer.topk.fill_short`),
+        such queries are re-answered by exact search over the vectors that pass the
+        filter, streamed from Milvus (counted only when some query is short).
         """
-        short = [i for i in rows if (out[i] >= 0).sum() < k]
-        if not short:
-            return
-        passing = self._count(expr)
-        short = [i for i in short if (out[i] >= 0).sum() < min(k, passing)]
-        if not short:
-            return
-        from indexer.faiss.index import exact_search, merge_topk
-
-        log.debug("%d filtered queries fell back to exact search over %d crops", len(short), passing)
-        q = feats[short]
-        best_s = np.full((len(short), k), -np.inf, np.float32)
-        best_i = np.full((len(short), k), -1, np.int64)
-        for ids, xb in self._iter_where(expr):
-            best_s, best_i = merge_topk(best_s, best_i, *exact_search(q, xb, ids, k), k)
-        best_i[~np.isfinite(best_s)] = -1
-        sims[short], out[short] = best_s, best_i
+        sel = np.asarray(rows)
+        s, i = sims[sel], out[sel]
+        if fill_short(feats[sel], k, s, i, lambda: self._count(expr), lambda: self._iter_where(expr)):
+            sims[sel], out[sel] = s, i
 
     def _count(self, expr: str) -> int:
         rows = self._call("query", self.collection, filter=expr, output_fields=["count(*)"])
@@ -433,7 +424,7 @@ class MilvusBackend:
 
 
 
-def open_backend(location: StoreLocation, collection: str, spec: MilvusIndexSpec | None = None) -> MilvusBackend:
+def open_backend(location: StoreLocation, collection: str, spec: IndexSpec | None = None) -> MilvusBackend:
     """Connect to a resolved Milvus location and open (or prepare) ``collection``.
 
     Raises:

@@ -22,8 +22,6 @@ def milvus_error(exc: BaseException) -> str:
     """A pymilvus error's message on one line."""
     return first_line(exc, with_type=False)
 
-# ---- the backend ----------------------------------------------------------------
-
 
 def _lite_locked(path: Path) -> bool:
     """Whether another process holds the Milvus Lite folder (it allows one process at a time)."""

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-
-
 from reid_search.gallery import UNKNOWN, SearchFilter
 
-log = logging.getLogger(__name__)
 
-# ---- filters -------------------------------------------------------------------
-
-
+# Literals are quoted by hand: Milvus Lite 3.x rejects pymilvus's filter_params templates ("unexpected character '{'").
 def quote(s: str) -> str:
     """A Milvus expression string literal for ``s``."""
     out = s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
@@ -55,5 +49,3 @@ def filter_expr(f: SearchFilter | None) -> str | None:
         names = ", ".join(quote(t) for t in sorted(f.exclude_tracks))
         parts.append(f"(has_track == false or track not in [{names}])")
     return " and ".join(parts)
-
-

@@ -13,7 +13,7 @@ from reid_search.errors import GalleryError
 from indexer.location import LITE_FILE, StoreLocation
 from indexer.milvus.backend import MilvusBackend
 from indexer.milvus.client import connect, milvus_error
-from indexer.milvus.spec import spec_from_index_spec
+from indexer.milvus.spec import check_milvus_spec
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class MilvusFactory:
 
     def check_spec(self, spec: Any) -> None:
         """Raise ``GalleryError`` for an index type this store cannot build (IVF_PQ, DISKANN on Lite)."""
-        spec_from_index_spec(spec, lite=self.location.is_lite)
+        check_milvus_spec(spec, lite=self.location.is_lite)
 
     @property
     def client(self) -> Any:
@@ -63,8 +63,7 @@ class MilvusFactory:
         return self._client
 
     def __call__(self, version: int, dim: int, spec: Any, store_id: str | None, source: Any) -> MilvusBackend:
-        b = MilvusBackend(self.client, collection_name(store_id, version),
-                          spec_from_index_spec(spec, lite=self.location.is_lite), lite=self.location.is_lite)
+        b = MilvusBackend(self.client, collection_name(store_id, version), spec, lite=self.location.is_lite)
         if b.dim is not None and dim and b.dim != dim:
             raise GalleryError(f"the Milvus collection {b.collection} holds {b.dim}-d vectors but the gallery is {dim}-d; "
                                "re-index with `reid-search index DIR --reindex`")

@@ -115,7 +115,7 @@ def _index_into(store, *, folder: Path, extractor, manifest: Path | None, index_
                 commit_every: int, quiet: bool) -> IndexReport:
     """Index FOLDER into ``store``; GalleryError when nothing could be indexed."""
     from indexer.pipeline import index_folder
-    from indexer.faiss.index import parse_index_spec
+    from indexer.spec import parse_index_spec
 
     if index_type is not None or index_params:
         store.set_spec(parse_index_spec(index_type or store.spec.kind, index_params, base=store.spec))
