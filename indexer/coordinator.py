@@ -2,10 +2,11 @@
 
 :class:`Gallery` implements :class:`~reid_search.gallery.GalleryWriter` on two
 parts it drives: the SQL metadata (:class:`~indexer.metadata.MetadataDB`, the
-record of what is indexed) and the :class:`~indexer.protocol.VectorBackend`\ s
+record of what is indexed) and the vector backends (:class:`~indexer.protocol.VectorBackend`)
 that a :class:`~indexer.protocol.BackendFactory` opens (FAISS, Milvus; any
-implementation of that SPI plugs in). It knows no backend by name: what differs
-between them is asked of the factory and the backend.
+implementation of that SPI plugs in). What differs between backends is asked
+of the factory and the backend, never probed for; only :meth:`Gallery.describe`
+names one, the default (FAISS), to leave it out of the line.
 
 Consistency rules:
 
