@@ -29,8 +29,13 @@ Consistency rules:
   old one. An exception or a kill leaves the old one whole; the next open
   deletes what the aborted build left.
 
-This module imports no backend: a FAISS gallery loads faiss through its
-factory, a Milvus one pymilvus, and neither loads the other.
+This module imports no backend: each factory loads its own (faiss, pymilvus).
+It is longer than the project's ~500 lines on purpose: it is one class with one
+job, and its rules (what commits first, what a repair trusts, what a switch
+keeps) are checked most easily read together. What was not that job lives
+beside it: the writer lock (:mod:`indexer.locking`), the SQL source of a cache
+backend (:class:`indexer.metadata.SqlSource`), FAISS files and their save policy
+(:mod:`indexer.faiss.backend`).
 """
 
 from __future__ import annotations

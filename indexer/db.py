@@ -1,4 +1,4 @@
-"""The gallery's metadata DB: SQLAlchemy 2.0 typed models, and the engine factory.
+"""The gallery's metadata DB: SQLAlchemy 2.0 typed models, the row codecs, and the engine factory.
 
 Alembic owns the schema (``alembic/versions``); these models are its target,
 and a test checks that the migrations produce exactly them.
@@ -15,16 +15,23 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, Sequence
+
+import numpy as np
 
 from sqlalchemy import (BigInteger, DateTime, Engine, ForeignKey, Integer, LargeBinary, MetaData, String, Text,
                         UniqueConstraint, create_engine, event)
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from indexer.paths import os_path
+from indexer.protocol import RowFields
+from reid_search.data import parse_name
 from reid_search.errors import GalleryError, first_line
+from reid_search.gallery import UNKNOWN, ImageMeta, NewImage
 from reid_search.limits import MAX_TRACK_CHARS
+from reid_search.timeutil import as_utc, to_micros
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -123,6 +130,58 @@ class GalleryState(Base):
     # Identity of this DB: saved with each vector index, so an index made against
     # another DB (same model, same ids) is told apart and rebuilt.
     store_id: Mapped[str | None] = mapped_column(String(32))
+
+
+# ---- conversions between rows and the gallery's types ------------------------------------
+
+
+def _utc(t: datetime | None) -> datetime | None:
+    """A stored time as aware UTC (SQLite hands back naive UTC)."""
+    return None if t is None else as_utc(t)
+
+
+def image_meta(row: ImageRow, root: str) -> ImageMeta:
+    """The :class:`ImageMeta` of a row, given its root's stored path."""
+    rootp = Path(os_path(root))
+    rel = os_path(row.rel_path)
+    return ImageMeta(
+        id=row.id, path=rootp / PurePosixPath(rel), rel_path=rel, root=rootp,
+        pid=row.pid, camid=row.camid, seq=row.seq, frame=row.frame, sha256=row.sha256,
+        size_bytes=row.size_bytes, model_fingerprint=row.model_fingerprint, indexed_at=_utc(row.indexed_at),  # type: ignore[arg-type]
+        time=_utc(row.time), track=row.track,
+    )
+
+
+def to_bytes(v: np.ndarray) -> bytes:
+    """A feature as stored in ``embeddings.vector`` (float32 little-endian)."""
+    return np.ascontiguousarray(v, dtype="<f4").tobytes()
+
+
+def from_bytes(rows: Sequence[bytes], dim: int) -> np.ndarray:
+    """Stored features back as a ``[n, dim]`` float32 matrix."""
+    if not rows:
+        return np.zeros((0, dim), np.float32)
+    out = np.frombuffer(b"".join(rows), dtype="<f4").reshape(len(rows), dim)
+    return out.astype(np.float32, copy=True)
+
+
+def row_fields(rows: Sequence[tuple[int, int | None, int | None, datetime | None, str | None]]) -> RowFields:
+    """``RowFields`` of ``(id, pid, camid, time, track)`` tuples."""
+    n = len(rows)
+    ids = np.fromiter((r[0] for r in rows), np.int64, n)
+    pids = np.fromiter((UNKNOWN if r[1] is None else r[1] for r in rows), np.int64, n)
+    camids = np.fromiter((UNKNOWN if r[2] is None else r[2] for r in rows), np.int64, n)
+    times = np.fromiter((np.nan if r[3] is None else to_micros(r[3]) / 1e6 for r in rows), np.float64, n)
+    return RowFields(ids, camids, pids, times, [r[4] for r in rows])
+
+
+def labels_of(img: NewImage) -> tuple[int | None, int | None, int | None, int | None]:
+    """``(pid, camid, seq, frame)`` of a crop: as given, or, when it carries none of them,
+    parsed from a Market/Duke-style file name (older callers pass no labels)."""
+    if img.pid is not None or img.camid is not None or img.seq is not None or img.frame is not None:
+        return img.pid, img.camid, img.seq, img.frame
+    info = parse_name(img.path.name)
+    return (info.pid, info.camid, info.seq, info.frame) if info else (None, None, None, None)
 
 
 # ---- engine -------------------------------------------------------------------------

@@ -6,7 +6,8 @@ opens its own session; the writing ones commit one transaction each, which
 also bumps ``gallery_state.generation`` when the active gallery changes.
 
 Rows belong to a gallery *version* (``images.gallery``): callers name the
-version they read or write, normally ``state().active``.
+version they read or write, normally ``state().active``. :class:`SqlSource`
+is one version's rows and vectors as a FAISS backend reads them.
 """
 
 from __future__ import annotations
@@ -15,76 +16,25 @@ import logging
 import os
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from sqlalchemy import ColumnElement, Engine, and_, delete, func, insert, or_, select, true, update
 from sqlalchemy.orm import Session
 
-from indexer.db import STATE_ROW_ID, Embedding, GalleryRoot, GalleryState, ImageRow, utcnow
+from indexer.db import (STATE_ROW_ID, Embedding, GalleryRoot, GalleryState, ImageRow, from_bytes, image_meta, labels_of,
+                        row_fields, to_bytes, utcnow)
 from indexer.paths import abs_path, db_path, os_path
 from indexer.protocol import RowFields
 from indexer.spec import IndexSpec
-from reid_search.data import parse_name
 from reid_search.errors import GalleryError
-from reid_search.gallery import UNKNOWN, ImageMeta, NewImage, RemoveFilter, SearchFilter
-from reid_search.timeutil import as_utc, to_micros
+from reid_search.gallery import ImageMeta, NewImage, RemoveFilter, SearchFilter
+from reid_search.timeutil import as_utc
 
 log = logging.getLogger(__name__)
 
 IN_CHUNK = 10_000  # ids per "IN (...)" query
-
-# ---- conversions ----------------------------------------------------------------------
-
-
-def _utc(t: datetime | None) -> datetime | None:
-    """A stored time as aware UTC (SQLite hands back naive UTC)."""
-    return None if t is None else as_utc(t)
-
-
-def _meta(row: ImageRow, root: str) -> ImageMeta:
-    rootp = Path(os_path(root))
-    rel = os_path(row.rel_path)
-    return ImageMeta(
-        id=row.id, path=rootp / PurePosixPath(rel), rel_path=rel, root=rootp,
-        pid=row.pid, camid=row.camid, seq=row.seq, frame=row.frame, sha256=row.sha256,
-        size_bytes=row.size_bytes, model_fingerprint=row.model_fingerprint, indexed_at=_utc(row.indexed_at),  # type: ignore[arg-type]
-        time=_utc(row.time), track=row.track,
-    )
-
-
-def to_bytes(v: np.ndarray) -> bytes:
-    """A feature as stored in ``embeddings.vector`` (float32 little-endian)."""
-    return np.ascontiguousarray(v, dtype="<f4").tobytes()
-
-
-def from_bytes(rows: Sequence[bytes], dim: int) -> np.ndarray:
-    """Stored features back as a ``[n, dim]`` float32 matrix."""
-    if not rows:
-        return np.zeros((0, dim), np.float32)
-    out = np.frombuffer(b"".join(rows), dtype="<f4").reshape(len(rows), dim)
-    return out.astype(np.float32, copy=True)
-
-
-def row_fields(rows: Sequence[tuple[int, int | None, int | None, datetime | None, str | None]]) -> RowFields:
-    """``RowFields`` of ``(id, pid, camid, time, track)`` tuples."""
-    n = len(rows)
-    ids = np.fromiter((r[0] for r in rows), np.int64, n)
-    pids = np.fromiter((UNKNOWN if r[1] is None else r[1] for r in rows), np.int64, n)
-    camids = np.fromiter((UNKNOWN if r[2] is None else r[2] for r in rows), np.int64, n)
-    times = np.fromiter((np.nan if r[3] is None else to_micros(r[3]) / 1e6 for r in rows), np.float64, n)
-    return RowFields(ids, camids, pids, times, [r[4] for r in rows])
-
-
-def labels_of(img: NewImage) -> tuple[int | None, int | None, int | None, int | None]:
-    """``(pid, camid, seq, frame)`` of a crop: as given, or, when it carries none of them,
-    parsed from a Market/Duke-style file name (older callers pass no labels)."""
-    if img.pid is not None or img.camid is not None or img.seq is not None or img.frame is not None:
-        return img.pid, img.camid, img.seq, img.frame
-    info = parse_name(img.path.name)
-    return (info.pid, info.camid, info.seq, info.frame) if info else (None, None, None, None)
 
 
 def chunks(seq: Sequence[Any], n: int = IN_CHUNK) -> Iterator[Sequence[Any]]:
@@ -241,7 +191,7 @@ class MetadataDB:
                 q = (select(ImageRow, GalleryRoot.path).join(GalleryRoot)
                      .where(ImageRow.id.in_(part), ImageRow.gallery == version))
                 for row, root in s.execute(q):
-                    found[row.id] = _meta(row, root)
+                    found[row.id] = image_meta(row, root)
         missing = [i for i in wanted if i not in found]
         if missing:
             raise GalleryError(f"{len(missing)} id(s) not in the gallery (e.g. {missing[:5]}); they were removed or never existed")
@@ -256,7 +206,7 @@ class MetadataDB:
                 q = (select(ImageRow, GalleryRoot.path).join(GalleryRoot)
                      .where(ImageRow.gallery == version, ImageRow.id > last, _where(where))
                      .order_by(ImageRow.id).limit(batch_size))
-                batch = [_meta(r, p) for r, p in s.execute(q)]
+                batch = [image_meta(r, p) for r, p in s.execute(q)]
             if not batch:
                 return
             yield batch
