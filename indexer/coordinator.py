@@ -91,7 +91,7 @@ class Gallery:
         self._factory = backend_factory
         self._lock = lock or WriterLock(self.index_dir / LOCK_FILE)
         self._building = building is not None
-        self.replaced_count = 0  # see GalleryStore.replaced_count
+        self.replaced_count = 0  # see GalleryWriter.replaced_count
         self._version = building if building is not None else 0
         self._listeners: dict[str, Callable[[ChangeEvent], None]] = {}
         self._backend: VectorBackend | None = None

@@ -231,7 +231,7 @@ class FaissBackend(VectorBackend):
             self.rebuild(f"{len(ids)} removals ({self.spec.kind} cannot remove in place)")
 
     def search(self, feats: np.ndarray, k: int, filters: Sequence[SearchFilter | None]) -> tuple[np.ndarray, np.ndarray]:
-        """k best per query among the ids its filter allows (see :meth:`GalleryStore.search`)."""
+        """k best per query among the ids its filter allows (see :meth:`reid_search.gallery.GalleryReader.search`)."""
         x = np.ascontiguousarray(feats, np.float32)
         q = len(x)
         sims = np.full((q, k), -np.inf, np.float32)
