@@ -21,7 +21,7 @@ pytest.importorskip("psycopg")
 from click.testing import CliRunner  # noqa: E402
 
 from indexer import IndexSpec, open_gallery  # noqa: E402
-from indexer.store import make_engine  # noqa: E402
+from indexer.db import make_engine  # noqa: E402
 from reid_search.errors import GalleryError  # noqa: E402
 from tests.test_db import (  # noqa: E402
     assert_schema_matches_models,
