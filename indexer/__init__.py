@@ -1,23 +1,27 @@
-"""The gallery indexer and store: FAISS vectors + SQL metadata, incremental and crash-safe.
+"""The gallery indexer and store: SQL metadata plus vectors in FAISS or Milvus, incremental and crash-safe.
 
 Public API::
 
-    from indexer import open_gallery, IndexSpec
+    from indexer import open_gallery, index_folder, IndexSpec
     from reid_search.gallery import SearchFilter, RemoveFilter
-    g = open_gallery(workspace)                       # or open_gallery("sqlite:///x.db", "index/")
-    report = g.add_folder("bounding_box_test", extractor)          # manifest="labels.csv" for time/track
+    g = open_gallery("sqlite:///x.db", "index/")      # a workspace's: reid_search.app.session.open_workspace_gallery
+    report = index_folder(g, "bounding_box_test", extractor)       # manifest="labels.csv" for time/track
     sims, ids = g.search(query_feats, k=10)           # cosine sims; Euclidean² = 2 - 2·sim
-    sims, ids = g.search(query_feats, 10, SearchFilter(cameras=frozenset({1, 3})))  # filtered inside FAISS
+    sims, ids = g.search(query_feats, 10, SearchFilter(cameras=frozenset({1, 3})))  # filtered inside the backend
     metas = g.metadata(ids[0])                        # paths, pid, camid, time, track, ...
     g.remove_where(RemoveFilter(before=cutoff))       # retention / erasure
-    with g.replacing() as new:                        # re-index beside the old gallery, switch atomically
-        new.add_folder("bounding_box_test", other_extractor)
+    index_folder(g, "bounding_box_test", other_extractor, reindex=True)  # built beside, switched atomically
 
-The contract it implements (data types, filters, the gallery protocol) is
-:mod:`reid_search.gallery`. Modules: ``protocol`` (the backend SPI),
-``metadata`` (SQL), ``faiss`` (FAISS index types and the FAISS backend), ``milvus``
-(the Milvus backend), ``coordinator`` (locking, repair, refresh, atomic re-index),
-``store`` (``open_gallery``), ``pipeline`` (folder and manifest indexing).
+The contract it implements (data types, filters, the reader and writer
+protocols) is :mod:`reid_search.gallery`. Modules, top down: ``store``
+(``open_gallery``) and ``pipeline`` (folder and manifest indexing);
+``coordinator`` (SQL and vectors kept consistent: repair, refresh, atomic
+re-index); the backends ``faiss`` (index types, files, the FAISS backend and
+factory) and ``milvus`` (spec, filter expressions, client, backend, factory);
+``metadata`` (SQL queries) and ``migrations`` (Alembic); ``db`` (schema and
+engine); and at the bottom ``protocol`` (the backend SPI), ``spec`` (index
+specs), ``location`` (``--store`` values), ``locking`` (the writer lock) and
+``paths`` (how paths are stored).
 """
 
 from __future__ import annotations
@@ -30,17 +34,17 @@ from typing import TYPE_CHECKING, Any
 _HOME = {
     "IndexReport": "pipeline", "index_folder": "pipeline",
     "Gallery": "coordinator",
-    "open_gallery": "store", "sha256_file": "store",
+    "open_gallery": "store", "sha256_file": "pipeline",
     "INDEX_KINDS": "spec", "IndexSpec": "spec", "VectorIndex": "faiss.index", "exact_search": "topk",
     "parse_index_spec": "spec",
 }
 
 if TYPE_CHECKING:
-    from indexer.pipeline import IndexReport, index_folder
     from indexer.coordinator import Gallery
-    from indexer.store import open_gallery, sha256_file
-    from indexer.spec import INDEX_KINDS, IndexSpec, parse_index_spec
     from indexer.faiss.index import VectorIndex
+    from indexer.pipeline import IndexReport, index_folder, sha256_file
+    from indexer.spec import INDEX_KINDS, IndexSpec, parse_index_spec
+    from indexer.store import open_gallery
     from indexer.topk import exact_search
 
 

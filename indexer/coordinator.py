@@ -1,9 +1,12 @@
 """Coordination of a gallery store: locking, generation, repair on open, refresh, atomic re-index.
 
-:class:`Gallery` implements :class:`~indexer.protocol.GalleryStore` on two parts
-it drives: the SQL metadata (:class:`~indexer.metadata.MetadataDB`, the source
-of truth) and a :class:`~indexer.protocol.VectorBackend` made by a factory
-(FAISS by default; any backend with the same protocol plugs in).
+:class:`Gallery` implements :class:`~reid_search.gallery.GalleryWriter` on two
+parts it drives: the SQL metadata (:class:`~indexer.metadata.MetadataDB`, the
+record of what is indexed) and the vector backends (:class:`~indexer.protocol.VectorBackend`)
+that a :class:`~indexer.protocol.BackendFactory` opens (FAISS, Milvus; any
+implementation of that SPI plugs in). What differs between backends is asked
+of the factory and the backend, never probed for; only :meth:`Gallery.describe`
+names one, the default (FAISS), to leave it out of the line.
 
 Consistency rules:
 
@@ -17,182 +20,46 @@ Consistency rules:
   drops SQL rows that have no vector and vectors that have no row.
 - A backend stamped with a later generation than the DB's, or (FAISS) made
   against another DB, is refilled from the DB.
-- One writer at a time: writes hold an exclusive lock on ``<index_dir>/.lock``.
+- One writer at a time: writes hold an exclusive lock on ``<index_dir>/.lock``
+  (:mod:`indexer.locking`).
   Readers take no lock; :meth:`Gallery.refresh` loads every row other
   processes committed (their vectors included) and drops what they removed.
 - A re-index (:meth:`Gallery.replacing`) fills a new gallery version beside the
   active one and switches to it in one transaction; until then readers see the
   old one. An exception or a kill leaves the old one whole; the next open
   deletes what the aborted build left.
+
+This module imports no backend: each factory loads its own (faiss, pymilvus).
+It is longer than the project's ~500 lines on purpose: it is one class with one
+job, and its rules (what commits first, what a repair trusts, what a switch
+keeps) are checked most easily read together. What was not that job lives
+beside it: the writer lock (:mod:`indexer.locking`), the SQL source of a cache
+backend (:class:`indexer.metadata.SqlSource`), FAISS files and their save policy
+(:mod:`indexer.faiss.backend`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from sqlalchemy.exc import OperationalError
 
-from indexer.metadata import MetadataDB, State, VersionMoved, abs_path, model_mismatch
-from reid_search.gallery import ChangeEvent, Filters, ImageMeta, NewImage, RemoveFilter, SearchFilter
-from indexer.protocol import RowFields, VectorBackend
-from indexer.spec import FAISS_KINDS, IndexSpec
+from indexer.locking import BUILD_LOCK_FILE, LOCK_FILE, WriterLock
+from indexer.metadata import MetadataDB, SqlSource, State, VersionMoved, model_mismatch
+from indexer.paths import abs_path
+from indexer.protocol import BackendFactory, VectorBackend
+from indexer.spec import IndexSpec
 from reid_search.errors import GalleryError
-
-if TYPE_CHECKING:
-    from indexer.faiss.index import VectorIndex
-
-# faiss is imported where a FAISS gallery needs it (indexer.faiss.backend), not for a Milvus one.
+from reid_search.gallery import ChangeEvent, Filters, ImageMeta, NewImage, RemoveFilter, SearchFilter, per_query_filters
 
 log = logging.getLogger(__name__)
-
-LOCK_FILE = ".lock"
-BUILD_LOCK_FILE = ".build.lock"
-
-BackendFactory = Callable[[int, int, IndexSpec, "str | None", "SqlSource"], VectorBackend]
-"""``(version, dim, spec, store_id, source) -> VectorBackend``: opens (or creates) the vectors of one
-gallery version (a FAISS file, a Milvus collection...). ``store_id`` identifies the DB, so a backend
-can tell its own data from another DB's; ``source`` reads the version's rows and vectors from SQL
-(what a cache backend is filled from). A factory whose backends hold the only copy of the vectors
-sets ``factory.holds_vectors = True``, so the first commit, before any backend exists, already
-keeps vectors out of SQL; ``factory.kind`` names the backend while the gallery is empty; an optional
-``factory.check_spec(spec)`` raises ``GalleryError`` for an index type the backend cannot build, before
-the gallery records it."""
-
-
-class WriterLock:
-    """Exclusive advisory lock on a file: one writing process per gallery."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
-        self._depth = 0
-
-    @contextlib.contextmanager
-    def hold(self) -> Iterator[None]:
-        """Hold the lock for the block, waiting for another holder."""
-        if self._depth == 0:
-            self._acquire()
-        self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
-            if self._depth == 0:
-                self._release()
-
-    @contextlib.contextmanager
-    def try_hold(self) -> Iterator[bool]:
-        """Like :meth:`hold` without waiting; yields whether the lock is held (False where it cannot be made)."""
-        if self._depth == 0 and not self._acquire(wait=False):
-            yield False
-            return
-        self._depth += 1
-        try:
-            yield True
-        finally:
-            self._depth -= 1
-            if self._depth == 0:
-                self._release()
-
-    def _acquire(self, wait: bool = True) -> bool:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows: no cross-process lock
-            return True
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            if not wait:
-                return False  # a read-only workspace: readers go on without writing anything
-            raise GalleryError(f"cannot lock the gallery for writing ({self.path}: {exc.strerror}); "
-                               "the workspace must be writable to change the gallery") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not wait:
-                os.close(fd)
-                return False
-            log.warning("another reid-search process is changing this gallery; waiting for it to finish")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        self._fd = fd
-        return True
-
-    def _release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
-
-
-class SqlSource:
-    """One gallery version's vectors as stored in SQL (what a cache backend is filled from)."""
-
-    def __init__(self, meta: MetadataDB, version: int, dim: int) -> None:
-        self.meta, self.version, self.dim = meta, version, dim
-
-    def iter_rows(self, batch_size: int = 8192) -> Iterator[tuple[RowFields, np.ndarray]]:
-        """Every row's fields and feature, id order."""
-        return self.meta.iter_vectors(self.version, self.dim, batch_size, with_fields=True)
-
-    def count(self) -> int:
-        """Rows in the version."""
-        return self.meta.count(self.version)
-
-    def vectors(self, ids: np.ndarray) -> np.ndarray:
-        """Stored features of ``ids``."""
-        return self.meta.vectors(ids, self.dim)
-
-
-def faiss_factory(index_dir: Path) -> BackendFactory:
-    """The default backend: one FAISS file per gallery version under ``index_dir``."""
-
-    def make(version: int, dim: int, spec: IndexSpec, store_id: str | None, source: SqlSource) -> VectorBackend:
-        from indexer.faiss.backend import FaissBackend
-
-        return FaissBackend(index_file(index_dir, version), spec, dim, store_id, source)
-
-    make.kind, make.holds_vectors, make.check_spec = "faiss", False, check_faiss_spec  # type: ignore[attr-defined]
-    return make
-
-
-def check_faiss_spec(spec: IndexSpec) -> None:
-    """Refuse an index type only the Milvus store builds.
-
-    Raises:
-        GalleryError: ``ivfsq8`` or ``diskann`` on the FAISS store.
-    """
-    if spec.kind not in FAISS_KINDS:
-        raise GalleryError(f"--index-type {spec.kind} is a Milvus index; the FAISS store builds {', '.join(FAISS_KINDS)} "
-                           "(ivfpq is its compact one), or keep the gallery in Milvus: --store milvus: or http://HOST:19530")
-
-
-def index_file(index_dir: Path, version: int) -> Path:
-    """The FAISS index file of a gallery version (see :func:`indexer.faiss.backend.index_file`)."""
-    from indexer.faiss.backend import index_file as faiss_index_file
-
-    return faiss_index_file(index_dir, version)
-
-
-def file_version(path: Path) -> int | None:
-    """The gallery version a FAISS index file name belongs to (``None``: not an index file)."""
-    from indexer.faiss.backend import file_version as faiss_file_version
-
-    return faiss_file_version(path)
-
-
-def _as_filters(filters: Filters, q: int) -> list[SearchFilter | None]:
-    if filters is None or isinstance(filters, SearchFilter):
-        return [filters] * q
-    out = list(filters)
-    if len(out) != q:
-        raise ValueError(f"{len(out)} filters for {q} queries")
-    return out
 
 
 class Gallery:
@@ -200,27 +67,28 @@ class Gallery:
 
     Reading: :meth:`search`, :meth:`count`, :meth:`metadata`, :meth:`iter_metadata`,
     :meth:`vectors`, :meth:`iter_vectors`, :meth:`all_vectors`, :meth:`labels`.
-    Writing: :meth:`add_images`, :meth:`add_folder`, :meth:`remove_ids`, :meth:`remove_where`,
+    Writing: :meth:`add_images`, :meth:`remove_ids`, :meth:`remove_where`,
     :meth:`remove`, :meth:`prune`, :meth:`replacing`, :meth:`set_spec`, :meth:`clear`.
+    Folders are indexed by :func:`indexer.pipeline.index_folder`.
+
+    ``index_dir`` holds the writer locks (and, for FAISS, the factory's index files).
     """
 
-    def __init__(self, meta: MetadataDB, index_dir: Path, *, save_interval: float = 30.0,
-                 backend_factory: BackendFactory | None = None, building: int | None = None,
-                 lock: WriterLock | None = None) -> None:
+    def __init__(self, meta: MetadataDB, index_dir: Path, *, backend_factory: BackendFactory,
+                 save_interval: float = 30.0, building: int | None = None, lock: WriterLock | None = None) -> None:
         self.meta = meta
         self.index_dir = Path(index_dir)
         self.save_interval = save_interval
-        self._factory = backend_factory or faiss_factory(self.index_dir)
+        self._factory = backend_factory
         self._lock = lock or WriterLock(self.index_dir / LOCK_FILE)
         self._building = building is not None
-        self.replaced_count = 0  # see GalleryStore.replaced_count
+        self.replaced_count = 0  # see GalleryWriter.replaced_count
         self._version = building if building is not None else 0
         self._listeners: dict[str, Callable[[ChangeEvent], None]] = {}
         self._backend: VectorBackend | None = None
         self._backend_key: tuple[int, int] | None = None  # (version, dim) of _backend
         self._state = State()
         self._generation = 0
-        self._last_flush = time.monotonic()
         if not meta.read_only and not self._building:
             try:
                 meta.ensure_state()
@@ -238,7 +106,7 @@ class Gallery:
     @property
     def kind(self) -> str:
         """The vector backend, e.g. ``faiss``."""
-        return self._backend.kind if self._backend is not None else str(getattr(self._factory, "kind", "faiss"))
+        return self._backend.kind if self._backend is not None else self._factory.kind
 
     @property
     def ntotal(self) -> int:
@@ -276,28 +144,15 @@ class Gallery:
         return self._backend
 
     @property
-    def index(self) -> VectorIndex | None:
-        """The FAISS :class:`VectorIndex` (``None`` while empty or for another backend)."""
-        return getattr(self._backend, "index", None)
-
-    @property
-    def index_path(self) -> Path:
-        """The FAISS index file of this gallery version."""
-        return index_file(self.index_dir, self._version)
-
-    @property
     def search_device(self) -> str:
         """Where searches run, e.g. ``CPU (2 threads)``."""
-        vi = self.index
-        return vi.device if vi is not None else "CPU"
+        return self._backend.device() if self._backend is not None else "CPU"
 
     def describe(self) -> str:
         """One line: size, index, model."""
-        trained = ""
-        vi = self.index
-        if vi is not None and not vi.trained:
-            trained = " (exact until trained)"
-        kind = "" if self.kind == "faiss" else f" in {self.kind}"
+        note = self._backend.describe() if self._backend is not None else ""
+        trained = f" ({note})" if note else ""
+        kind = "" if self.kind == "faiss" else f" in {self.kind}"  # the default store goes unnamed
         return (f"{self.ntotal} images, {self.spec.describe()} index{trained}{kind}, dim {self.dim or '-'}, "
                 f"model {self.model_fingerprint or 'none yet'}")
 
@@ -367,7 +222,7 @@ class Gallery:
         feats = np.asarray(feats, np.float32)
         if feats.ndim == 1:
             feats = feats[None, :]
-        flist = _as_filters(filters, len(feats))
+        flist = per_query_filters(filters, len(feats))
         if k < 1:
             raise ValueError("k must be ≥ 1")
         if self._backend is None:
@@ -446,15 +301,6 @@ class Gallery:
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     # ---- writing ----------------------------------------------------------------
-
-    def add_folder(self, folder: str | os.PathLike[str], extractor: Any, **kwargs: Any) -> Any:
-        """Index a folder incrementally; see :func:`indexer.pipeline.index_folder` for options.
-
-        Returns an :class:`indexer.pipeline.IndexReport`.
-        """
-        from indexer.pipeline import index_folder
-
-        return index_folder(self, folder, extractor, **kwargs)
 
     def register_root(self, folder: str | os.PathLike[str]) -> Path:
         """Register ``folder`` as a gallery root (no-op inside an existing root); returns the root."""
@@ -603,17 +449,14 @@ class Gallery:
         Raises:
             GalleryError: an index type this store cannot build (nothing is recorded then).
         """
-        check = getattr(self._factory, "check_spec", None)
-        if check is not None:
-            check(spec)
+        self._factory.check_spec(spec)
         with self._lock.hold():
             old = self.meta.set_spec(spec)
             self._state = self.meta.state()
-            set_backend_spec = getattr(self._backend, "set_spec", None)
-            if set_backend_spec is None:
+            if self._backend is None:
                 return False
             try:
-                rebuilt = bool(set_backend_spec(spec))
+                rebuilt = bool(self._backend.set_spec(spec))
             except Exception:
                 self.meta.set_spec(old)  # the old index is what the backend still has
                 self._state = self.meta.state()
@@ -633,18 +476,15 @@ class Gallery:
             self._flush()
 
     def maybe_save(self) -> None:
-        """Save if the backend lags and ``save_interval`` seconds have passed since the last
-        save (or 10× the last save's duration, so big indexes spend ≤ 10 % of the time saving)."""
+        """Save if the backend's save policy says it is due (see :meth:`VectorBackend.flush_due`;
+        FAISS: ``save_interval`` seconds since the last save, or 10× its duration)."""
         b = self._backend
-        if b is None or not getattr(b, "dirty", True):
-            return
-        wait = max(self.save_interval, 10 * float(getattr(b, "save_cost", 0.0)))
-        if time.monotonic() - float(getattr(b, "last_save", self._last_flush)) >= wait:
+        if b is not None and b.flush_due(time.monotonic(), self.save_interval):
             self.save()
 
     def close(self) -> None:
         """Write pending backend changes and release the DB connections."""
-        if self._backend is not None and getattr(self._backend, "dirty", False) and not self.meta.read_only:
+        if self._backend is not None and not self.meta.read_only and self._backend.flush_due(math.inf, 0.0):
             with self._lock.try_hold() as held:
                 if held:
                     self._flush()
@@ -662,7 +502,6 @@ class Gallery:
     def _flush(self) -> None:
         if self._backend is not None:
             self._backend.flush(self._generation)
-            self._last_flush = time.monotonic()
 
     def _make_backend(self, version: int, dim: int) -> VectorBackend:
         return self._factory(version, dim, self._state.spec, self._state.store_id, SqlSource(self.meta, version, dim))
@@ -671,7 +510,7 @@ class Gallery:
                 replace_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Commit in SQL, then bring the backend along. Returns ``(new ids, ids deleted)``."""
         dim = int(feats.shape[1]) if len(images) else (self.dim or 0)
-        holds = self._backend.holds_vectors if self._backend is not None else self._holds_vectors()
+        holds = self._backend.holds_vectors if self._backend is not None else self._factory.holds_vectors
         try:
             c = self.meta.commit(self._version, images, feats, fingerprint, dim, replace_ids, store_vectors=not holds,
                                  building=self._building)
@@ -683,7 +522,7 @@ class Gallery:
             self._sync(repair=False)
             if len(images):
                 self.check_model(fingerprint, dim)
-            holds = self._backend.holds_vectors if self._backend is not None else self._holds_vectors()
+            holds = self._backend.holds_vectors if self._backend is not None else self._factory.holds_vectors
             c = self.meta.commit(self._version, images, feats, fingerprint, dim, replace_ids, store_vectors=not holds)
         if not len(c.added) and not len(c.removed):
             return c.added, c.removed
@@ -735,14 +574,6 @@ class Gallery:
             return False
         return st.active != self._version or st.model_of(st.active)[1] != self._state.model_of(self._version)[1]
 
-    def _uses_files(self) -> bool:
-        """Whether the backend keeps FAISS index files in ``index_dir`` (what cleanup looks for)."""
-        return str(getattr(self._factory, "kind", "faiss")) == "faiss"
-
-    def _holds_vectors(self) -> bool:
-        probe = getattr(self._factory, "holds_vectors", None)
-        return bool(probe)
-
     def _sync(self, repair: bool) -> None:
         """Load the state and make the backend agree with the DB (saving the repair if allowed)."""
         st = self.meta.state()
@@ -760,9 +591,8 @@ class Gallery:
             self._backend, self._backend_key = None, None
             if repair and not self.meta.read_only:
                 with self._lock.try_hold() as held:
-                    if held and self._uses_files():
-                        with contextlib.suppress(FileNotFoundError):
-                            index_file(self.index_dir, self._version).unlink()
+                    if held:  # this version has no rows: what the store kept of it outside a backend is stale
+                        self._factory.cleanup(_in_use(st) - {self._version})
                 if not self._building:
                     self._cleanup(build_lock_held=False)
             return
@@ -795,8 +625,8 @@ class Gallery:
                             if held:
                                 log.warning("%d rows have no vector in %s (a crash mid-commit); deleting them", len(missing), b.kind)
                                 self.meta.commit(self._version, [], None, fp or "", dim, missing.tolist(), store_vectors=False)
-                elif b.ntotal == 0 and hasattr(b, "rebuild"):
-                    b.rebuild("no usable index file")  # type: ignore[attr-defined]
+                elif b.ntotal == 0 and b.refill("no usable index"):
+                    pass  # filled in one pass (FAISS: built, and trained, from every vector in SQL)
                 else:
                     for s in range(0, len(missing), 8192):
                         part = missing[s : s + 8192]
@@ -820,7 +650,7 @@ class Gallery:
             if not held:
                 return
             st = self.meta.state()
-            keep = {st.active} | ({st.building} if st.building is not None else set())
+            keep = _in_use(st)
             if st.building is not None and not build_lock_held:
                 with WriterLock(self.index_dir / BUILD_LOCK_FILE).try_hold() as free:
                     if free:
@@ -835,15 +665,9 @@ class Gallery:
                     if st.dim is not None:
                         self._make_backend(v, st.dim).drop()
                     self.meta.delete_version(v)
-            if not self.index_dir.is_dir() or not self._uses_files():
-                return
-            for p in self.index_dir.iterdir():
-                v = file_version(p)
-                if v is not None and v not in keep:
-                    log.warning("removing %s, the index of a replaced gallery version", p)
-                    with contextlib.suppress(OSError):
-                        p.unlink()
-                elif p.name.startswith(".gallery") and p.name.endswith(".tmp"):
-                    log.warning("removing %s, left by an interrupted save", p)
-                    with contextlib.suppress(OSError):
-                        p.unlink()
+            self._factory.cleanup(keep)
+
+
+def _in_use(st: State) -> set[int]:
+    """The gallery versions whose vectors must stay: the active one and the one being built."""
+    return {st.active} | ({st.building} if st.building is not None else set())

@@ -6,7 +6,8 @@ opens its own session; the writing ones commit one transaction each, which
 also bumps ``gallery_state.generation`` when the active gallery changes.
 
 Rows belong to a gallery *version* (``images.gallery``): callers name the
-version they read or write, normally ``state().active``.
+version they read or write, normally ``state().active``. :class:`SqlSource`
+is one version's rows and vectors as a FAISS backend reads them.
 """
 
 from __future__ import annotations
@@ -15,195 +16,25 @@ import logging
 import os
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
-from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 import numpy as np
-from sqlalchemy import ColumnElement, Engine, and_, create_engine, delete, event, func, insert, or_, select, true, update
-from sqlalchemy.engine import make_url
+from sqlalchemy import ColumnElement, Engine, and_, delete, func, insert, or_, select, true, update
 from sqlalchemy.orm import Session
 
-from indexer.db import STATE_ROW_ID, Embedding, GalleryRoot, GalleryState, ImageRow, utcnow
-from reid_search.errors import first_line
-from reid_search.gallery import UNKNOWN, ImageMeta, NewImage, RemoveFilter, SearchFilter
+from indexer.db import (STATE_ROW_ID, Embedding, GalleryRoot, GalleryState, ImageRow, from_bytes, image_meta, labels_of,
+                        row_fields, to_bytes, utcnow)
+from indexer.paths import abs_path, db_path, os_path
 from indexer.protocol import RowFields
-from reid_search.timeutil import as_utc
 from indexer.spec import IndexSpec
-from reid_search.data import parse_name
 from reid_search.errors import GalleryError
+from reid_search.gallery import ImageMeta, NewImage, RemoveFilter, SearchFilter
+from reid_search.timeutil import as_utc
 
 log = logging.getLogger(__name__)
 
 IN_CHUNK = 10_000  # ids per "IN (...)" query
-_MARK = "\ufffe"  # starts a path component stored escaped (a noncharacter: never in a real name)
-
-# The DBAPI driver each dialect needs when the URL names none, and how to get it.
-_DRIVERS = {
-    "postgresql": "install psycopg (pip install 'reid-search[postgres]') and use postgresql+psycopg://",
-    "mysql": "install PyMySQL (pip install pymysql) and use mysql+pymysql://",
-    "mariadb": "install PyMySQL (pip install pymysql) and use mariadb+pymysql://",
-    "mssql": "install pyodbc (pip install pyodbc) and use mssql+pyodbc://",
-    "oracle": "install python-oracledb (pip install oracledb) and use oracle+oracledb://",
-}
-
-
-# ---- paths the DB can store ------------------------------------------------------
-
-
-def _enc_part(part: str) -> str:
-    try:
-        part.encode("utf-8")
-    except UnicodeEncodeError:  # surrogate-escaped bytes of a name that is not UTF-8
-        return _MARK + quote_from_bytes(part.encode("utf-8", "surrogateescape"), safe="")
-    return _MARK + quote_from_bytes(part.encode("utf-8"), safe="") if part.startswith(_MARK) else part
-
-
-def _dec_part(part: str) -> str:
-    return unquote_to_bytes(part[1:]).decode("utf-8", "surrogateescape") if part.startswith(_MARK) else part
-
-
-def db_path(path: str) -> str:
-    """The form of a POSIX path (str, surrogate-escaped where not UTF-8) that every DB can store.
-
-    Components that are valid UTF-8 are kept as they are, so prefix queries on
-    folders keep working; the others are percent-escaped behind a marker.
-    :func:`os_path` inverts it exactly.
-    """
-    return "/".join(_enc_part(p) for p in path.split("/"))
-
-
-def os_path(stored: str) -> str:
-    """Inverse of :func:`db_path`."""
-    return "/".join(_dec_part(p) for p in stored.split("/")) if _MARK in stored else stored
-
-
-def abs_path(p: Path) -> Path:
-    """Absolute path: folders fully resolved; for anything else the parent folder is
-    resolved and the last component kept as named (a symlinked crop keeps its name)."""
-    p = Path(os.path.abspath(p))
-    if p.is_dir() or not p.name:
-        return p.resolve()
-    return p.parent.resolve() / p.name
-
-
-# ---- engine -------------------------------------------------------------------------
-
-
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite files get WAL, full fsync on commit and foreign keys.
-
-    A SQLite file that cannot be written (a read-only workspace) is opened read-only.
-
-    Raises:
-        GalleryError: a URL SQLAlchemy cannot parse or whose driver is missing.
-    """
-    try:
-        parsed = make_url(url)
-    except Exception:
-        raise GalleryError(f"--db {url!r} is not a SQLAlchemy URL (e.g. sqlite:///reid.db, postgresql+psycopg://user@host/db)") from None
-    kwargs: dict[str, Any] = {}
-    backend = parsed.get_backend_name()
-    read_only = False
-    if backend == "sqlite":
-        db = parsed.database
-        if db and db != ":memory:" and not db.startswith("file:"):
-            folder = Path(db).parent
-            read_only = (Path(db).is_file() and not os.access(db, os.W_OK)) or (
-                folder.is_dir() and not os.access(folder, os.W_OK))
-            if not read_only:
-                try:
-                    folder.mkdir(parents=True, exist_ok=True)
-                except OSError as exc:
-                    raise GalleryError(f"cannot create the folder of the SQLite DB {db} ({exc.strerror}); pass another --workspace or --db") from None
-            elif Path(db).is_file():
-                # A read-only folder cannot hold WAL's -shm file: read the file as immutable.
-                parsed = parsed.set(database=f"file:{Path(db).resolve()}?mode=ro&immutable=1")
-                parsed = parsed.update_query_dict({"uri": "true"})
-        kwargs["connect_args"] = {"timeout": 60}
-    try:
-        engine = create_engine(parsed, **kwargs)
-    except Exception as exc:  # missing DBAPI driver, bad options
-        hint = _DRIVERS.get(backend, f"install the DBAPI driver of {backend}")
-        raise GalleryError(f"cannot use the DB URL {parsed!r} ({first_line(exc)}); {hint}") from None
-    if backend == "sqlite":
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            if not read_only:
-                # WAL lets a search server read while `index` writes; FULL makes
-                # every commit durable (power loss must not lose a reported image).
-                cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
-    engine.info = {"read_only": read_only}  # type: ignore[attr-defined]
-    return engine
-
-
-# ---- conversions ----------------------------------------------------------------------
-
-
-def _utc(t: datetime | None) -> datetime | None:
-    """A stored time as aware UTC (SQLite hands back naive UTC)."""
-    return None if t is None else as_utc(t)
-
-
-def _meta(row: ImageRow, root: str) -> ImageMeta:
-    rootp = Path(os_path(root))
-    rel = os_path(row.rel_path)
-    return ImageMeta(
-        id=row.id, path=rootp / PurePosixPath(rel), rel_path=rel, root=rootp,
-        pid=row.pid, camid=row.camid, seq=row.seq, frame=row.frame, sha256=row.sha256,
-        size_bytes=row.size_bytes, model_fingerprint=row.model_fingerprint, indexed_at=_utc(row.indexed_at),  # type: ignore[arg-type]
-        time=_utc(row.time), track=row.track,
-    )
-
-
-def to_bytes(v: np.ndarray) -> bytes:
-    """A feature as stored in ``embeddings.vector`` (float32 little-endian)."""
-    return np.ascontiguousarray(v, dtype="<f4").tobytes()
-
-
-def from_bytes(rows: Sequence[bytes], dim: int) -> np.ndarray:
-    """Stored features back as a ``[n, dim]`` float32 matrix."""
-    if not rows:
-        return np.zeros((0, dim), np.float32)
-    out = np.frombuffer(b"".join(rows), dtype="<f4").reshape(len(rows), dim)
-    return out.astype(np.float32, copy=True)
-
-
-_US = timedelta(microseconds=1)
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-
-def time_us(t: datetime | None) -> int | None:
-    """Microseconds since the epoch (UTC), exact; the unit filters compare in."""
-    if t is None:
-        return None
-    return (as_utc(t) - _EPOCH) // _US
-
-
-
-
-def row_fields(rows: Sequence[tuple[int, int | None, int | None, datetime | None, str | None]]) -> RowFields:
-    """``RowFields`` of ``(id, pid, camid, time, track)`` tuples."""
-    n = len(rows)
-    ids = np.fromiter((r[0] for r in rows), np.int64, n)
-    pids = np.fromiter((UNKNOWN if r[1] is None else r[1] for r in rows), np.int64, n)
-    camids = np.fromiter((UNKNOWN if r[2] is None else r[2] for r in rows), np.int64, n)
-    times = np.fromiter((np.nan if r[3] is None else time_us(r[3]) / 1e6 for r in rows), np.float64, n)  # type: ignore[operator]
-    return RowFields(ids, camids, pids, times, [r[4] for r in rows])
-
-
-def labels_of(img: NewImage) -> tuple[int | None, int | None, int | None, int | None]:
-    """``(pid, camid, seq, frame)`` of a crop: as given, or, when it carries none of them,
-    parsed from a Market/Duke-style file name (older callers pass no labels)."""
-    if img.pid is not None or img.camid is not None or img.seq is not None or img.frame is not None:
-        return img.pid, img.camid, img.seq, img.frame
-    info = parse_name(img.path.name)
-    return (info.pid, info.camid, info.seq, info.frame) if info else (None, None, None, None)
 
 
 def chunks(seq: Sequence[Any], n: int = IN_CHUNK) -> Iterator[Sequence[Any]]:
@@ -360,7 +191,7 @@ class MetadataDB:
                 q = (select(ImageRow, GalleryRoot.path).join(GalleryRoot)
                      .where(ImageRow.id.in_(part), ImageRow.gallery == version))
                 for row, root in s.execute(q):
-                    found[row.id] = _meta(row, root)
+                    found[row.id] = image_meta(row, root)
         missing = [i for i in wanted if i not in found]
         if missing:
             raise GalleryError(f"{len(missing)} id(s) not in the gallery (e.g. {missing[:5]}); they were removed or never existed")
@@ -375,7 +206,7 @@ class MetadataDB:
                 q = (select(ImageRow, GalleryRoot.path).join(GalleryRoot)
                      .where(ImageRow.gallery == version, ImageRow.id > last, _where(where))
                      .order_by(ImageRow.id).limit(batch_size))
-                batch = [_meta(r, p) for r, p in s.execute(q)]
+                batch = [image_meta(r, p) for r, p in s.execute(q)]
             if not batch:
                 return
             yield batch
@@ -664,6 +495,25 @@ class MetadataDB:
             st.generation += 1
             st.updated_at = utcnow()
             return old, int(st.generation)
+
+
+class SqlSource:
+    """One gallery version's vectors as stored in SQL (what a cache backend is filled from)."""
+
+    def __init__(self, meta: MetadataDB, version: int, dim: int) -> None:
+        self.meta, self.version, self.dim = meta, version, dim
+
+    def iter_rows(self, batch_size: int = 8192) -> Iterator[tuple[RowFields, np.ndarray]]:
+        """Every row's fields and feature, id order."""
+        return self.meta.iter_vectors(self.version, self.dim, batch_size, with_fields=True)
+
+    def count(self) -> int:
+        """Rows in the version."""
+        return self.meta.count(self.version)
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """Stored features of ``ids``."""
+        return self.meta.vectors(ids, self.dim)
 
 
 class VersionMoved(GalleryError):

@@ -19,13 +19,14 @@ and any of ``camid``, ``time`` (ISO 8601; naive means UTC), ``track``,
 row is skipped with its reason (``bad-manifest-row``); the rest is indexed.
 
 A re-index (``reindex=True``) validates the folder, then builds the new
-gallery beside the old one (:meth:`GalleryStore.replacing`) and switches only
+gallery beside the old one (:meth:`GalleryWriter.replacing`) and switches only
 when at least one crop was embedded; otherwise the old gallery stays.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -41,12 +42,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from reid_search.gallery import NewImage
-from reid_search.timeutil import as_utc
-from indexer.store import Gallery, sha256_file
 from reid_search.data import IMAGE_EXTENSIONS, parse_name
 from reid_search.errors import DataError, GalleryError
 from reid_search.extract import Extractor, iter_features
+from reid_search.gallery import GalleryWriter, NewImage
+from reid_search.limits import MAX_LABEL, MAX_TRACK_CHARS, MIN_PID
+from reid_search.timeutil import parse_iso
 
 log = logging.getLogger(__name__)
 
@@ -110,26 +111,29 @@ class _Todo:
 
 
 MANIFEST_COLUMNS = ("path", "camid", "time", "track", "pid")
-_INT32 = 2**31 - 1
-TRACK_MAX = 255
+
+parse_time = parse_iso  # the manifest's times: ISO 8601, naive means UTC, a trailing Z read on every Python
+
+
+def sha256_file(path: str | os.PathLike[str], bufsize: int = 1 << 20) -> tuple[str, int]:
+    """Content hash and size of a file.
+
+    Raises:
+        OSError: the file cannot be read (missing, broken link, permissions).
+    """
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(bufsize):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
 
 
 def name_labels(path: Path) -> Labels:
     """Labels a Market/Duke-style file name gives (all ``None`` for other names)."""
     info = parse_name(path.name)
     return Labels(info.pid, info.camid, info.seq, info.frame) if info else Labels()
-
-
-def parse_time(text: str) -> datetime:
-    """An ISO 8601 time as aware UTC (naive means UTC; a trailing ``Z`` is accepted).
-
-    Raises:
-        ValueError: not ISO 8601.
-    """
-    t = text.strip()
-    if t.endswith(("Z", "z")):
-        t = t[:-1] + "+00:00"
-    return as_utc(datetime.fromisoformat(t))
 
 
 def _int(value: Any, name: str, low: int) -> int | None:
@@ -141,8 +145,8 @@ def _int(value: Any, name: str, low: int) -> int | None:
         n = int(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} {value!r} is not an integer") from None
-    if not low <= n <= _INT32:
-        raise ValueError(f"{name} {n} is out of range ({low}..{_INT32})")
+    if not low <= n <= MAX_LABEL:
+        raise ValueError(f"{name} {n} is out of range ({low}..{MAX_LABEL})")
     return n
 
 
@@ -167,9 +171,9 @@ def _manifest_row(raw: dict[str, Any], folder: Path) -> tuple[str, Labels]:
     if track is not None and not isinstance(track, (str, int)):
         raise ValueError(f"track {track!r} is not text")
     track = None if track is None or str(track).strip() == "" else str(track).strip()
-    if track is not None and len(track) > TRACK_MAX:
-        raise ValueError(f"track is longer than {TRACK_MAX} characters")
-    pid = _int(raw.get("pid"), "pid", -1)
+    if track is not None and len(track) > MAX_TRACK_CHARS:
+        raise ValueError(f"track is longer than {MAX_TRACK_CHARS} characters")
+    pid = _int(raw.get("pid"), "pid", MIN_PID)
     camid = _int(raw.get("camid"), "camid", 0)
     named = name_labels(Path(rel.name))
     return rel.as_posix(), Labels(named.pid if pid is None else pid, named.camid if camid is None else camid,
@@ -272,7 +276,7 @@ def _hash(path: Path) -> tuple[str, int] | tuple[None, tuple[str, str]]:
 
 
 def index_folder(
-    gallery: Gallery,
+    gallery: GalleryWriter,
     folder: str | os.PathLike[str],
     extractor: Extractor,
     *,
@@ -344,7 +348,7 @@ def index_folder(
     return report
 
 
-def _index_items(gallery: Gallery, folder: Path, items: list[tuple[Path, Labels]], extractor: Extractor,
+def _index_items(gallery: GalleryWriter, folder: Path, items: list[tuple[Path, Labels]], extractor: Extractor,
                  report: IndexReport, *, batch_size: int, num_workers: int | None, prune: bool, commit_every: int,
                  commit_seconds: float, progress: Callable[[int], None] | None) -> None:
     """Hash, compare, embed and commit ``items`` into ``gallery`` (filling ``report``)."""

@@ -1,18 +1,32 @@
-"""The store's service-provider interface: what a vector backend implements.
+"""The store's service-provider interface: what a vector backend and its factory implement.
 
-The caller-facing contract (data types, filters, the gallery protocol) lives in
-:mod:`reid_search.gallery`. Here is what a store implementation plugs in below
-the coordinator: :class:`VectorBackend`, where a store keeps its vectors and the
-scalar fields that filters need (a FAISS index, a cache of the vectors the SQL
-DB holds, or a Milvus collection, the only copy of the vectors; SQL keeps the
-record of what is indexed), and :class:`RowFields`, the batch of scalar fields
-it is given.
+The caller-facing contract (data types, filters, the reader and writer
+protocols) lives in :mod:`reid_search.gallery`. Here is what a store plugs in
+below the coordinator (:class:`indexer.coordinator.Gallery`, which keeps SQL
+and the vectors consistent):
+
+- :class:`BackendFactory` opens the vectors of one gallery version and knows
+  what the backend leaves outside its vectors (files, a Lite database file);
+- :class:`VectorBackend` keeps the vectors of one version and the scalar
+  fields that filters need (a FAISS index, a cache of the vectors the SQL DB
+  holds; or a Milvus collection, the only copy of the vectors, while SQL keeps
+  the record of what is indexed);
+- :class:`RowFields` is the batch of scalar fields it is given, and
+  :class:`VectorSource` the SQL side a cache backend is filled from.
+
+A third backend (pgvector, Qdrant...) implements these two protocols and
+nothing else. Members with a body are optional capabilities: a class that
+subclasses the protocol explicitly inherits that body as its default (e.g.
+no index rebuild, nothing left outside the vectors); the coordinator calls
+every member and never probes for one.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence, runtime_checkable
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -30,10 +44,25 @@ class RowFields:
     tracks: list[str | None] = field(default_factory=list)
 
 
+class VectorSource(Protocol):
+    """One gallery version's rows and vectors as the SQL DB stores them (what a cache backend is filled from).
+
+    Empty for a store whose backend holds the only copy of the vectors.
+    """
+
+    def iter_rows(self, batch_size: int = 8192) -> Iterator[tuple[RowFields, np.ndarray]]:
+        """Every row's fields and feature, id order."""
+
+    def count(self) -> int:
+        """Rows in the version."""
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """Stored features of ``ids``, given order."""
+
 
 @runtime_checkable
 class VectorBackend(Protocol):
-    """Where a store keeps vectors and the scalar fields its filters read.
+    """Where a store keeps one gallery version's vectors and the scalar fields its filters read.
 
     ``holds_vectors`` tells the coordinator how to repair: a backend that is a
     cache (FAISS; the SQL DB holds every vector) is refilled from SQL; one that
@@ -58,7 +87,8 @@ class VectorBackend(Protocol):
         """Delete ids (ids not held are ignored)."""
 
     def search(self, feats: np.ndarray, k: int, filters: Sequence[SearchFilter | None]) -> tuple[np.ndarray, np.ndarray]:
-        """As :meth:`GalleryStore.search`, with one filter (or ``None``) per query, evaluated in the backend."""
+        """As :meth:`reid_search.gallery.GalleryReader.search`, with one filter (or ``None``) per query,
+        evaluated in the backend."""
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors of ``ids`` (``[n, dim]`` float32, given order)."""
@@ -74,3 +104,76 @@ class VectorBackend(Protocol):
 
     def drop(self) -> None:
         """Delete every vector and the backend's files or collection."""
+
+    def set_spec(self, spec: Any) -> bool:
+        """Take a new :class:`indexer.spec.IndexSpec`; returns True when that rebuilt the index.
+
+        Search parameters apply at once; a changed index type or build parameter
+        rebuilds the index (from the source, or in the backend). Raises
+        ``GalleryError`` for a type it cannot build, keeping the old index.
+        """
+        return False
+
+    def flush_due(self, now: float, interval: float) -> bool:
+        """Whether unsaved changes should be made durable now (the backend's save policy).
+
+        ``now`` is ``time.monotonic()``; ``interval`` the gallery's ``save_interval``
+        in seconds. On close the coordinator asks with ``now = math.inf``: any
+        unsaved change is due then. The default: never (every write is durable).
+        """
+        return False
+
+    def refill(self, reason: str) -> bool:
+        """Fill an empty backend from its source in one pass (a repair shortcut); False when it has none.
+
+        The coordinator then adds the rows SQL has and the backend lacks itself, in batches.
+        """
+        return False
+
+    def device(self) -> str:
+        """Where searches run, e.g. ``CPU (2 threads)``."""
+        return "CPU"
+
+    def describe(self) -> str:
+        """A note on the index's state for the gallery's one-line description (e.g. ``exact until
+        trained``); ``""`` when there is nothing to add to the spec's own description."""
+        return ""
+
+
+@runtime_checkable
+class BackendFactory(Protocol):
+    """Opens the vectors of the gallery versions of one store (a folder of FAISS files, a Milvus store).
+
+    ``kind`` names the backend while the gallery is still empty; ``holds_vectors``
+    says whether its backends hold the only copy of the vectors, so that the
+    first commit, before any backend exists, already keeps vectors out of SQL.
+    """
+
+    kind: str
+    holds_vectors: bool
+
+    def __call__(self, version: int, dim: int, spec: Any, store_id: str | None,
+                 source: VectorSource) -> VectorBackend:
+        """Open (or prepare) the vectors of gallery ``version``.
+
+        ``spec`` is the gallery's :class:`indexer.spec.IndexSpec`; ``store_id``
+        identifies the SQL DB, so that a backend can tell its own data from
+        another DB's; ``source`` reads the version's rows and vectors from SQL.
+
+        Raises:
+            GalleryError: the backend cannot be opened (unreachable, another shape).
+        """
+
+    def check_spec(self, spec: Any) -> None:
+        """Raise ``GalleryError`` for an index type this store cannot build, before the gallery records it."""
+
+    def leftovers(self, workspace_dir: str | os.PathLike[str] | None) -> list[Path]:
+        """Files of this store that hold a gallery (asked when the metadata DB is empty: a lost
+        or truncated DB beside them must not be taken for a new gallery). ``workspace_dir``:
+        the workspace whose own files to look at too (``None``: none)."""
+        return []
+
+    def cleanup(self, keep: set[int]) -> None:
+        """Delete what the store keeps outside the versions in ``keep`` that no backend of those
+        versions reaches (FAISS: the files of replaced versions, temporary files of interrupted
+        saves). Called with the gallery's writer lock held."""

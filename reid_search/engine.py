@@ -1,8 +1,8 @@
 """The search engine: embed a query, filtered k-NN over the gallery store, re-rank.
 
-It sits on a :class:`~indexer.protocol.GalleryStore` and an
+It sits on a :class:`~reid_search.gallery.GalleryReader` and an
 :class:`~reid_search.extract.Extractor` whose fingerprint must match the
-gallery's. Each query gets one :class:`~indexer.protocol.SearchFilter` (the
+gallery's. Each query gets one :class:`~reid_search.gallery.SearchFilter` (the
 user's filter plus the query's own camera, unless ``keep_same_camera``) that the
 store evaluates inside its search, so ``top_k`` hits come back whenever that
 many crops pass, however selective the filter.
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from reid_search.gallery import UNKNOWN, Filters, GalleryStore, ImageMeta, SearchFilter, per_query_filters
+from reid_search.gallery import UNKNOWN, Filters, GalleryReader, ImageMeta, SearchFilter, per_query_filters
 from reid_search.atomic import atomic_write_bytes
 from reid_search.errors import GalleryError
 from reid_search.extract import Extractor, extract_features
@@ -100,7 +100,7 @@ class SearchEngine:
         GalleryError: the gallery is empty or was indexed with another model.
     """
 
-    def __init__(self, store: GalleryStore, extractor: Extractor, *, rerank_params: RerankParams = RerankParams(),
+    def __init__(self, store: GalleryReader, extractor: Extractor, *, rerank_params: RerankParams = RerankParams(),
                  cache_dir: Path | None = None) -> None:
         if store.ntotal == 0:
             raise GalleryError("the gallery is empty: run `reid-search index FOLDER` first")
@@ -116,7 +116,7 @@ class SearchEngine:
         self._transform = build_eval_transform(extractor.preprocess)
 
     @property
-    def gallery(self) -> GalleryStore:
+    def gallery(self) -> GalleryReader:
         """The store searched (old name)."""
         return self.store
 
@@ -210,7 +210,7 @@ class SearchEngine:
         return [Hit(r + 1, i, str(m.path), m.pid, m.camid, d, m.time, m.track) for r, (i, m, d) in enumerate(kept)]
 
 
-def load_snapshot(store: GalleryStore) -> GallerySnapshot:
+def load_snapshot(store: GalleryReader) -> GallerySnapshot:
     """Read every gallery vector and the fields filters need, sorted by id (streamed from the store)."""
     gen, fingerprint = store.generation, store.model_fingerprint
     id_parts, feat_parts = [], []
@@ -283,7 +283,7 @@ def load_or_build_rerank(snap: GallerySnapshot, params: RerankParams, cache_dir:
     return rr
 
 
-def refresh_rerank_cache(store: GalleryStore, cache_dir: Path, params: RerankParams = RerankParams()
+def refresh_rerank_cache(store: GalleryReader, cache_dir: Path, params: RerankParams = RerankParams()
                          ) -> GalleryRerank | None:
     """Rebuild the cached re-ranking structures after the gallery changed (no-op when current; removed when empty)."""
     if store.ntotal == 0:

@@ -1,19 +1,23 @@
-"""The gallery contract: the data types and protocols every gallery store satisfies.
+"""The gallery contract: the data types and the two protocols every gallery store satisfies.
 
 This is what the search engine, evaluation, the pipeline, the CLI and the service
 need of a gallery, defined in core so that none of them depends on a store's
-implementation (``indexer`` implements it; ``tests/memory_store.py`` is the
-reference oracle). The plain data types (:class:`ImageMeta`, :class:`NewImage`,
-:class:`SearchFilter`, :class:`RemoveFilter`) import nothing heavy, so the CLI
-can use them without loading faiss or SQLAlchemy.
+implementation. :class:`GalleryReader` is what searching needs (the engine,
+evaluation, ``show``); :class:`GalleryWriter` adds what indexing and
+maintenance need (the pipeline, the CLI, the service). ``indexer`` implements
+both (:class:`indexer.coordinator.Gallery`); ``tests/memory_store.py`` is the
+brute-force reference. The plain data types (:class:`ImageMeta`,
+:class:`NewImage`, :class:`SearchFilter`, :class:`RemoveFilter`) import nothing
+heavy, so the CLI can use them without loading faiss or SQLAlchemy.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, ContextManager, Iterable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, ContextManager, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -153,7 +157,7 @@ class RemoveFilter:
 
 @dataclass(frozen=True)
 class ChangeEvent:
-    """What one committed change did; passed to :meth:`GalleryStore.on_change` callbacks."""
+    """What one committed change did; passed to the callbacks a store's ``on_change`` registers."""
 
     added: np.ndarray  # int64 ids
     removed: np.ndarray  # int64 ids
@@ -164,9 +168,20 @@ Filters = SearchFilter | Sequence[SearchFilter | None] | None
 """One filter for every query, one per query, or none."""
 
 
+class IndexSpecLike(Protocol):
+    """What callers read of a store's index spec (:class:`indexer.spec.IndexSpec` is one)."""
+
+    @property
+    def kind(self) -> str:
+        """The index type, e.g. ``flat`` or ``hnsw``."""
+
+    def describe(self) -> str:
+        """The type and its parameters in a few words."""
+
+
 @runtime_checkable
-class GalleryStore(Protocol):
-    """A gallery of embedded crops with their metadata (see the module docstring)."""
+class GalleryReader(Protocol):
+    """A gallery of embedded crops with their metadata, as searching sees it (see the module docstring)."""
 
     @property
     def kind(self) -> str:
@@ -194,20 +209,14 @@ class GalleryStore(Protocol):
     def refresh(self) -> bool:
         """Load every change other processes committed; True if there were any."""
 
-    def check_model(self, fingerprint: str, dim: int) -> None:
-        """Raise ``GalleryError`` unless the gallery is empty or was embedded by this model."""
-
-    # reading
     def search(self, feats: np.ndarray, k: int, filters: Filters = None) -> tuple[np.ndarray, np.ndarray]:
         """``(sims [q, k], ids [q, k])`` of the k best crops per query that pass its filter.
 
         Cosine similarities, best first; padding is id -1 and similarity -inf, and
         there is padding only when fewer than k crops pass the filter (exact
-        backends) or the index could not find more (approximate ones).
+        backends) or the index could not find more (approximate ones). Raises
+        ``GalleryError`` for features of another dimension than the gallery's.
         """
-
-    def count(self, where: SearchFilter | RemoveFilter | None = None) -> int:
-        """Crops that pass ``where`` (all of them for ``None``)."""
 
     def metadata(self, ids: Iterable[int] | np.ndarray) -> list[ImageMeta]:
         """Metadata of ``ids`` in the same order; ``GalleryError`` for an unknown id."""
@@ -215,19 +224,45 @@ class GalleryStore(Protocol):
     def iter_metadata(self, batch_size: int = 10_000) -> Iterator[list[ImageMeta]]:
         """Every crop's metadata in id order, a batch at a time."""
 
-    def labels(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(ids, pids, camids)`` of every crop in id order (int64, UNKNOWN where none)."""
-
-    def vectors(self, ids: Iterable[int] | np.ndarray) -> np.ndarray:
-        """The exact stored features of ``ids`` (``[n, dim]`` float32, in the given order)."""
-
     def iter_vectors(self, batch_size: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Every ``(ids, feats)`` in id order, a batch at a time."""
+        """Every ``(ids, feats)`` in id order, a batch at a time (the exact stored features)."""
 
-    # writing
+
+@runtime_checkable
+class GalleryWriter(GalleryReader, Protocol):
+    """A gallery as indexing and maintenance see it: a reader that also adds, removes and re-indexes.
+
+    Every write commits atomically and raises ``GalleryError`` when the gallery
+    cannot be written (another model's gallery, a read-only workspace).
+    """
+
+    @property
+    def spec(self) -> IndexSpecLike:
+        """The index type and its parameters."""
+
+    def set_spec(self, spec: Any) -> bool:
+        """Switch to another :class:`indexer.spec.IndexSpec` (rebuilding the index when the build
+        changes); True when rebuilt. ``GalleryError`` for a type this store cannot build."""
+
+    @property
+    def search_device(self) -> str:
+        """Where searches run, e.g. ``CPU (2 threads)``."""
+
+    def check_model(self, fingerprint: str, dim: int) -> None:
+        """Raise ``GalleryError`` unless the gallery is empty or was embedded by this model."""
+
+    def register_root(self, folder: str | os.PathLike[str]) -> Path:
+        """Register ``folder`` as a gallery root (no-op inside an existing root); returns the root."""
+
+    def existing(self, folder: str | os.PathLike[str]) -> dict[str, tuple[int, str]]:
+        """Crops under ``folder``: path relative to ``folder`` → ``(id, sha256)``."""
+
     def add_images(self, images: Sequence[NewImage], feats: np.ndarray, model_fingerprint: str,
                    replace_ids: Iterable[int] = ()) -> np.ndarray:
-        """Commit crops with their features (and delete ``replace_ids``) atomically; returns the new ids."""
+        """Commit crops with their features (and delete ``replace_ids``) atomically; returns the new ids.
+
+        A path already in the gallery is replaced.
+        """
 
     def remove_ids(self, ids: Iterable[int]) -> int:
         """Delete crops by id; returns how many existed."""
@@ -235,10 +270,10 @@ class GalleryStore(Protocol):
     def remove_where(self, where: RemoveFilter, dry_run: bool = False) -> list[ImageMeta]:
         """Delete the crops ``where`` selects (retention, erasure); returns their metadata."""
 
-    def remove(self, paths: Iterable[str]) -> tuple[int, list[str]]:
+    def remove(self, paths: Iterable[str | os.PathLike[str]]) -> tuple[int, list[str]]:
         """Delete crops by file or folder path; returns ``(removed, paths that matched nothing)``."""
 
-    def replacing(self) -> ContextManager["GalleryStore"]:
+    def replacing(self) -> ContextManager["GalleryWriter"]:
         """A re-index: writes go to a new gallery beside this one, which replaces it atomically
         when the block exits cleanly; an exception (or a crash) leaves the old gallery whole.
         Afterwards :attr:`replaced_count` says how many images the switch dropped."""
@@ -248,8 +283,11 @@ class GalleryStore(Protocol):
         """Images the last :meth:`replacing` through this object dropped at its switch, including
         any that other writers added to the old gallery during the build; 0 before any."""
 
-    def on_change(self, name: str, callback: Callable[[ChangeEvent], None]) -> None:
-        """Call ``callback`` after each change committed through this object."""
+    def save(self) -> None:
+        """Make the vectors durable now if they lag the DB (a no-op inside :meth:`replacing`)."""
+
+    def maybe_save(self) -> None:
+        """:meth:`save` if the store's save policy says it is due (call it after each commit)."""
 
     def close(self) -> None:
         """Flush pending state and release connections."""

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer import IndexSpec, open_gallery
+from indexer import IndexSpec
+from reid_search.app.session import open_workspace_gallery
 from reid_search.gallery import NewImage, SearchFilter
 from reid_search.app.workspace import Workspace
 
@@ -56,7 +57,7 @@ def main() -> None:
     print(f"{'index':8} {'filter':18} {'passing':>9} {'ms/query':>9} {'recall@k':>9}")
     for kind in args.kinds:
         with tempfile.TemporaryDirectory() as tmp:
-            g = open_gallery(Workspace(Path(tmp) / "ws"), spec=IndexSpec(kind), save_interval=1e9)
+            g = open_workspace_gallery(Workspace(Path(tmp) / "ws"), spec=IndexSpec(kind), save_interval=1e9)
             t0 = time.perf_counter()
             for s in range(0, args.n, 20_000):
                 e = min(args.n, s + 20_000)

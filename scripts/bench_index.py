@@ -81,7 +81,7 @@ def write_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
 def bench_throughput(args: argparse.Namespace) -> str:
     import torch
 
-    from indexer import open_gallery
+    from indexer import index_folder, open_gallery
     from reid_search.checkpoint import save_checkpoint
     from reid_search.extract import default_num_workers
     from reid_search.extractors import load_extractor
@@ -109,7 +109,7 @@ def bench_throughput(args: argparse.Namespace) -> str:
             fwd.append(args.images / (time.perf_counter() - t0))
             g = open_gallery(f"sqlite:///{tmp / f'r{r}.db'}", tmp / f"index{r}")
             t0 = time.perf_counter()
-            rep = g.add_folder(tmp / "gallery", ex, batch_size=args.batch, num_workers=workers)
+            rep = index_folder(g, tmp / "gallery", ex, batch_size=args.batch, num_workers=workers)
             g.close()
             e2e.append(rep.indexed / (time.perf_counter() - t0))
             assert rep.indexed == args.images and g.ntotal == args.images

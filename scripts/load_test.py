@@ -88,7 +88,8 @@ def build_workspace(root: Path, arch: str, height: int, width: int, ids: int,
     """Synthetic data + a fresh checkpoint + the indexed gallery; returns (workspace, query images, summary)."""
     import torch
 
-    from indexer.store import open_gallery
+    from indexer.pipeline import index_folder
+    from reid_search.app.session import open_workspace_gallery
     from reid_search.checkpoint import save_checkpoint
     from reid_search.extractors import load_extractor
     from reid_search.model import build_model
@@ -104,8 +105,8 @@ def build_workspace(root: Path, arch: str, height: int, width: int, ids: int,
     ws = Workspace(root / "ws")
     ws.set_model(ckpt)
     extractor = load_extractor(ckpt, device="cpu", precision=precision)
-    with open_gallery(ws) as gallery:
-        report = gallery.add_folder(data / "bounding_box_test", extractor)
+    with open_workspace_gallery(ws) as gallery:
+        report = index_folder(gallery, data / "bounding_box_test", extractor)
         if report.skipped:
             raise SystemExit(f"indexing skipped {len(report.skipped)} images: {report.skipped[:3]}")
         summary = gallery.describe()

@@ -16,7 +16,7 @@ from sqlalchemy import BigInteger, DateTime, Engine, Integer, String, inspect, t
 
 from indexer.db import Base
 from indexer.migrations import alembic_config, current_revision, head_revision, script_location, upgrade_db
-from indexer.store import make_engine
+from indexer.db import make_engine
 from reid_search.errors import GalleryError
 
 

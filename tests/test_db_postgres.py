@@ -21,7 +21,7 @@ pytest.importorskip("psycopg")
 from click.testing import CliRunner  # noqa: E402
 
 from indexer import IndexSpec, open_gallery  # noqa: E402
-from indexer.store import make_engine  # noqa: E402
+from indexer.db import make_engine  # noqa: E402
 from reid_search.errors import GalleryError  # noqa: E402
 from tests.test_db import (  # noqa: E402
     assert_schema_matches_models,
@@ -127,8 +127,8 @@ def test_postgres_gallery_round_trip(pg_url: str, tmp_path: Path) -> None:
     g.set_spec(IndexSpec("ivf", min_train=40))
     g.close()
     g2 = open_gallery(pg_url, idx)
-    assert g2.ntotal == 48 and g2.index.trained and g2.generation == g.generation
-    np.testing.assert_array_equal(g2.index.ids(), g2.ids())
+    assert g2.ntotal == 48 and g2.backend.index.trained and g2.generation == g.generation
+    np.testing.assert_array_equal(g2.backend.index.ids(), g2.ids())
 
 
 def test_postgres_index_command(pg_url: str, tiny_ckpt: Path, market_dir: Path, tmp_path: Path) -> None:
@@ -173,7 +173,7 @@ def test_postgres_filters_retention_reindex_and_odd_names(pg_url: str, tmp_path:
     g.close()
     g2 = open_gallery(pg_url, tmp_path / "idx")
     np.testing.assert_array_equal(g2.ids(), new_ids)
-    np.testing.assert_array_equal(g2.index.ids(), new_ids)
+    np.testing.assert_array_equal(g2.backend.index.ids(), new_ids)
 
 
 def test_postgres_gallery_made_by_schema_0001_upgrades_in_place(pg_url: str, tmp_path: Path) -> None:

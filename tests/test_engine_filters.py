@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reid_search.gallery import GalleryStore, NewImage, SearchFilter
+from reid_search.gallery import GalleryWriter, NewImage, SearchFilter
 from reid_search.engine import RERANK_CACHE, SearchEngine, load_snapshot, query_filter, refresh_rerank_cache
 from reid_search.errors import DataError
 from reid_search.timeutil import epoch_micros, format_time
@@ -69,7 +69,7 @@ def random_filter(rng: np.random.Generator) -> SearchFilter:
 
 
 def test_memory_store_is_a_gallery_store() -> None:
-    assert isinstance(MemoryStore(), GalleryStore)
+    assert isinstance(MemoryStore(), GalleryWriter)
 
 
 def test_filtered_search_equals_brute_force_and_fills_top_k() -> None:

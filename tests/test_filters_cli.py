@@ -114,10 +114,10 @@ def test_bad_filters_are_one_line_errors(tmp_path: Path, args: tuple[str, ...], 
 
 def test_remove_by_filter_with_dry_run(cams) -> None:
     ws, folder, paths, feats = cams
-    from indexer.store import open_gallery
+    from reid_search.app.session import open_workspace_gallery
 
     def left() -> set[str]:
-        with open_gallery(Workspace(ws)) as g:
+        with open_workspace_gallery(Workspace(ws)) as g:
             return {str(m.path) for b in g.iter_metadata() for m in b}
 
     before = T0 + timedelta(hours=10)
@@ -150,10 +150,10 @@ def test_reindex_keeps_the_gallery_when_nothing_can_be_indexed(cams, tmp_path: P
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Defect 1: --reindex of an empty folder, of unreadable files or with a failing model loses nothing."""
     ws, folder, paths, feats = cams
-    from indexer.store import open_gallery
+    from reid_search.app.session import open_workspace_gallery
 
     def state() -> tuple[int, list[str]]:
-        with open_gallery(Workspace(ws)) as g:
+        with open_workspace_gallery(Workspace(ws)) as g:
             return g.ntotal, sorted(str(m.path) for b in g.iter_metadata() for m in b)
 
     full = state()

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from indexer import open_gallery
+from reid_search.app.session import open_workspace_gallery
 from reid_search.app.cli._common import main
 from reid_search.app.cli.index import db, index, remove
 from reid_search.app.workspace import Workspace
@@ -44,7 +44,7 @@ def summary(result: Result) -> str:
 
 
 def gallery(ws: Path):
-    return open_gallery(Workspace(ws))
+    return open_workspace_gallery(Workspace(ws))
 
 
 # ---- the happy path ---------------------------------------------------------
@@ -91,7 +91,7 @@ def test_changed_file_is_replaced_and_prune_removes_deleted(tiny_ckpt: Path, mar
     r = index_cmd(ws, folder, tiny_ckpt, "--prune")
     assert summary(r).startswith("indexed 0, replaced 0, unchanged 7, removed 1"), r.output
     g = gallery(ws)
-    assert g.ntotal == 7 and g.index.ntotal == 7
+    assert g.ntotal == 7 and g.backend.index.ntotal == 7
     assert "0006_c2s1_000001_00.jpg" not in {m.path.name for b in g.iter_metadata() for m in b}
 
 
@@ -301,6 +301,6 @@ def test_cuhk03_gallery_gives_738_rows_and_vectors(tiny_ckpt: Path, tmp_path: Pa
     r = run("-q", "-w", str(ws), "index", str(folder), "--model", str(tiny_ckpt))
     assert r.exit_code == 0 and summary(r).startswith("indexed 738, replaced 0, unchanged 0, removed 0, skipped 0"), r.output
     g = gallery(ws)
-    assert g.ntotal == 738 and g.index.ntotal == 738 and len(g.ids()) == 738
+    assert g.ntotal == 738 and g.backend.index.ntotal == 738 and len(g.ids()) == 738
     r = run("-q", "-w", str(ws), "index", str(folder), "--model", str(tiny_ckpt))
     assert summary(r).startswith("indexed 0, replaced 0, unchanged 738"), r.output

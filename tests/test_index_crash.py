@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from indexer import open_gallery
+from reid_search.app.session import open_workspace_gallery
 from reid_search.app.workspace import Workspace
 from tests.conftest import write_crop
 from tests.crash_harness import committed_rows, index_then_kill, kill, spawn
@@ -32,10 +32,10 @@ def test_sigkill_mid_run_then_rerun_completes(tiny_ckpt: Path, tmp_path: Path) -
     print(f"killed after {index_then_kill(args, db):.1f}s")
     seen = committed_rows(db)
     assert 0 < seen < N_IMAGES, "killed mid-run"
-    g = open_gallery(Workspace(ws))  # repairs the index from the DB
+    g = open_workspace_gallery(Workspace(ws))  # repairs the index from the DB
     n = g.ntotal
     assert n >= seen and n < N_IMAGES and n % COMMIT_EVERY == 0  # whole chunks only
-    np.testing.assert_array_equal(g.index.ids(), g.ids())  # DB and index agree
+    np.testing.assert_array_equal(g.backend.index.ids(), g.ids())  # DB and index agree
     ids, x = g.all_vectors()
     assert len(ids) == n
     np.testing.assert_array_equal(g.search(x, 1)[1][:, 0], ids)
@@ -50,11 +50,11 @@ def test_sigkill_mid_run_then_rerun_completes(tiny_ckpt: Path, tmp_path: Path) -
     print(f"re-run {time.monotonic() - t0:.1f}s")
     assert r.exit_code == 0, r.output
     assert r.output.startswith(f"indexed {N_IMAGES - n}, replaced 0, unchanged {n}, removed 0, skipped 0"), r.output
-    g = open_gallery(Workspace(ws))
-    assert g.ntotal == N_IMAGES and len(g.ids()) == N_IMAGES and g.index.ntotal == N_IMAGES
+    g = open_workspace_gallery(Workspace(ws))
+    assert g.ntotal == N_IMAGES and len(g.ids()) == N_IMAGES and g.backend.index.ntotal == N_IMAGES
     paths = [m.rel_path for b in g.iter_metadata() for m in b]
     assert len(set(paths)) == N_IMAGES == len(list(folder.iterdir()))
-    np.testing.assert_array_equal(g.index.ids(), g.ids())
+    np.testing.assert_array_equal(g.backend.index.ids(), g.ids())
 
 
 # A stand-in model (a fixed projection of the pixels) slowed per batch, so the parent can
@@ -62,7 +62,7 @@ def test_sigkill_mid_run_then_rerun_completes(tiny_ckpt: Path, tmp_path: Path) -
 LIB_CHILD = """
 import sys, time, numpy as np
 from pathlib import Path
-from indexer import open_gallery
+from reid_search.app.session import open_workspace_gallery
 from indexer.pipeline import index_folder
 from reid_search.gallery import RemoveFilter
 from reid_search.app.workspace import Workspace
@@ -79,7 +79,7 @@ class Pix:
         return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 ws, what, arg = Workspace(Path(sys.argv[1])), sys.argv[2], sys.argv[3]
-g = open_gallery(ws, save_interval=3600)
+g = open_workspace_gallery(ws, save_interval=3600)
 if what == "index":
     index_folder(g, arg, Pix(sys.argv[4]), batch_size=4, num_workers=0, commit_every=4, reindex=sys.argv[5] == "1")
 else:
@@ -97,7 +97,7 @@ def _assert_consistent(ws: Path) -> "object":
     """Rows == stored vectors == index (in memory and in the file); returns the open gallery."""
     from indexer.faiss.index import VectorIndex
 
-    g = open_gallery(Workspace(ws))
+    g = open_workspace_gallery(Workspace(ws))
     con = sqlite3.connect(ws / "reid.db")
     try:
         rows = con.execute("SELECT count(*) FROM images").fetchone()[0]
@@ -105,10 +105,10 @@ def _assert_consistent(ws: Path) -> "object":
     finally:
         con.close()
     assert rows == vecs == g.ntotal == len(g.ids())
-    np.testing.assert_array_equal(g.index.ids(), g.ids())
-    on_disk, _ = VectorIndex.load(g.index_path)
+    np.testing.assert_array_equal(g.backend.index.ids(), g.ids())
+    on_disk, _ = VectorIndex.load(g.backend.path)
     np.testing.assert_array_equal(on_disk.ids(), g.ids())
-    assert sorted(p.name for p in ws.joinpath("index").glob("*gallery*")) == [g.index_path.name]
+    assert sorted(p.name for p in ws.joinpath("index").glob("*gallery*")) == [g.backend.path.name]
     return g
 
 
@@ -121,7 +121,7 @@ def _indexed(ws: Path, folder: Path, fp: str, reindex: bool = False) -> np.ndarr
     from indexer.pipeline import index_folder
     from tests.test_store_defects import PixelExtractor
 
-    with open_gallery(Workspace(ws)) as g:
+    with open_workspace_gallery(Workspace(ws)) as g:
         index_folder(g, folder, PixelExtractor(fp), num_workers=0, reindex=reindex)
         return g.ids()
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 pytest.importorskip("milvus_lite", reason="milvus-lite cannot run here")
 pytest.importorskip("indexer.coordinator", reason="needs the store coordinator (branch i11a)")
 
-from indexer import open_gallery  # noqa: E402
+from reid_search.app.session import open_workspace_gallery  # noqa: E402
 from reid_search.gallery import NewImage, RemoveFilter, SearchFilter  # noqa: E402
 from reid_search.app.workspace import Workspace  # noqa: E402
 from tests.conftest import shared_path, write_crop  # noqa: E402
@@ -43,8 +43,8 @@ def images(tmp_path: Path, n: int, seed: int = 0) -> tuple[list[NewImage], np.nd
 
 
 def both(tmp_path: Path) -> tuple[object, object]:
-    f = open_gallery(Workspace(tmp_path / "wf", store_override="faiss"))
-    m = open_gallery(Workspace(tmp_path / "wm", store_override="milvus:"))
+    f = open_workspace_gallery(Workspace(tmp_path / "wf", store_override="faiss"))
+    m = open_workspace_gallery(Workspace(tmp_path / "wm", store_override="milvus:"))
     return f, m
 
 
@@ -90,7 +90,7 @@ def test_milvus_store_answers_as_the_faiss_store(tmp_path: Path) -> None:
 
 def test_open_repairs_sql_and_milvus_disagreements(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ws", store_override="milvus:")
-    g = open_gallery(ws)
+    g = open_workspace_gallery(ws)
     imgs, x = images(tmp_path, 30)
     ids = g.add_images(imgs, x, FP)
     b = g.backend
@@ -100,7 +100,7 @@ def test_open_repairs_sql_and_milvus_disagreements(tmp_path: Path) -> None:
 
     b.add(RowFields(np.array([10_000]), np.array([1]), np.array([1]), np.array([np.nan]), [None]), x[:1])
     g.close()
-    g = open_gallery(Workspace(tmp_path / "ws"))
+    g = open_workspace_gallery(Workspace(tmp_path / "ws"))
     assert g.ntotal == 28 and g.backend.ntotal == 28
     np.testing.assert_array_equal(g.ids(), ids[2:])
     np.testing.assert_array_equal(g.backend.ids(), ids[2:])
@@ -110,7 +110,7 @@ def test_open_repairs_sql_and_milvus_disagreements(tmp_path: Path) -> None:
 def test_a_different_store_for_an_existing_gallery_is_a_one_line_cli_error(tmp_path: Path) -> None:
     from reid_search.app.cli import main
 
-    g = open_gallery(Workspace(tmp_path / "ws", store_override="milvus:"))
+    g = open_workspace_gallery(Workspace(tmp_path / "ws", store_override="milvus:"))
     imgs, x = images(tmp_path, 3)
     g.add_images(imgs, x, FP)
     g.close()
@@ -132,7 +132,7 @@ def test_sigkill_during_index_into_milvus_then_rerun_converges(tiny_ckpt: Path, 
     seen = committed_rows(db)
     assert 0 < seen < n_images, "killed mid-run"
 
-    g = open_gallery(Workspace(ws))  # repairs: SQL rows == Milvus entities
+    g = open_workspace_gallery(Workspace(ws))  # repairs: SQL rows == Milvus entities
     np.testing.assert_array_equal(g.backend.ids(), g.ids())
     n = g.ntotal
     ids, x = g.all_vectors()
@@ -146,7 +146,7 @@ def test_sigkill_during_index_into_milvus_then_rerun_converges(tiny_ckpt: Path, 
     r = CliRunner().invoke(main, [*args[:-6], "--workers", "0", "--batch-size", "64"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert r.output.startswith(f"indexed {n_images - n}, replaced 0, unchanged {n}"), r.output
-    g = open_gallery(Workspace(ws))
+    g = open_workspace_gallery(Workspace(ws))
     assert g.ntotal == n_images == g.backend.ntotal
     np.testing.assert_array_equal(g.backend.ids(), g.ids())
     paths = {m.rel_path for b in g.iter_metadata() for m in b}
@@ -181,7 +181,7 @@ def test_cuhk03_eval_and_rerank_equal_on_both_stores(tmp_path: Path) -> None:
 def test_a_reader_of_a_replaced_gallery_reads_the_new_one(tmp_path: Path) -> None:
     """The re-index dropped the collection a long-running reader (serve) was reading: it follows the switch."""
     ws = Workspace(tmp_path / "ws", store_override="milvus:")
-    serve, cli = open_gallery(ws), open_gallery(ws)
+    serve, cli = open_workspace_gallery(ws), open_workspace_gallery(ws)
     imgs, x = images(tmp_path, 12)
     serve.add_images(imgs[:6], x[:6], FP)
     cli.refresh()
@@ -201,7 +201,7 @@ def test_index_type_change_rebuilds_the_collection_index(tmp_path: Path) -> None
     from reid_search.errors import GalleryError
 
     ws = Workspace(tmp_path / "ws", store_override="milvus:")
-    g = open_gallery(ws)
+    g = open_workspace_gallery(ws)
     imgs, x = images(tmp_path, 300)
     ids = g.add_images(imgs, x, FP)
     assert g.backend.index_type() == "FLAT"
@@ -219,7 +219,7 @@ def test_index_type_change_rebuilds_the_collection_index(tmp_path: Path) -> None
         assert "\n" not in str(e.value)
         assert g.spec == IndexSpec("ivfsq8", nlist=8) and g.backend.index_type() == "IVF_SQ8"
     g.close()
-    g = open_gallery(Workspace(tmp_path / "ws"))  # recorded: reopened with the same index
+    g = open_workspace_gallery(Workspace(tmp_path / "ws"))  # recorded: reopened with the same index
     assert g.spec == IndexSpec("ivfsq8", nlist=8) and g.backend.index_type() == "IVF_SQ8"
     assert g.set_spec(IndexSpec("flat")) is True and g.backend.index_type() == "FLAT"
     np.testing.assert_array_equal(g.search(x[:30], 1)[1][:, 0], ids[:30])
@@ -240,7 +240,7 @@ def test_index_type_option_on_a_milvus_and_a_faiss_gallery(tiny_ckpt: Path, tmp_
     assert r.exit_code == 0 and "unchanged 6" in r.output and "hnsw index in milvus" in r.output.strip().splitlines()[-1], r.output
     r = CliRunner().invoke(main, [*mw, "index", str(folder), *args, "--index-type", "ivfsq8", "--index-param", "nlist=4"])
     assert r.exit_code == 0 and "ivfsq8 (nlist=4)" in r.output, r.output
-    g = open_gallery(Workspace(tmp_path / "wm"))
+    g = open_workspace_gallery(Workspace(tmp_path / "wm"))
     assert g.backend.index_type() == "IVF_SQ8" and g.ntotal == 6
     g.close()
     r = CliRunner().invoke(main, [*mw, "index", str(folder), *args, "--index-type", "diskann"])
@@ -251,7 +251,7 @@ def test_index_type_option_on_a_milvus_and_a_faiss_gallery(tiny_ckpt: Path, tmp_
     r = CliRunner().invoke(main, [*fw, "index", str(folder), *args, "--index-type", "ivfsq8"])
     msg = r.output.strip().splitlines()[-1]
     assert r.exit_code == 1 and msg.startswith("Error: --index-type ivfsq8 is a Milvus index; the FAISS store"), r.output
-    assert open_gallery(Workspace(tmp_path / "wf")).spec.kind == "flat"
+    assert open_workspace_gallery(Workspace(tmp_path / "wf")).spec.kind == "flat"
 
 
 def test_a_milvus_gallery_does_not_load_faiss() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from indexer import open_gallery
+from reid_search.app.session import open_workspace_gallery
 from indexer.pipeline import index_folder, parse_time, read_manifest
 from reid_search.gallery import RemoveFilter, SearchFilter
 from reid_search.errors import DataError
@@ -51,7 +51,7 @@ def test_csv_manifest_labels_and_bad_rows(folder: Path, tmp_path: Path) -> None:
         ",1,,,\n"                                  # no path
         "b/crop4.jpg,99999999999,,,\n"             # camid out of range (now a first row for crop4? no: crop4 was bad)
     )
-    g = open_gallery(Workspace(tmp_path / "ws"))
+    g = open_workspace_gallery(Workspace(tmp_path / "ws"))
     report = index_folder(g, folder, PixelExtractor(), manifest=man, num_workers=0)
     assert report.indexed == 4, report.skipped
     reasons = {where.rsplit(":", 1)[-1] if where.startswith(str(man)) else Path(where).name: detail
@@ -95,7 +95,7 @@ def test_jsonl_manifest(folder: Path, tmp_path: Path) -> None:
 
 
 def test_manifest_errors_are_one_line(folder: Path, tmp_path: Path) -> None:
-    g = open_gallery(Workspace(tmp_path / "ws"))
+    g = open_workspace_gallery(Workspace(tmp_path / "ws"))
     with pytest.raises(DataError, match="no such manifest"):
         index_folder(g, folder, PixelExtractor(), manifest=tmp_path / "nope.csv")
     (tmp_path / "nopath.csv").write_text("file,camid\na.jpg,1\n")

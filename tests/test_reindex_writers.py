@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from reid_search.gallery import NewImage
-from indexer import open_gallery
+from reid_search.app.session import open_workspace_gallery
 from reid_search.errors import GalleryError
 from tests.conftest import store_workspace, write_crop
 from tests.test_store import fake_images, feats
@@ -39,8 +39,8 @@ def test_writes_to_the_old_gallery_during_a_reindex_are_not_carried_over(tmp_pat
     ws = store_workspace(tmp_path / "ws", store)
     folder = tmp_path / "gal"
     crops = fake_images(folder, 6, write=True)
-    writer = open_gallery(ws)  # e.g. a running `serve` taking POST /gallery
-    indexer = open_gallery(ws)  # `reid-search index FOLDER --reindex`
+    writer = open_workspace_gallery(ws)  # e.g. a running `serve` taking POST /gallery
+    indexer = open_workspace_gallery(ws)  # `reid-search index FOLDER --reindex`
     try:
         writer.add_images(crops, feats(6, d=8, seed=1), "m1")
         up = ws.uploads_dir.resolve()
@@ -104,7 +104,7 @@ def test_an_upload_from_another_process_during_a_reindex_is_lost_and_index_uploa
         outputs.append(out.stdout + out.stderr)
         assert out.returncode == 0, outputs[0]
 
-    g = open_gallery(ws)
+    g = open_workspace_gallery(ws)
     try:
         report = index_folder(g, market_dir / "bounding_box_train", load_extractor(tiny_ckpt, device="cpu"),
                               num_workers=0, reindex=True, progress=write_from_another_process)
@@ -119,7 +119,7 @@ def test_an_upload_from_another_process_during_a_reindex_is_lost_and_index_uploa
     r = run.invoke(main, ["-q", "-w", str(ws.root), "index", str(ws.uploads_dir), "--workers", "0"],
                    catch_exceptions=False)  # the remedy; the gallery's model is the default
     assert r.exit_code == 0 and "indexed 1," in r.output, r.output
-    g = open_gallery(ws)
+    g = open_workspace_gallery(ws)
     try:
         got = [m for batch in g.iter_metadata() for m in batch if m.path == upload.resolve()]
         assert len(got) == 1 and (got[0].pid, got[0].camid) == (42, 3) and g.ntotal == 17

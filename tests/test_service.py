@@ -54,7 +54,8 @@ KEY = "s3cret-key"
 def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> Workspace:
     """16 gallery crops (4 ids × 2 cameras × 2) indexed with the tiny model, plus 8 query crops."""
     from reid_search.gallery import NewImage
-    from indexer.store import open_gallery, sha256_file
+    from indexer.pipeline import sha256_file
+    from reid_search.app.session import open_workspace_gallery
 
     root = tmp_path_factory.mktemp("svc")
     gallery_dir, query_dir = root / "market" / "bounding_box_test", root / "market" / "query"
@@ -68,7 +69,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> Work
     extractor = load_extractor(tiny_ckpt, device="cpu")
     feats, kept, failures = extract_features(paths, extractor, num_workers=0)
     assert not failures and kept == list(range(len(paths)))
-    with open_gallery(ws) as gallery:
+    with open_workspace_gallery(ws) as gallery:
         gallery.add_images([NewImage(p, *sha256_file(p)) for p in paths], feats, extractor.fingerprint)
     return ws
 
@@ -226,7 +227,7 @@ def test_concurrent_burst(query_paths: list[Path], client: httpx.Client, server:
 
 
 def test_add_query_remove(workspace: Workspace, query_paths: list[Path], client: httpx.Client) -> None:
-    from indexer.store import open_gallery
+    from reid_search.app.session import open_workspace_gallery
 
     q = query_paths[4]
     size0 = client.get("/stats").json()["gallery_size"]
@@ -241,7 +242,7 @@ def test_add_query_remove(workspace: Workspace, query_paths: list[Path], client:
     assert stored.name == upload_name(item["sha256"], ".jpg", 42, 7)
     assert not (workspace.root.parent / "escape.jpg").exists() and not (workspace.root / "escape.jpg").exists()
     # Committed through the indexer: another process sees it.
-    with open_gallery(workspace) as g:
+    with open_workspace_gallery(workspace) as g:
         m = g.metadata([new_id])[0]
         assert (m.pid, m.camid, m.path) == (42, 7, stored)
 
@@ -315,11 +316,12 @@ def test_concurrent_writes_and_queries(workspace: Workspace, query_paths: list[P
 
 def test_sees_changes_of_other_processes(workspace: Workspace, client: httpx.Client) -> None:
     from reid_search.gallery import NewImage
-    from indexer.store import open_gallery, sha256_file
+    from indexer.pipeline import sha256_file
+    from reid_search.app.session import open_workspace_gallery
 
     p = write_crop(workspace.root.parent / "other" / "0055_c4s1_000001_00.jpg", 9100)
     extractor = load_extractor(workspace.model_path(), device="cpu")
-    with open_gallery(workspace) as g:  # as `reid-search index` would, from another process
+    with open_workspace_gallery(workspace) as g:  # as `reid-search index` would, from another process
         feats = extract_features([p], extractor, num_workers=0)[0]
         (new_id,) = g.add_images([NewImage(p, *sha256_file(p))], feats, extractor.fingerprint)
     deadline = time.monotonic() + 10  # the server re-reads the DB generation at most once a second

@@ -14,6 +14,7 @@ import pytest
 
 from reid_search.gallery import ChangeEvent, NewImage
 from indexer import Gallery, IndexSpec, open_gallery
+from reid_search.app.session import open_workspace_gallery
 from reid_search.errors import GalleryError
 from reid_search.app.workspace import Workspace
 from tests.conftest import store_workspace
@@ -51,7 +52,7 @@ def fws(tmp_path: Path) -> Workspace:
 
 
 def test_add_search_metadata_vectors(ws: Workspace, tmp_path: Path) -> None:
-    g = open_gallery(ws)
+    g = open_workspace_gallery(ws)
     assert (g.ntotal, g.dim, g.model_fingerprint, g.generation) == (0, None, None, 0)
     s, i = g.search(feats(2), 3)
     assert (i == -1).all()
@@ -82,13 +83,13 @@ def test_add_search_metadata_vectors(ws: Workspace, tmp_path: Path) -> None:
     with pytest.raises(GalleryError, match="not in the gallery"):
         g.vectors([12345])
     g.close()
-    g2 = open_gallery(ws)  # persisted: the file and the DB agree
+    g2 = open_workspace_gallery(ws)  # persisted: the file and the DB agree
     assert g2.ntotal == 30 and g2.generation == 1
     np.testing.assert_array_equal(g2.search(x[:5], 4)[1], got)
 
 
 def test_names_without_market_labels_get_null_pid(ws: Workspace, tmp_path: Path) -> None:
-    g = open_gallery(ws)
+    g = open_workspace_gallery(ws)
     ids = g.add_images([NewImage(tmp_path / "g" / "holiday.jpg", "0" * 64, 1)], feats(1), "m")
     m = g.metadata(ids)[0]
     assert m.pid is None and m.camid is None and m.seq is None
@@ -96,7 +97,7 @@ def test_names_without_market_labels_get_null_pid(ws: Workspace, tmp_path: Path)
 
 
 def test_same_path_replaces_and_ids_are_never_reused(ws: Workspace, tmp_path: Path) -> None:
-    g = open_gallery(ws)
+    g = open_workspace_gallery(ws)
     imgs = fake_images(tmp_path / "gal", 3)
     first = g.add_images(imgs, feats(3), "m")
     g.remove_ids([first[2]])  # the highest id: SQLite would hand it out again without AUTOINCREMENT
@@ -107,7 +108,7 @@ def test_same_path_replaces_and_ids_are_never_reused(ws: Workspace, tmp_path: Pa
 
 
 def test_model_mismatch_is_refused(ws: Workspace, tmp_path: Path) -> None:
-    g = open_gallery(ws)
+    g = open_workspace_gallery(ws)
     g.add_images(fake_images(tmp_path / "g", 3), feats(3), "modelA")
     with pytest.raises(GalleryError, match=r"indexed with model modelA .* --reindex"):
         g.add_images(fake_images(tmp_path / "g", 1, start=10), feats(1), "modelB")
@@ -121,7 +122,7 @@ def test_model_mismatch_is_refused(ws: Workspace, tmp_path: Path) -> None:
 
 
 def test_remove_by_path_and_folder_and_prune(ws: Workspace, tmp_path: Path) -> None:
-    g = open_gallery(ws)
+    g = open_workspace_gallery(ws)
     root = tmp_path / "gal"
     a = fake_images(root / "camA", 4, write=True)
     b = fake_images(root / "camB", 4, start=4, write=True)
@@ -140,7 +141,7 @@ def test_remove_by_path_and_folder_and_prune(ws: Workspace, tmp_path: Path) -> N
 
 
 def test_nested_roots_are_absorbed(ws: Workspace, tmp_path: Path) -> None:
-    g = open_gallery(ws)
+    g = open_workspace_gallery(ws)
     inner = fake_images(tmp_path / "data" / "cam1", 2)
     ids = g.add_images(inner, feats(2), "m")
     assert g.roots() == [(tmp_path / "data" / "cam1").resolve()]
@@ -155,21 +156,21 @@ def test_nested_roots_are_absorbed(ws: Workspace, tmp_path: Path) -> None:
 def test_index_lagging_the_db_is_repaired_on_open(fws: Workspace, tmp_path: Path) -> None:
     """A crash after a DB commit but before the index file is written: re-add from the DB."""
     ws = fws
-    g = open_gallery(ws, save_interval=3600)
+    g = open_workspace_gallery(ws, save_interval=3600)
     x = feats(40)
     g.add_images(fake_images(tmp_path / "g", 20), x[:20], "m")
     g.save()
     ids2 = g.add_images(fake_images(tmp_path / "g", 20, start=20), x[20:], "m")
     g.engine.dispose()  # "crash": the second commit never reached the index file
-    g2 = open_gallery(ws)
+    g2 = open_workspace_gallery(ws)
     assert g2.ntotal == 40
-    np.testing.assert_array_equal(g2.index.ids(), g2.ids())
+    np.testing.assert_array_equal(g2.backend.index.ids(), g2.ids())
     np.testing.assert_array_equal(g2.search(x[20:25], 1)[1][:, 0], ids2[:5])
 
 
 def test_stale_vectors_in_the_file_are_dropped_on_open(ws: Workspace, store: str, tmp_path: Path) -> None:
     """Ids in the vector backend that the DB no longer has (a removal that never reached it)."""
-    g = open_gallery(ws)
+    g = open_workspace_gallery(ws)
     ids = g.add_images(fake_images(tmp_path / "g", 10), feats(10), "m")
     g.close()
     con = sqlite3.connect(ws.root / "reid.db")
@@ -177,7 +178,7 @@ def test_stale_vectors_in_the_file_are_dropped_on_open(ws: Workspace, store: str
     con.execute("DELETE FROM images WHERE id IN (?, ?)", (int(ids[0]), int(ids[1])))
     con.commit()
     con.close()
-    g2 = open_gallery(ws)
+    g2 = open_workspace_gallery(ws)
     assert g2.ntotal == 8 and not np.isin(g2.search(feats(10), 10)[1], ids[:2]).any()
     np.testing.assert_array_equal(g2.backend.ids(), ids[2:])
     g2.close()
@@ -187,65 +188,65 @@ def test_stale_vectors_in_the_file_are_dropped_on_open(ws: Workspace, store: str
         on_disk, _ = VectorIndex.load(ws.index_dir / "gallery.faiss")
         np.testing.assert_array_equal(on_disk.ids(), ids[2:])  # the repair was written back
     else:
-        np.testing.assert_array_equal(open_gallery(ws).backend.ids(), ids[2:])  # deleted from the collection
+        np.testing.assert_array_equal(open_workspace_gallery(ws).backend.ids(), ids[2:])  # deleted from the collection
 
 
 @pytest.mark.faiss_only  # the index file
 def test_missing_or_corrupt_index_file_is_rebuilt(fws: Workspace, tmp_path: Path) -> None:
     ws = fws
-    g = open_gallery(ws)
+    g = open_workspace_gallery(ws)
     x = feats(12)
     g.add_images(fake_images(tmp_path / "g", 12), x, "m")
     want = g.search(x, 3)[1]
     g.close()
     (ws.index_dir / "gallery.faiss").write_bytes(b"garbage")
-    np.testing.assert_array_equal(open_gallery(ws).search(x, 3)[1], want)
+    np.testing.assert_array_equal(open_workspace_gallery(ws).search(x, 3)[1], want)
     (ws.index_dir / "gallery.faiss").unlink()
-    np.testing.assert_array_equal(open_gallery(ws).search(x, 3)[1], want)
+    np.testing.assert_array_equal(open_workspace_gallery(ws).search(x, 3)[1], want)
 
 
 @pytest.mark.faiss_only  # FAISS training
 def test_flat_becomes_ivf_past_the_training_threshold(fws: Workspace, tmp_path: Path) -> None:
     ws = fws
-    g = open_gallery(ws, spec=IndexSpec("ivf", min_train=700))
+    g = open_workspace_gallery(ws, spec=IndexSpec("ivf", min_train=700))
     x = feats(1000, d=8, seed=3)
     g.add_images(fake_images(tmp_path / "g", 600), x[:600], "m")
-    assert not g.index.trained and "exact until trained" in g.describe()
+    assert not g.backend.index.trained and "exact until trained" in g.describe()
     g.add_images(fake_images(tmp_path / "g", 400, start=600), x[600:], "m")
-    assert g.index.trained and g.index.nlist == 16 and g.ntotal == 1000
+    assert g.backend.index.trained and g.backend.index.nlist == 16 and g.ntotal == 1000
     g.close()
-    g2 = open_gallery(ws)
-    assert g2.index.trained and g2.spec == IndexSpec("ivf", min_train=700)
+    g2 = open_workspace_gallery(ws)
+    assert g2.backend.index.trained and g2.spec == IndexSpec("ivf", min_train=700)
 
 
 @pytest.mark.faiss_only  # FAISS training and rebuilds (Milvus: tests/test_milvus_store.py)
 @pytest.mark.parametrize("kind", ["hnsw", "ivfpq", "flat"])
 def test_switching_index_type_rebuilds_from_stored_vectors(kind: str, fws: Workspace, tmp_path: Path) -> None:
     ws = fws
-    g = open_gallery(ws)
+    g = open_workspace_gallery(ws)
     x = feats(800, d=16, seed=4)
     ids = g.add_images(fake_images(tmp_path / "g", 800), x, "m")
     assert g.set_spec(IndexSpec(kind, **({"min_train": 700} if kind == "ivfpq" else {}))) is (kind != "flat")
-    assert g.spec.kind == kind and g.ntotal == 800 and g.index.trained
+    assert g.spec.kind == kind and g.ntotal == 800 and g.backend.index.trained
     np.testing.assert_array_equal(g.search(x[:20], 1)[1][:, 0], ids[:20])
     g.remove_ids(ids[:5])  # hnsw cannot remove in place: rebuilt without them
     assert g.ntotal == 795 and not np.isin(g.search(x[:20], 5)[1], ids[:5]).any()
     g.close()
-    assert open_gallery(ws).spec.kind == kind
+    assert open_workspace_gallery(ws).spec.kind == kind
 
 
 @pytest.mark.faiss_only  # the FAISS index object
 def test_search_parameter_change_needs_no_rebuild(fws: Workspace, tmp_path: Path) -> None:
     ws = fws
-    g = open_gallery(ws, spec=IndexSpec("ivf", min_train=700))
+    g = open_workspace_gallery(ws, spec=IndexSpec("ivf", min_train=700))
     g.add_images(fake_images(tmp_path / "g", 800), feats(800, d=8), "m")
-    before = g.index
+    before = g.backend.index
     assert g.set_spec(IndexSpec("ivf", min_train=700, nprobe=2)) is False
-    assert g.index is before and g.index.spec.nprobe == 2
+    assert g.backend.index is before and g.backend.index.spec.nprobe == 2
 
 
 def test_change_listeners_and_generation(ws: Workspace, tmp_path: Path) -> None:
-    g = open_gallery(ws)
+    g = open_workspace_gallery(ws)
     events: list[ChangeEvent] = []
     g.on_change("cache", events.append)
     g.on_change("broken", lambda ev: 1 / 0)  # logged, does not break the gallery
@@ -257,7 +258,7 @@ def test_change_listeners_and_generation(ws: Workspace, tmp_path: Path) -> None:
     np.testing.assert_array_equal(events[0].added, ids)
     np.testing.assert_array_equal(events[1].removed, ids[:2])
     assert len(events[1].added) == 0
-    other = open_gallery(ws)  # another process's view
+    other = open_workspace_gallery(ws)  # another process's view
     assert other.generation == 3 and other.refresh() is False
     g.remove_ids(ids[2:3])
     assert other.db_generation() == 4 and other.refresh() is True
@@ -286,11 +287,11 @@ def test_open_by_url_and_errors(tmp_path: Path) -> None:
 
 
 def test_gallery_is_a_context_manager(ws: Workspace, store: str, tmp_path: Path) -> None:
-    with open_gallery(ws, save_interval=3600) as g:
+    with open_workspace_gallery(ws, save_interval=3600) as g:
         assert isinstance(g, Gallery)
         ids = g.add_images(fake_images(tmp_path / "g", 3), feats(3), "m")
     if store == "faiss":
         assert (ws.index_dir / "gallery.faiss").is_file()  # pending index changes are written on close
-    with open_gallery(ws) as g:
+    with open_workspace_gallery(ws) as g:
         np.testing.assert_array_equal(g.backend.ids(), ids)
         np.testing.assert_array_equal(g.search(feats(3), 1)[1][:, 0], ids)

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 from reid_search.gallery import NewImage
-from indexer import open_gallery
-from indexer.protocol import RowFields, VectorBackend
+from reid_search.app.session import open_workspace_gallery
+from indexer.protocol import BackendFactory, RowFields, VectorBackend
 from reid_search.gallery import SearchFilter
 from reid_search.app.workspace import Workspace
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 
 
-class DictBackend:
+class DictBackend(VectorBackend):
     """Vectors in a dict, brute-force search filtered row by row with the reference semantics."""
 
     kind = "dict"
@@ -81,12 +81,20 @@ class DictBackend:
         self.stamps.pop(self.key, None)
 
 
-def factory(version, dim, spec, store_id, source):  # type: ignore[no-untyped-def]
-    return DictBackend(version, store_id)
+class DictFactory(BackendFactory):
+    """Opens a DictBackend per version; the SPI's defaults for the rest (nothing to clean, no leftovers)."""
+
+    kind = "dict"
+    holds_vectors = True
+
+    def __call__(self, version, dim, spec, store_id, source):  # type: ignore[no-untyped-def]
+        return DictBackend(version, store_id)
+
+    def check_spec(self, spec) -> None:  # type: ignore[no-untyped-def]
+        pass
 
 
-factory.holds_vectors = True  # type: ignore[attr-defined]
-factory.kind = "dict"  # type: ignore[attr-defined]
+factory = DictFactory()
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -106,7 +114,7 @@ def _fresh_stores() -> None:
 
 def test_a_vector_holding_backend_plugs_into_the_coordinator(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ws")
-    g = open_gallery(ws, backend_factory=factory)
+    g = open_workspace_gallery(ws, backend_factory=factory)
     assert g.backend is None and g.kind == "dict"  # no dimension yet
     x = unit(np.random.default_rng(0).standard_normal((30, 6)))
     ids = g.add_images(images(tmp_path / "g", 30), x, "m")
@@ -132,7 +140,7 @@ def test_a_vector_holding_backend_plugs_into_the_coordinator(tmp_path: Path) -> 
     key = (g.meta.state().store_id, g.version)
     DictBackend.stores[key].pop(int(new_ids[0]))
     DictBackend.stores[key][10**9] = (x[0], 1, float("nan"), None)
-    g2 = open_gallery(ws, backend_factory=factory)
+    g2 = open_workspace_gallery(ws, backend_factory=factory)
     np.testing.assert_array_equal(g2.ids(), new_ids[1:])  # the row without a vector is dropped
     np.testing.assert_array_equal(g2.backend.ids(), new_ids[1:])  # the vector without a row too
     assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 4

@@ -17,6 +17,7 @@ import pytest
 
 from reid_search.gallery import NewImage
 from indexer import open_gallery
+from reid_search.app.session import open_workspace_gallery
 from indexer.pipeline import index_folder
 from reid_search.errors import DataError, GalleryError
 from reid_search.app.workspace import Workspace
@@ -66,9 +67,9 @@ def brute(g, x: np.ndarray, k: int) -> np.ndarray:
 
 def test_replacing_switches_atomically_and_a_failure_leaves_the_old_gallery(store: str, tmp_path: Path) -> None:
     ws = store_workspace(tmp_path / "ws", store)
-    g = open_gallery(ws)
+    g = open_workspace_gallery(ws)
     old_ids = g.add_images(imgs(tmp_path / "old", 10), feats(10), "modelA")
-    reader = open_gallery(ws)
+    reader = open_workspace_gallery(ws)
     with pytest.raises(RuntimeError, match="boom"):
         with g.replacing() as new:
             new.add_images(imgs(tmp_path / "new", 4), feats(4, d=6, seed=1), "modelB")
@@ -85,10 +86,10 @@ def test_replacing_switches_atomically_and_a_failure_leaves_the_old_gallery(stor
     assert reader.refresh() is True and reader.ntotal == 4 and reader.dim == 6
     np.testing.assert_array_equal(reader.search(feats(2, d=6, seed=1), 1)[1][:, 0], new_ids[:2])
     g.close()
-    g2 = open_gallery(ws)
+    g2 = open_workspace_gallery(ws)
     assert g2.ntotal == 4 and g2.model_fingerprint == "modelB"
     if store == "faiss":
-        assert sorted(p.name for p in ws.index_dir.glob("gallery*.faiss")) == [g2.index_path.name]
+        assert sorted(p.name for p in ws.index_dir.glob("gallery*.faiss")) == [g2.backend.path.name]
     else:  # the old version's collection is dropped
         assert [c for c in g2.backend.client.list_collections() if c.startswith(f"reid_{g2.meta.state().store_id}_")] \
             == [g2.backend.collection]
@@ -99,7 +100,7 @@ def test_reindex_validates_and_embeds_before_dropping_anything(store: str, tmp_p
     folder = tmp_path / "gal"
     for i in range(6):
         write_crop(folder / f"{i + 1:04d}_c1s1_{i:06d}_00.jpg", seed=i, size=(32, 64))
-    g = open_gallery(store_workspace(tmp_path / "ws", store))
+    g = open_workspace_gallery(store_workspace(tmp_path / "ws", store))
     index_folder(g, folder, PixelExtractor("m1"), num_workers=0)
     before = g.ids()
     (tmp_path / "empty").mkdir()
@@ -122,7 +123,7 @@ def test_reindex_validates_and_embeds_before_dropping_anything(store: str, tmp_p
 
 def test_leftovers_of_an_aborted_build_are_cleaned_on_open(store: str, tmp_path: Path) -> None:
     ws = store_workspace(tmp_path / "ws", store)
-    g = open_gallery(ws)
+    g = open_workspace_gallery(ws)
     g.add_images(imgs(tmp_path / "a", 5), feats(5), "m")
     # A build that died: version rows committed, its index saved, no switch.
     version = g.meta.begin_build()
@@ -133,19 +134,19 @@ def test_leftovers_of_an_aborted_build_are_cleaned_on_open(store: str, tmp_path:
     builder.backend.flush(0)
     assert g.meta.versions_present() == [0, version] and builder.backend.ntotal == 3
     if store == "faiss":
-        assert builder.index_path.is_file()
-    g2 = open_gallery(ws)
+        assert builder.backend.path.is_file()
+    g2 = open_workspace_gallery(ws)
     assert g2.meta.versions_present() == [0] and g2.meta.state().building is None
     assert g2.ntotal == 5
     if store == "faiss":
-        assert not builder.index_path.exists()
+        assert not builder.backend.path.exists()
     else:
         assert not g2.backend.client.has_collection(builder.backend.collection)
 
 
 def test_a_writer_whose_gallery_was_replaced_meanwhile_writes_into_the_new_one(store: str, tmp_path: Path) -> None:
     ws = store_workspace(tmp_path / "ws", store)
-    serve, cli = open_gallery(ws), open_gallery(ws)
+    serve, cli = open_workspace_gallery(ws), open_workspace_gallery(ws)
     serve.add_images(imgs(tmp_path / "up", 3), feats(3), "m")
     cli.refresh()
     with cli.replacing() as new:
@@ -166,11 +167,12 @@ import sys, hashlib, numpy as np
 from pathlib import Path
 from reid_search.gallery import NewImage
 from indexer import open_gallery
+from reid_search.app.session import open_workspace_gallery
 from reid_search.app.workspace import Workspace
 ws, folder, start, n = Workspace(Path(sys.argv[1])), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 x = np.random.default_rng(start).standard_normal((n, 8)).astype(np.float32)
 x /= np.linalg.norm(x, axis=1, keepdims=True)
-g = open_gallery(ws)
+g = open_workspace_gallery(ws)
 g.add_images([NewImage(folder / f"w{i}.jpg", hashlib.sha256(b"%d" % i).hexdigest(), 1) for i in range(start, start + n)], x, "m")
 g.close()
 """
@@ -185,8 +187,8 @@ def run_writer(ws: Workspace, folder: Path, start: int, n: int) -> None:
 @pytest.mark.faiss_only  # writers in other processes: Milvus Lite serves one process (a Milvus server serves many)
 def test_every_reader_sees_every_committed_row(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ws")
-    serve = open_gallery(ws)  # a long-running process that also writes (POST /gallery)
-    reader = open_gallery(ws)
+    serve = open_workspace_gallery(ws)  # a long-running process that also writes (POST /gallery)
+    reader = open_workspace_gallery(ws)
     serve.add_images(imgs(tmp_path / "up", 5), feats(5), "m")
     run_writer(ws, tmp_path / "galE", 100, 7)  # `reid-search index galE` in another process
     serve.add_images(imgs(tmp_path / "up", 5, start=5), feats(5, seed=3), "m")  # commits after it
@@ -197,7 +199,7 @@ def test_every_reader_sees_every_committed_row(tmp_path: Path) -> None:
     q = feats(6, seed=9)
     for g in (serve, reader):
         assert g.ntotal == len(g.ids()) == 23
-        np.testing.assert_array_equal(g.index.ids(), g.ids())
+        np.testing.assert_array_equal(g.backend.index.ids(), g.ids())
         np.testing.assert_array_equal(g.search(q, 23)[1], brute(g, q, 23))
         _, v = g.all_vectors()
         np.testing.assert_array_equal(g.search(v, 1)[1][:, 0], g.ids())  # every crop finds itself
@@ -214,7 +216,7 @@ def test_non_utf8_file_names_are_indexed_losslessly(store: str, tmp_path: Path) 
     raw = os.fsencode(folder) + b"/caf\xe9_\xff.jpg"
     shutil.copy(folder / "0001_c1s1_000000_00.jpg", os.fsdecode(raw))
     (folder / "\ufffeodd.jpg").write_bytes((folder / "0002_c1s1_000001_00.jpg").read_bytes())  # the escape marker itself
-    g = open_gallery(store_workspace(tmp_path / "ws", store))
+    g = open_workspace_gallery(store_workspace(tmp_path / "ws", store))
     report = index_folder(g, folder, PixelExtractor(), num_workers=0)
     assert report.indexed == 5 and not report.skipped
     paths = {os.fsencode(m.path) for b in g.iter_metadata() for m in b}
@@ -231,14 +233,14 @@ def test_non_utf8_file_names_are_indexed_losslessly(store: str, tmp_path: Path) 
 @pytest.mark.faiss_only  # the index file
 def test_index_file_of_another_db_is_detected_and_rebuilt(tmp_path: Path) -> None:
     a, b = Workspace(tmp_path / "a"), Workspace(tmp_path / "b")
-    ga, gb = open_gallery(a), open_gallery(b)
+    ga, gb = open_workspace_gallery(a), open_workspace_gallery(b)
     ga.add_images(imgs(tmp_path / "ga", 20), feats(20, seed=1), "m")
     gb.add_images(imgs(tmp_path / "gb", 20), feats(20, seed=2), "m")  # same model, same ids
     ga.close()
     gb.close()
-    np.testing.assert_array_equal(open_gallery(a).ids(), open_gallery(b).ids())
+    np.testing.assert_array_equal(open_workspace_gallery(a).ids(), open_workspace_gallery(b).ids())
     shutil.copy(a.index_dir / "gallery.faiss", b.index_dir / "gallery.faiss")
-    g = open_gallery(b)
+    g = open_workspace_gallery(b)
     q = feats(5, seed=7)
     np.testing.assert_array_equal(g.search(q, 5)[1], brute(g, q, 5))
     _, v = g.all_vectors()
@@ -251,12 +253,12 @@ def test_index_file_of_another_db_is_detected_and_rebuilt(tmp_path: Path) -> Non
 @pytest.mark.faiss_only  # the index file's temporary
 def test_crash_leftover_tmp_files_are_removed_on_open(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ws")
-    g = open_gallery(ws)
+    g = open_workspace_gallery(ws)
     g.add_images(imgs(tmp_path / "g", 3), feats(3), "m")
     g.close()
     tmp = ws.index_dir / ".gallery.faiss.abc123.tmp"
     tmp.write_bytes(b"\0" * 4096)
-    g = open_gallery(ws)
+    g = open_workspace_gallery(ws)
     assert not tmp.exists() and g.ntotal == 3
 
 
@@ -265,7 +267,7 @@ def test_zero_byte_db_does_not_delete_the_index(store: str, tmp_path: Path) -> N
     if store != "faiss":
         pytest.importorskip("milvus_lite", reason="milvus-lite cannot run here")
     ws = store_workspace(tmp_path / "ws", store)
-    g = open_gallery(ws)
+    g = open_workspace_gallery(ws)
     g.add_images(imgs(tmp_path / "g", 3), feats(3), "m")
     collection = getattr(g.backend, "collection", None)
     g.close()
@@ -276,7 +278,7 @@ def test_zero_byte_db_does_not_delete_the_index(store: str, tmp_path: Path) -> N
     for p in db.parent.glob(db.name + "-*"):
         p.unlink()
     with pytest.raises(GalleryError, match=r"empty .*zero-byte.*restore the DB from a backup, or delete") as err:
-        open_gallery(ws)
+        open_workspace_gallery(ws)
     assert "\n" not in str(err.value) and str(index) in str(err.value)
     assert index.stat().st_size == size
     if store != "faiss":
@@ -290,14 +292,14 @@ def test_zero_byte_db_does_not_delete_the_index(store: str, tmp_path: Path) -> N
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores file permissions")
 def test_read_only_workspace_can_be_queried(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ws")
-    g = open_gallery(ws)
+    g = open_workspace_gallery(ws)
     ids = g.add_images(imgs(tmp_path / "g", 4), feats(4), "m")
     g.close()
     modes = {p: p.stat().st_mode for p in [ws.root, *ws.root.rglob("*")]}
     try:
         for p in modes:
             p.chmod(0o555 if p.is_dir() else 0o444)
-        g = open_gallery(ws)
+        g = open_workspace_gallery(ws)
         np.testing.assert_array_equal(g.search(feats(4), 1)[1][:, 0], ids)
         with pytest.raises(GalleryError, match="writable|read-only|readonly"):
             g.add_images(imgs(tmp_path / "g", 1, start=9), feats(1), "m")
@@ -308,7 +310,7 @@ def test_read_only_workspace_can_be_queried(tmp_path: Path) -> None:
 
 def test_read_paths_take_no_lock(store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ws = store_workspace(tmp_path / "ws", store)
-    g = open_gallery(ws)
+    g = open_workspace_gallery(ws)
     g.add_images(imgs(tmp_path / "g", 4), feats(4), "m")
     g.close()
     from indexer import coordinator
@@ -319,7 +321,7 @@ def test_read_paths_take_no_lock(store: str, tmp_path: Path, monkeypatch: pytest
         return False  # as in a read-only folder: the lock file cannot be made
 
     monkeypatch.setattr(coordinator.WriterLock, "_acquire", no_lock)
-    r = open_gallery(ws)
+    r = open_workspace_gallery(ws)
     assert r.ntotal == 4 and r.search(feats(1), 2)[1].shape == (1, 2) and r.count() == 4
     r.refresh()
     r.close()
@@ -332,7 +334,7 @@ def test_gifs_are_counted_as_skipped(tmp_path: Path) -> None:
 
     Image.new("RGB", (32, 64)).save(folder / "0002_c1s1_000001_00.gif")
     (folder / "notes.txt").write_text("not an image")
-    report = index_folder(open_gallery(Workspace(tmp_path / "ws")), folder, PixelExtractor(), num_workers=0)
+    report = index_folder(open_workspace_gallery(Workspace(tmp_path / "ws")), folder, PixelExtractor(), num_workers=0)
     assert report.indexed == 1 and report.skipped_by_reason() == {"unsupported-format": 1}
     assert report.skipped[0][0].endswith(".gif") and ".gif" in report.skipped[0][2]
     assert report.seen == 2

@@ -13,9 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from indexer import IndexSpec, open_gallery
+from indexer import IndexSpec
+from reid_search.app.session import open_workspace_gallery
 from reid_search.gallery import NewImage
-from reid_search.gallery import GalleryStore, RemoveFilter, SearchFilter
+from reid_search.gallery import GalleryWriter, RemoveFilter, SearchFilter
 from reid_search.app.workspace import Workspace
 from tests.conftest import STORE_KINDS, store_value, store_workspace
 
@@ -57,7 +58,7 @@ def brute_force(g, x: np.ndarray, k: int, f: SearchFilter | None) -> tuple[np.nd
 @pytest.fixture(scope="module", params=STORE_KINDS)
 def gallery(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("filters")
-    g = open_gallery(store_workspace(tmp / "ws", store_value(request.param, request)))
+    g = open_workspace_gallery(store_workspace(tmp / "ws", store_value(request.param, request)))
     imgs = crops(tmp / "gal", 300)
     g.add_images(imgs, unit(np.random.default_rng(1).standard_normal((300, 12))), "m")
     yield g
@@ -65,7 +66,7 @@ def gallery(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 
 def test_the_gallery_is_a_gallery_store(gallery) -> None:
-    assert isinstance(gallery, GalleryStore)
+    assert isinstance(gallery, GalleryWriter)
 
 
 filters = st.builds(
@@ -103,13 +104,13 @@ def test_one_filter_per_query_and_selective_filters_fill_k(gallery) -> None:
 def test_approximate_indexes_filter_inside_and_still_return_k(kind: str, store: str, tmp_path: Path) -> None:
     if kind == "ivfpq" and store != "faiss":
         pytest.skip("Milvus Lite cannot build IVF_PQ (a Milvus server can)")
-    g = open_gallery(store_workspace(tmp_path / "ws", store),
+    g = open_workspace_gallery(store_workspace(tmp_path / "ws", store),
                      spec=IndexSpec(kind, min_train=700) if kind != "hnsw" else IndexSpec(kind))
     imgs = crops(tmp_path / "gal", 1500, seed=3)
     x = unit(np.random.default_rng(2).standard_normal((1500, 16)))
     g.add_images(imgs, x, "m")
     if store == "faiss":
-        assert g.index.trained
+        assert g.backend.index.trained
     else:
         assert g.backend.index_type() == {"hnsw": "HNSW", "ivf": "IVF_FLAT"}[kind]
     q = x[:10]
@@ -126,7 +127,7 @@ def test_approximate_indexes_filter_inside_and_still_return_k(kind: str, store: 
 
 
 def test_count_and_remove_where(store: str, tmp_path: Path) -> None:
-    g = open_gallery(store_workspace(tmp_path / "ws", store))
+    g = open_workspace_gallery(store_workspace(tmp_path / "ws", store))
     imgs = crops(tmp_path / "gal", 200, seed=7)
     ids = g.add_images(imgs, unit(np.random.default_rng(0).standard_normal((200, 8))), "m")
     by_id = dict(zip(ids.tolist(), imgs))
@@ -150,12 +151,12 @@ def test_count_and_remove_where(store: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least one"):
         RemoveFilter()
     g.close()
-    g2 = open_gallery(Workspace(tmp_path / "ws"))
+    g2 = open_workspace_gallery(Workspace(tmp_path / "ws"))
     assert g2.ntotal == g.count() and not np.isin(g2.ids(), want).any()
 
 
 def test_time_and_track_round_trip(store: str, tmp_path: Path) -> None:
-    g = open_gallery(store_workspace(tmp_path / "ws", store))
+    g = open_workspace_gallery(store_workspace(tmp_path / "ws", store))
     naive = datetime(2024, 5, 1, 13, 45, 0, 123456)
     paris = datetime(2024, 5, 1, 15, 45, 0, 123456, tzinfo=timezone(timedelta(hours=2)))
     ids = g.add_images([NewImage(tmp_path / "a.jpg", "0" * 64, 1, camid=1, time=naive, track="t1"),

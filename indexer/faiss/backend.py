@@ -1,15 +1,21 @@
-"""The FAISS :class:`~indexer.protocol.VectorBackend`: a cache of the vectors the SQL DB holds.
+"""The FAISS store: a :class:`~indexer.protocol.VectorBackend` that caches the vectors the SQL DB holds,
+and :class:`FaissFactory`, which opens one per gallery version.
 
 One gallery version's vectors live in a :class:`~indexer.faiss.index.VectorIndex`
-kept in memory and saved to one file (``gallery.faiss`` for version 0,
-``gallery.v<N>.faiss`` after re-indexes). Beside the index, a
+kept in memory and saved to one file in the index folder (``gallery.faiss`` for
+version 0, ``gallery.v<N>.faiss`` after re-indexes). Beside the index, a
 :class:`FieldTable` keeps each id's camera, capture time and track, so a
-:class:`~indexer.protocol.SearchFilter` becomes the set of allowed ids handed
+:class:`~reid_search.gallery.SearchFilter` becomes the set of allowed ids handed
 to FAISS as an ``IDSelector`` (exact masking on ``flat``).
 
 The file's header carries the DB's ``store_id`` and the generation it was
 flushed at: a file made against another DB is discarded, one from a later
 generation than the DB's too (the coordinator then refills it from SQL).
+
+Saving a big index takes time, so the file is written when the gallery's
+``save_interval`` has passed, or 10× the last save's duration if that is
+longer (:meth:`FaissBackend.flush_due`): big indexes spend at most ~10 % of
+the time saving. Whatever is not saved yet is rebuilt from SQL after a crash.
 """
 
 from __future__ import annotations
@@ -17,20 +23,21 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import struct
 import time
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from reid_search.filters import filter_mask
 from reid_search.gallery import SearchFilter, group_by_filter, per_query_filters
 from reid_search.timeutil import NO_TIME
-from indexer.protocol import RowFields
+from indexer.protocol import BackendFactory, RowFields, VectorBackend, VectorSource
 from indexer.faiss.index import VectorIndex
-from indexer.spec import PARAMS_BY_KIND, SEARCH_PARAMS, IndexSpec
+from indexer.spec import FAISS_KINDS, PARAMS_BY_KIND, SEARCH_PARAMS, IndexSpec
 from indexer.topk import exact_search, fill_short
 from reid_search.errors import GalleryError
 
@@ -38,30 +45,8 @@ log = logging.getLogger(__name__)
 
 EXACT_SUBSET = 4096  # a filter passing at most this many crops is answered by exact search over them
 _FILE_RE = re.compile(r"^gallery(?:\.v(\d+))?\.faiss$")
-
-
-def index_file(index_dir: Path, version: int) -> Path:
-    """The index file of a gallery version."""
-    return index_dir / ("gallery.faiss" if version == 0 else f"gallery.v{version}.faiss")
-
-
-def file_version(path: Path) -> int | None:
-    """The gallery version an index file name belongs to (``None``: not an index file)."""
-    m = _FILE_RE.match(path.name)
-    return None if m is None else int(m.group(1) or 0)
-
-
-class VectorSource(Protocol):
-    """Where a FAISS backend gets the vectors it caches (the SQL DB, one gallery version)."""
-
-    def iter_rows(self, batch_size: int = 8192) -> Iterator[tuple[RowFields, np.ndarray]]:
-        """Every row's fields and feature, id order."""
-
-    def count(self) -> int:
-        """Rows in the version."""
-
-    def vectors(self, ids: np.ndarray) -> np.ndarray:
-        """Features of ``ids``, given order."""
+# The temporary that reid_search.atomic.atomic_write makes beside an index file while saving it.
+_TEMP_RE = re.compile(r"^\.gallery(?:\.v\d+)?\.faiss\..+\.tmp$")
 
 
 class FieldTable:
@@ -144,7 +129,7 @@ class FieldTable:
         return t
 
 
-class FaissBackend:
+class FaissBackend(VectorBackend):
     """A gallery version's vectors in FAISS, with the fields filters need (see the module docstring).
 
     Not thread-safe for mutation; concurrent searches are fine.
@@ -231,7 +216,7 @@ class FaissBackend:
             self.rebuild(f"{len(ids)} removals ({self.spec.kind} cannot remove in place)")
 
     def search(self, feats: np.ndarray, k: int, filters: Sequence[SearchFilter | None]) -> tuple[np.ndarray, np.ndarray]:
-        """k best per query among the ids its filter allows (see :meth:`GalleryStore.search`)."""
+        """k best per query among the ids its filter allows (see :meth:`reid_search.gallery.GalleryReader.search`)."""
         x = np.ascontiguousarray(feats, np.float32)
         q = len(x)
         sims = np.full((q, k), -np.inf, np.float32)
@@ -285,6 +270,23 @@ class FaissBackend:
         """Generation of the last flush (or of the loaded file); ``None`` if never."""
         return self._stamp
 
+    def flush_due(self, now: float, interval: float) -> bool:
+        """Unsaved changes, and ``interval`` seconds (or 10× the last save's duration) since the last save."""
+        return self.dirty and now - self.last_save >= max(interval, 10 * self.save_cost)
+
+    def refill(self, reason: str) -> bool:
+        """Build the index from every vector in the DB in one pass (training included)."""
+        self.rebuild(reason)
+        return True
+
+    def device(self) -> str:
+        """Where searches run, e.g. ``CPU (2 threads)`` or a GPU."""
+        return self.index.device
+
+    def describe(self) -> str:
+        """``exact until trained`` for an IVF index that has too few vectors to train yet."""
+        return "" if self.index.trained else "exact until trained"
+
     def drop(self) -> None:
         """Forget every vector and delete the file."""
         self.index = VectorIndex.empty(self.spec, self.dim)
@@ -326,3 +328,66 @@ class FaissBackend:
             return False
         self.rebuild(f"index type changed from {old.describe()} to {spec.describe()}")
         return True
+
+
+def index_file(index_dir: Path, version: int) -> Path:
+    """The index file of a gallery version."""
+    return index_dir / ("gallery.faiss" if version == 0 else f"gallery.v{version}.faiss")
+
+
+def file_version(path: Path) -> int | None:
+    """The gallery version an index file name belongs to (``None``: not an index file)."""
+    m = _FILE_RE.match(path.name)
+    return None if m is None else int(m.group(1) or 0)
+
+
+def check_faiss_spec(spec: IndexSpec) -> None:
+    """Refuse an index type only the Milvus store builds.
+
+    Raises:
+        GalleryError: ``ivfsq8`` or ``diskann`` on the FAISS store.
+    """
+    if spec.kind not in FAISS_KINDS:
+        raise GalleryError(f"--index-type {spec.kind} is a Milvus index; the FAISS store builds {', '.join(FAISS_KINDS)} "
+                           "(ivfpq is its compact one), or keep the gallery in Milvus: --store milvus: or http://HOST:19530")
+
+
+class FaissFactory(BackendFactory):
+    """The FAISS store: one index file per gallery version in ``index_dir`` (see the module docstring)."""
+
+    kind = "faiss"
+    holds_vectors = False
+
+    def __init__(self, index_dir: str | os.PathLike[str]) -> None:
+        self.index_dir = Path(index_dir)
+
+    def __call__(self, version: int, dim: int, spec: IndexSpec, store_id: str | None,
+                 source: VectorSource) -> FaissBackend:
+        """The backend of ``version``, loaded from its file when that is usable (else refilled by the coordinator)."""
+        return FaissBackend(index_file(self.index_dir, version), spec, dim, store_id, source)
+
+    def check_spec(self, spec: IndexSpec) -> None:
+        """See :func:`check_faiss_spec`."""
+        check_faiss_spec(spec)
+
+    def leftovers(self, workspace_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+        """The non-empty index files in ``index_dir`` (``workspace_dir`` adds nothing: FAISS keeps no other files)."""
+        if not self.index_dir.is_dir():
+            return []
+        return sorted(p for p in self.index_dir.iterdir()
+                      if file_version(p) is not None and p.is_file() and p.stat().st_size > 0)
+
+    def cleanup(self, keep: set[int]) -> None:
+        """Delete the index files of versions not in ``keep`` and the temporaries of interrupted saves."""
+        if not self.index_dir.is_dir():
+            return
+        for p in self.index_dir.iterdir():
+            v = file_version(p)
+            if v is not None and v not in keep:
+                log.warning("removing %s, the index of a replaced gallery version", p)
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            elif _TEMP_RE.match(p.name):
+                log.warning("removing %s, left by an interrupted save", p)
+                with contextlib.suppress(OSError):
+                    p.unlink()

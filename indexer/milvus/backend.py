@@ -38,13 +38,14 @@ import contextlib
 import logging
 import math
 import re
+import time
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from reid_search.gallery import SearchFilter, group_by_filter, per_query_filters
 from reid_search.limits import MAX_TRACK_CHARS
-from indexer.protocol import RowFields
+from indexer.protocol import RowFields, VectorBackend
 from reid_search.errors import GalleryError
 from indexer.location import StoreLocation
 from indexer.milvus.client import connect, milvus_error, quiet_pymilvus
@@ -62,7 +63,7 @@ _INSERT_BYTES = 16 << 20  # bytes of vectors per insert request (servers cap a r
 _GET_BATCH = 4096  # ids per get / delete request
 _COLLECTION_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 
-class MilvusBackend:
+class MilvusBackend(VectorBackend):
     """A gallery's vectors in one Milvus collection (see the module docstring).
 
     The collection is created at the first :meth:`add` (its dimension comes
@@ -86,6 +87,8 @@ class MilvusBackend:
         check_milvus_spec(self.spec, lite)
         self.dim: int | None = None
         self._exists = False
+        self._unflushed = False  # written since the last flush
+        self._last_flush = time.monotonic()
         if self._call("has_collection", collection):
             self._exists = True
             self._check_existing()
@@ -251,6 +254,7 @@ class MilvusBackend:
         per = max(1, _INSERT_BYTES // (4 * int(self.dim or 1)))
         for s in range(0, len(rows), per):
             # upsert: re-adding an id (a repair, a retried batch) must not duplicate it
+            self._unflushed = True
             self._call("upsert", self.collection, rows[s:s + per])
 
     def remove(self, ids: np.ndarray) -> None:
@@ -258,6 +262,7 @@ class MilvusBackend:
         ids = np.asarray(ids, np.int64).ravel()
         if not self._exists or not len(ids):
             return
+        self._unflushed = True
         for s in range(0, len(ids), _GET_BATCH):
             self._call("delete", self.collection, ids=[int(i) for i in ids[s:s + _GET_BATCH]])
 
@@ -398,6 +403,16 @@ class MilvusBackend:
             return
         self._call("flush", self.collection)
         self._call("alter_collection_properties", self.collection, properties={STAMP_KEY: str(int(generation))})
+        self._unflushed = False
+        self._last_flush = time.monotonic()
+
+    def flush_due(self, now: float, interval: float) -> bool:
+        """Whether something was written since the last flush and ``interval`` seconds have passed.
+
+        The coordinator flushes a backend that holds the only copy of the vectors
+        after every commit, so this is a safety net more than a policy.
+        """
+        return self._unflushed and now - self._last_flush >= interval
 
     def stamp(self) -> int | None:
         """The generation of the last :meth:`flush` (``None`` if never, or no collection)."""
@@ -415,7 +430,11 @@ class MilvusBackend:
         if self._call("has_collection", self.collection):
             self._call("drop_collection", self.collection)
             log.info("dropped Milvus collection %s", self.collection)
-        self._exists, self.dim = False, None
+        self._exists, self.dim, self._unflushed = False, None, False
+
+    def device(self) -> str:
+        """``CPU``: what this process can say; the searches run in Milvus (Lite's process, or the server)."""
+        return "CPU"
 
     def close(self) -> None:
         """Release the client (a Lite folder stays open in this process until exit)."""

@@ -8,14 +8,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-
-from reid_search.errors import GalleryError
 from indexer.location import LITE_FILE, StoreLocation
 from indexer.milvus.backend import MilvusBackend
 from indexer.milvus.client import connect, milvus_error
 from indexer.milvus.spec import check_milvus_spec
+from indexer.protocol import BackendFactory, VectorSource
+from reid_search.errors import GalleryError
 
 log = logging.getLogger(__name__)
+
 
 def collection_name(store_id: str | None, version: int) -> str:
     """The collection of one gallery version: ``reid_<SQL DB id>_v<version>`` (one server holds many galleries)."""
@@ -23,11 +24,12 @@ def collection_name(store_id: str | None, version: int) -> str:
     return f"reid_{sid}_v{int(version)}"
 
 
-class MilvusFactory:
-    """A coordinator backend factory, ``(version, dim, spec, store_id, source) -> MilvusBackend``.
+class MilvusFactory(BackendFactory):
+    """The Milvus store: one collection per gallery version (see :func:`collection_name`).
 
     One connection is shared by every version's backend; ``holds_vectors`` tells the
-    coordinator to keep no vectors in SQL.
+    coordinator to keep no vectors in SQL. The collections of replaced versions are
+    dropped through their backends, so :meth:`cleanup` has nothing left to do.
     """
 
     kind = "milvus"
@@ -37,10 +39,16 @@ class MilvusFactory:
         self.location = location
         self._client: Any = None
 
-    def leftovers(self, workspace_dir: str | os.PathLike[str]) -> list[Path]:
+    def leftovers(self, workspace_dir: str | os.PathLike[str] | None) -> list[Path]:
         """The workspace's own Lite file when it holds reid-search collections (checked when the DB is empty:
         a lost or truncated DB beside them); ``[]`` otherwise. A shared file or a server holds other galleries
-        too, so only the workspace's own file is checked."""
+        too, so only the workspace's own file is checked.
+
+        Raises:
+            GalleryError: the workspace's Lite file cannot be read.
+        """
+        if workspace_dir is None:
+            return []
         own = Path(workspace_dir).resolve() / LITE_FILE
         if not self.location.is_lite or Path(self.location.uri or "") != own or not own.exists():
             return []
@@ -62,14 +70,17 @@ class MilvusFactory:
             self._client = connect(self.location)
         return self._client
 
-    def __call__(self, version: int, dim: int, spec: Any, store_id: str | None, source: Any) -> MilvusBackend:
+    def cleanup(self, keep: set[int]) -> None:
+        """Nothing: a Milvus store keeps nothing outside its collections."""
+
+    def __call__(self, version: int, dim: int, spec: Any, store_id: str | None, source: VectorSource) -> MilvusBackend:
+        """The collection of ``version`` (created at its first add).
+
+        Raises:
+            GalleryError: an unreachable Milvus, or a collection of another dimension.
+        """
         b = MilvusBackend(self.client, collection_name(store_id, version), spec, lite=self.location.is_lite)
         if b.dim is not None and dim and b.dim != dim:
             raise GalleryError(f"the Milvus collection {b.collection} holds {b.dim}-d vectors but the gallery is {dim}-d; "
                                "re-index with `reid-search index DIR --reindex`")
         return b
-
-
-def factory_for(location: StoreLocation) -> MilvusFactory | None:
-    """The coordinator's backend factory for a resolved store: ``None`` (FAISS, the default) or Milvus."""
-    return MilvusFactory(location) if location.kind == "milvus" else None

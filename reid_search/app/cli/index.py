@@ -77,7 +77,7 @@ def index(app: App, folder: Path, model: Path | None, manifest: Path | None, ind
       path,camid,time,track
       cam1/000001.jpg,1,2024-05-01T08:00:03Z,cam1-0007
     """
-    from indexer.store import open_gallery
+    from reid_search.app.session import open_workspace_gallery
     from reid_search.extractors import load_extractor
 
     if not folder.exists():
@@ -89,7 +89,7 @@ def index(app: App, folder: Path, model: Path | None, manifest: Path | None, ind
     model_file = app.workspace.model_path(model, gallery=not reindex)
     extractor = load_extractor(model_file, device=device, flip=flip, precision=precision)
     app.workspace.ensure()
-    store = open_gallery(app.workspace)
+    store = open_workspace_gallery(app.workspace)
     try:
         run = dict(folder=folder, extractor=extractor, manifest=manifest, index_type=index_type,
                    index_params=index_params, batch_size=batch_size, workers=workers, prune=prune,
@@ -213,9 +213,9 @@ def remove(app: App, paths: tuple[Path, ...], pid: int | None, camid: int | None
         raise DataError("--dry-run counts what --pid/--camid/--before/--track match; it does not take PATHs")
     where = make_remove_filter(pid, camid, before, track) if by_filter else None
 
-    from indexer.store import open_gallery
+    from reid_search.app.session import open_workspace_gallery
 
-    store = open_gallery(app.workspace)
+    store = open_workspace_gallery(app.workspace)
     try:
         if where is not None:
             metas = store.remove_where(where, dry_run=dry_run)
@@ -271,7 +271,7 @@ def upgrade(app: App) -> None:
       reid-search db upgrade
     """
     from indexer.migrations import upgrade_db
-    from indexer.store import make_engine
+    from indexer.db import make_engine
 
     app.workspace.ensure()
     engine = make_engine(app.workspace.db_url)

@@ -16,11 +16,11 @@ from reid_search.sightings import GROUP_BY
 
 def open_engine(app: App, model: Path | None, device: str, precision: str = "auto"):
     """The workspace's gallery with the given model, else the one that built the gallery."""
-    from indexer.store import open_gallery
+    from reid_search.app.session import open_workspace_gallery
     from reid_search.engine import SearchEngine
     from reid_search.extractors import load_extractor
 
-    gallery = open_gallery(app.workspace)
+    gallery = open_workspace_gallery(app.workspace)
     if gallery.ntotal == 0:
         raise GalleryError(f"the gallery of workspace {app.workspace.root} is empty: run `reid-search index FOLDER` first")
     extractor = load_extractor(app.workspace.model_path(model), device=device, precision=precision)

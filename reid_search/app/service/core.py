@@ -79,12 +79,12 @@ class SearchCore:
 
     def __init__(self, workspace: Workspace, model: Path | None = None, device: str = "auto", flip: bool = False,
                  refresh_interval_s: float = 1.0, precision: str = "auto") -> None:
-        from indexer import open_gallery
+        from reid_search.app.session import open_workspace_gallery
 
         self.workspace = workspace
         self.model_file = workspace.model_path(model)
         self.extractor = load_extractor(self.model_file, device=device, flip=flip, precision=precision)
-        self.gallery = open_gallery(workspace)
+        self.gallery = open_workspace_gallery(workspace)
         self.gallery.check_model(self.extractor.fingerprint, self.extractor.dim)
         self.uploads = workspace.uploads_dir.resolve()
         self.refresh_interval_s = refresh_interval_s
