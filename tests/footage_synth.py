@@ -51,15 +51,23 @@ def texture(pid: int, h: int, w: int) -> np.ndarray:
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
-def render(rows: Iterable[tuple[int, np.ndarray]], size: tuple[int, int]) -> np.ndarray:
-    """One RGB frame with the given boxes drawn (later rows on top)."""
+def render(rows: Iterable[tuple[int, np.ndarray]], size: tuple[int, int], blurred: frozenset[int] = frozenset()) -> np.ndarray:
+    """One RGB frame with the given boxes drawn (later rows on top); walkers in ``blurred`` are out of focus."""
+    import cv2
+
     h, w = size
     ramp = np.linspace(60, 120, w, dtype=np.float32)
     img = np.empty((h, w, 3), np.uint8)
     img[:] = ramp[None, :, None].astype(np.uint8)
+    rows = list(rows)
     for pid, box in rows:
         x1, y1, x2, y2 = (int(round(v)) for v in box)
         img[y1:y2, x1:x2] = texture(pid, y2 - y1, x2 - x1)
+    for pid, box in rows:
+        if pid in blurred:  # after drawing: whatever overlaps the walker is out of focus too
+            x1, y1, x2, y2 = (int(round(v)) for v in box)
+            a, b, c, d = max(0, x1 - 8), max(0, y1 - 8), min(w, x2 + 8), min(h, y2 + 8)
+            img[b:d, a:c] = cv2.GaussianBlur(img[b:d, a:c], (0, 0), 4)
     return img
 
 
