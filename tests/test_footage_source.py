@@ -147,7 +147,10 @@ def test_truncated_file_yields_what_decodes(tmp_path: Path, caplog: pytest.LogCa
     assert [f.index for f in frames] == list(range(len(frames)))
     assert src.stopped_early is not None and "of 4.000 s" in src.stopped_early
     assert any("kept the" in r.getMessage() for r in caplog.records)
-    assert list(open_source(full)) and open_source(full).stopped_early is None
+    whole = open_source(full)
+    assert len(list(whole)) == 40 and whole.stopped_early is None
+    with pytest.raises(DataError, match="read already"):
+        list(whole)
 
 
 def test_mp4_cut_before_its_index(tmp_path: Path) -> None:

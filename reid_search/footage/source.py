@@ -90,6 +90,7 @@ class FrameSource:
         self.last_pts: float | None = None
         self.duration_s: float | None = None
         self._container = None
+        self._read = False
         self._frame_files: list[Path] | None = None
         self._frames_fps = frames_fps
         path = Path(source)
@@ -146,10 +147,12 @@ class FrameSource:
             self.duration_s = self._container.duration / 1_000_000
 
     def _start(self, start: datetime | None, path: Path) -> tuple[datetime, str]:
+        if self.live:
+            if start is not None:
+                log.info("%s: a live source is timed by the wall clock; the start time is not used", self.name)
+            return datetime.now(timezone.utc), "wall clock"
         if start is not None:
             return as_utc(start), "given"
-        if self.live:
-            return datetime.now(timezone.utc), "wall clock"
         tag = (self._container.metadata.get("creation_time") if self._container is not None else None) or None
         if tag:
             try:
@@ -164,7 +167,14 @@ class FrameSource:
 
     # -- reading ----------------------------------------------------------
     def __iter__(self) -> Iterator[Frame]:
-        """Decoded frames, sampled to ``fps`` by timestamp when it is set."""
+        """Decoded frames, sampled to ``fps`` by timestamp when it is set.
+
+        Raises:
+            DataError: the source was read (or closed) already: open it again.
+        """
+        if self._read:
+            raise DataError(f"{self.name} was read already: open it again to read it again")
+        self._read = True
         raw = self._iter_frames() if self._frame_files is not None else self._iter_av()
         if self.fps is None:
             yield from raw
@@ -248,6 +258,7 @@ class FrameSource:
 
     def close(self) -> None:
         """Release the decoder (iteration does it at the end)."""
+        self._read = True
         if self._container is not None:
             self._container.close()
             self._container = None
