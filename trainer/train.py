@@ -35,7 +35,7 @@ from reid_search.atomic import atomic_write_json
 from reid_search.checkpoint import read_checkpoint, save_checkpoint
 from reid_search.data import ImageRecord, MarketDataset, load_market, training_labels
 from reid_search.devices import auto_device, ddp_backend
-from reid_search.errors import DataError, ModelError
+from reid_search.errors import DataError, ModelError, first_line
 from reid_search.images import ImageLoadError, load_image
 from reid_search.torch_extractor import TorchExtractor
 from reid_search.extract import extract_features
@@ -418,7 +418,7 @@ def load_training(
     try:
         _unwrap(state.model).load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise ModelError(f"cannot resume {path}: the model differs ({str(exc).splitlines()[0]}); is it the same dataset?") from None
+        raise ModelError(f"cannot resume {path}: the model differs ({first_line(exc, with_type=False)}); is it the same dataset?") from None
     state.optimizer.load_state_dict(ts["optimizer"])
     if state.center_optimizer is not None and ts["center_optimizer"] is not None:
         state.center_optimizer.load_state_dict(ts["center_optimizer"])
