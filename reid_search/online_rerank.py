@@ -28,7 +28,9 @@ How it differs from the batch form, by construction:
 
 Everything else (row normalisation by the largest distance, exp weights,
 local query expansion over k2 neighbours, Jaccard 1 - s/(2 - s), and the
-λ mix) is the batch formula. ``scripts/bench_search.py`` and BENCHMARKS.md
+λ mix) is the batch formula. The reciprocal sets, the 2/3 rule, the weight rows,
+the gallery's query expansion and the Jaccard sums are computed by the batch
+form's own functions (:mod:`reid_search._kreciprocal`). ``scripts/bench_search.py`` and BENCHMARKS.md
 measure the difference on real data.
 """
 
