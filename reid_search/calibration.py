@@ -37,6 +37,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from reid_search.metrics import protocol_inputs
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -53,17 +55,6 @@ __all__ = [
 
 REPORTED_FPRS = (1e-4, 1e-3, 1e-2)
 HIST_BINS = 2048
-
-
-def _as_ids(name: str, arr: Any, length: int) -> np.ndarray:
-    a = np.asarray(arr)
-    if a.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
-    if a.size and a.dtype.kind not in "iu":
-        raise ValueError(f"{name} must hold integers, got dtype {a.dtype}")
-    if a.shape[0] != length:
-        raise ValueError(f"{name} has {a.shape[0]} entries but distmat implies {length}")
-    return a.astype(np.int64, copy=False)
 
 
 @dataclass(frozen=True)
@@ -139,34 +130,53 @@ def collect_pairs(
         ValueError: inconsistent shapes, non-integer ids, NaN distances, an FPR outside
             (0, 1), or no genuine or no impostor pair.
     """
-    dist = np.asarray(distmat)
-    if dist.ndim != 2:
-        raise ValueError(f"distmat must be 2-D (num_query × num_gallery), got shape {dist.shape}")
-    if dist.dtype.kind not in "fiu":
-        raise ValueError(f"distmat must be real-valued, got dtype {dist.dtype}")
+    dist, q_pids, g_pids, q_camids, g_camids = protocol_inputs(distmat, q_pids, g_pids, q_camids, g_camids)
     for f in fprs:
         if not 0.0 < f < 1.0:
             raise ValueError(f"false-positive rates must lie in (0, 1), got {f}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    num_q, num_g = dist.shape
-    q_pids = _as_ids("q_pids", q_pids, num_q)
-    q_camids = _as_ids("q_camids", q_camids, num_q)
-    g_pids = _as_ids("g_pids", g_pids, num_g)
-    g_camids = _as_ids("g_camids", g_camids, num_g)
+    num_q = dist.shape[0]
 
     valid_cols = np.flatnonzero(g_pids != -1)
     gp, gc = g_pids[valid_cols], g_camids[valid_cols]
-    # Impostor count per query without looking at distances: kept items minus same-pid items.
-    uniq, counts = np.unique(gp, return_counts=True)
+    num_impostor = _impostor_count(q_pids, gp)
+    pairs = _Pairs(num_q, _hist_edges(dist, bins), _keep_for(num_impostor, fprs))
+    for start in range(0, num_q, block_size):
+        stop = min(start + block_size, num_q)
+        block = np.asarray(dist[start:stop][:, valid_cols], dtype=np.float64)
+        same = q_pids[start:stop, None] == gp[None, :]
+        excluded = same & (q_camids[start:stop, None] == gc[None, :])
+        pairs.add(start, block, gen=same & ~excluded, imp=~same, excluded=excluded)
+
+    genuine = np.sort(np.concatenate(pairs.genuine_parts)) if pairs.genuine_parts else np.zeros(0)
+    if genuine.size == 0:
+        raise ValueError("no genuine pair: no query's identity appears in the gallery under another camera")
+    if num_impostor == 0:
+        raise ValueError("no impostor pair: every gallery item has the query's identity")
+    low = np.sort(pairs.low)
+    logger.debug("pairs: %d genuine, %d impostor (%d smallest kept)", genuine.size, num_impostor, low.size)
+    return PairStats(genuine, low, num_impostor, low.size == num_impostor, pairs.edges, pairs.g_hist,
+                     pairs.i_hist, pairs.top1_dist, pairs.top1_gen, pairs.nearest_imp, pairs.has_gen)
+
+
+def _impostor_count(q_pids: np.ndarray, kept_pids: np.ndarray) -> int:
+    """Impostor pairs without looking at distances: kept gallery items minus same-pid ones, summed."""
+    uniq, counts = np.unique(kept_pids, return_counts=True)
     idx = np.searchsorted(uniq, q_pids)
     found = idx < uniq.size
     found[found] = uniq[idx[found]] == q_pids[found]
-    same_pid = np.zeros(num_q, np.int64)
+    same_pid = np.zeros(q_pids.size, np.int64)
     same_pid[found] = counts[idx[found]]
-    num_impostor = int((valid_cols.size - same_pid).sum())
-    keep = _keep_for(num_impostor, fprs)
+    return int((kept_pids.size - same_pid).sum())
 
+
+def _hist_edges(dist: np.ndarray, bins: int) -> np.ndarray:
+    """``bins + 1`` edges over the finite range of ``dist``.
+
+    Raises:
+        ValueError: ``dist`` holds a NaN.
+    """
     finite = np.isfinite(dist) if dist.size else np.zeros(0, bool)
     if dist.size and np.isnan(dist).any():
         raise ValueError("distmat contains NaN")
@@ -174,57 +184,51 @@ def collect_pairs(
     hi = float(dist[finite].max()) if finite.any() else 1.0
     if hi <= lo:
         hi = lo + 1.0
-    edges = np.linspace(lo, hi, bins + 1)
-    g_hist = np.zeros(bins, np.int64)
-    i_hist = np.zeros(bins, np.int64)
+    return np.linspace(lo, hi, bins + 1)
 
-    def binned(v: np.ndarray) -> np.ndarray:
+
+class _Pairs:
+    """What :func:`collect_pairs` keeps while the blocks of query rows go by."""
+
+    def __init__(self, num_q: int, edges: np.ndarray, keep: int) -> None:
+        bins = edges.size - 1
+        self.edges, self.keep = edges, keep
+        self.g_hist = np.zeros(bins, np.int64)
+        self.i_hist = np.zeros(bins, np.int64)
+        self.genuine_parts: list[np.ndarray] = []
+        self.low = np.zeros(0, np.float64)  # the `keep` smallest impostor distances so far
+        self.top1_dist = np.full(num_q, np.inf)
+        self.top1_gen = np.zeros(num_q, bool)
+        self.nearest_imp = np.full(num_q, np.inf)
+        self.has_gen = np.zeros(num_q, bool)
+
+    def _binned(self, v: np.ndarray) -> np.ndarray:
         # Bin i is (edges[i], edges[i+1]]; the first also holds edges[0].
-        return np.bincount(np.clip(np.searchsorted(edges, v, side="left") - 1, 0, bins - 1), minlength=bins)
+        bins = self.edges.size - 1
+        return np.bincount(np.clip(np.searchsorted(self.edges, v, side="left") - 1, 0, bins - 1), minlength=bins)
 
-    genuine_parts: list[np.ndarray] = []
-    low = np.zeros(0, np.float64)
-    top1_dist = np.full(num_q, np.inf)
-    top1_gen = np.zeros(num_q, bool)
-    nearest_imp = np.full(num_q, np.inf)
-    has_gen = np.zeros(num_q, bool)
-
-    for start in range(0, num_q, block_size):
-        stop = min(start + block_size, num_q)
-        block = np.asarray(dist[start:stop][:, valid_cols], dtype=np.float64)
-        same = q_pids[start:stop, None] == gp[None, :]
-        excluded = same & (q_camids[start:stop, None] == gc[None, :])
-        gen = same & ~excluded
-        imp = ~same
+    def add(self, start: int, block: np.ndarray, *, gen: np.ndarray, imp: np.ndarray, excluded: np.ndarray) -> None:
+        """Take query rows ``start..`` (``block``: their distances to the kept gallery items)."""
+        stop = start + block.shape[0]
         gvals = block[gen]
         ivals = block[imp]
-        genuine_parts.append(gvals)
-        g_hist += binned(gvals)
-        i_hist += binned(ivals)
-        if keep:
-            cand = np.concatenate([low, ivals])
-            if cand.size > keep:
-                cand = np.partition(cand, keep - 1)[:keep]
-            low = cand
-        has_gen[start:stop] = gen.any(axis=1)
+        self.genuine_parts.append(gvals)
+        self.g_hist += self._binned(gvals)
+        self.i_hist += self._binned(ivals)
+        if self.keep:
+            cand = np.concatenate([self.low, ivals])
+            if cand.size > self.keep:
+                cand = np.partition(cand, self.keep - 1)[: self.keep]
+            self.low = cand
+        self.has_gen[start:stop] = gen.any(axis=1)
         # argmin picks the lowest index among equal minima: the stable (distance, index) order.
         kept = np.where(excluded, np.inf, block)
         if kept.shape[1]:
             first = np.argmin(kept, axis=1)
             rows = np.arange(stop - start)
-            top1_dist[start:stop] = kept[rows, first]
-            top1_gen[start:stop] = gen[rows, first] & np.isfinite(kept[rows, first])
-            nearest_imp[start:stop] = np.where(imp, block, np.inf).min(axis=1)
-
-    genuine = np.sort(np.concatenate(genuine_parts)) if genuine_parts else np.zeros(0)
-    if genuine.size == 0:
-        raise ValueError("no genuine pair: no query's identity appears in the gallery under another camera")
-    if num_impostor == 0:
-        raise ValueError("no impostor pair: every gallery item has the query's identity")
-    low = np.sort(low)
-    logger.debug("pairs: %d genuine, %d impostor (%d smallest kept)", genuine.size, num_impostor, low.size)
-    return PairStats(genuine, low, num_impostor, low.size == num_impostor, edges, g_hist, i_hist,
-                     top1_dist, top1_gen, nearest_imp, has_gen)
+            self.top1_dist[start:stop] = kept[rows, first]
+            self.top1_gen[start:stop] = gen[rows, first] & np.isfinite(kept[rows, first])
+            self.nearest_imp[start:stop] = np.where(imp, block, np.inf).min(axis=1)
 
 
 def threshold_at_fpr(stats: PairStats, fpr: float) -> float:

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import torch
 
 from reid_search.atomic import atomic_write_bytes
-from reid_search.errors import ModelError
+from reid_search.errors import ModelError, first_line
 from reid_search.model import ReIDNet, build_model, fingerprint_state
 from reid_search.transforms import Preprocess
 
@@ -114,12 +114,6 @@ def save_checkpoint(
     return meta
 
 
-def _short_reason(exc: BaseException) -> str:
-    """The first line of an exception's message, without torch's advice to load unsafely."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
 def _weights_only_reason(exc: BaseException) -> str | None:
     """What a ``weights_only`` load objected to, without torch's advice; None for other errors."""
     text = str(exc)
@@ -152,7 +146,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
                 f"refusing {path}: it holds pickled Python objects ({reason}), which are not loaded for safety; "
                 f"use a checkpoint written by `reid-search train`"
             ) from None
-        detail = reason if reason is not None else f"{type(exc).__name__}: {_short_reason(exc)}"
+        detail = reason if reason is not None else first_line(exc)
         raise ModelError(f"cannot read {path} as a checkpoint ({detail}); is it a reid-search .pt file?") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ModelError(f"{path} is not a reid-search checkpoint (format {FORMAT}); train one with `reid-search train`")
@@ -183,7 +177,7 @@ def checkpoint_meta(ckpt: Mapping[str, Any], path: str | os.PathLike[str]) -> Mo
         raise ModelError(f"{path} is a damaged checkpoint: its meta lacks {exc}; use another checkpoint or retrain "
                          f"with `reid-search train`") from None
     except (TypeError, ValueError, AttributeError) as exc:
-        raise ModelError(f"{path} is a damaged checkpoint: bad meta ({_short_reason(exc)}); use another checkpoint "
+        raise ModelError(f"{path} is a damaged checkpoint: bad meta ({first_line(exc, with_type=False)}); use another checkpoint "
                          f"or retrain with `reid-search train`") from None
     return meta
 
@@ -203,11 +197,11 @@ def load_model(path: str | os.PathLike[str], device: torch.device | str = "cpu")
         model = build_model(meta.arch, meta.num_classes, meta.last_stride, meta.neck, "none", meta.neck_feat)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{path} is a damaged checkpoint: its meta describes no buildable model "
-                         f"({_short_reason(exc)}); use another checkpoint") from None
+                         f"({first_line(exc, with_type=False)}); use another checkpoint") from None
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, TypeError, AttributeError) as exc:
-        raise ModelError(f"{path}: weights do not match the model they describe ({_short_reason(exc)})") from None
+        raise ModelError(f"{path}: weights do not match the model they describe ({first_line(exc, with_type=False)})") from None
     model.eval().to(device)
     config = ckpt.get("config", {})
     return model, meta, dict(config) if isinstance(config, Mapping) else {}

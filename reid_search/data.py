@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterator, Sequence
 
 from reid_search.errors import DataError
 
@@ -72,26 +72,45 @@ def parse_name(name: str) -> NameInfo | None:
     return NameInfo(pid, camid)
 
 
+def labels_from_name(name: str | os.PathLike[str]) -> tuple[int | None, int | None, int | None, int | None]:
+    """``(pid, camid, seq, frame)`` a Market/Duke-style file name gives (its last part
+    counts); all four ``None`` for any other name."""
+    info = parse_name(os.fspath(name))
+    return (info.pid, info.camid, info.seq, info.frame) if info else (None, None, None, None)
+
+
 def record_for(path: Path) -> ImageRecord:
     """Build the record of one image path, parsing its name when it can."""
-    info = parse_name(path.name)
-    if info is None:
-        return ImageRecord(path)
-    return ImageRecord(path, info.pid, info.camid, info.seq, info.frame)
+    return ImageRecord(path, *labels_from_name(path.name))
 
 
-def iter_image_paths(folder: Path, recursive: bool = True) -> Iterable[Path]:
-    """Yield image files under ``folder`` in sorted order, without reading them."""
+def is_image_name(name: str) -> bool:
+    """True when ``name`` ends in one of :data:`IMAGE_EXTENSIONS` (any case)."""
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def walk_files(folder: Path, recursive: bool = True) -> Iterator[Path]:
+    """Yield the entries under ``folder`` whose names do not start with ``.``, in the one
+    order every listing uses: each folder's files by name, then its subfolders by name.
+
+    Recursive: files only, symbolic links to folders not followed. Otherwise the
+    folder's own entries, whatever their kind. Nothing is opened or read.
+    """
     if recursive:
         for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
             dirnames.sort()
             for fn in sorted(filenames):
-                if Path(fn).suffix.lower() in IMAGE_EXTENSIONS and not fn.startswith("."):
+                if not fn.startswith("."):
                     yield Path(dirpath) / fn
     else:
         for p in sorted(folder.iterdir()):
-            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."):
+            if not p.name.startswith("."):
                 yield p
+
+
+def iter_image_paths(folder: Path, recursive: bool = True) -> Iterator[Path]:
+    """Yield image files under ``folder`` in sorted order, without reading them."""
+    return (p for p in walk_files(folder, recursive) if is_image_name(p.name))
 
 
 def list_images(folder: str | os.PathLike[str], recursive: bool = True) -> list[ImageRecord]:

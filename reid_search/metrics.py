@@ -32,18 +32,43 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "protocol_inputs"]
 
 
-def _as_ids(name: str, arr: Any, length: int | None) -> np.ndarray:
+def _as_ids(name: str, arr: Any, length: int) -> np.ndarray:
     a = np.asarray(arr)
     if a.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
     if a.size and a.dtype.kind not in "iu":
         raise ValueError(f"{name} must hold integers, got dtype {a.dtype}")
-    if length is not None and a.shape[0] != length:
+    if a.shape[0] != length:
         raise ValueError(f"{name} has {a.shape[0]} entries but distmat implies {length}")
     return a.astype(np.int64, copy=False)
+
+
+def protocol_inputs(
+    distmat: Any, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(distmat, q_pids, g_pids, q_camids, g_camids)`` as arrays, the ids as int64.
+
+    The input checks :func:`evaluate` and :func:`reid_search.calibration.collect_pairs`
+    share.
+
+    Raises:
+        ValueError: ``distmat`` is not 2-D or not real-valued, or an id array is not
+            1-D integers of the length ``distmat`` implies.
+    """
+    dist = np.asarray(distmat)
+    if dist.ndim != 2:
+        raise ValueError(f"distmat must be 2-D (num_query × num_gallery), got shape {dist.shape}")
+    if dist.dtype.kind not in "fiu":
+        raise ValueError(f"distmat must be real-valued, got dtype {dist.dtype}")
+    num_q, num_g = dist.shape
+    q_pids = _as_ids("q_pids", q_pids, num_q)
+    q_camids = _as_ids("q_camids", q_camids, num_q)
+    g_pids = _as_ids("g_pids", g_pids, num_g)
+    g_camids = _as_ids("g_camids", g_camids, num_g)
+    return dist, q_pids, g_pids, q_camids, g_camids
 
 
 def _same_pid_pairs(
@@ -140,31 +165,44 @@ def evaluate(
     Raises ValueError on inconsistent shapes, non-integer ids, NaN distances, a
     ``max_rank`` below 1, or when no query has a valid positive.
     """
-    dist = np.asarray(distmat)
-    if dist.ndim != 2:
-        raise ValueError(f"distmat must be 2-D (num_query × num_gallery), got shape {dist.shape}")
-    if dist.dtype.kind not in "fiu":
-        raise ValueError(f"distmat must be real-valued, got dtype {dist.dtype}")
+    dist, q_pids, g_pids, q_camids, g_camids = protocol_inputs(distmat, q_pids, g_pids, q_camids, g_camids)
+    if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
+        raise ValueError(f"max_rank must be an integer >= 1, got {max_rank!r}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    num_q, num_g = dist.shape
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+    rows, rank, n_pos, num_kept = _positive_ranks(dist, q_pids, g_pids, q_camids, g_camids, block_size, workers)
+    result = _summarise(rows, rank, n_pos, num_kept, max_rank)
+    logger.debug("evaluated %d queries (%d valid) against %d gallery items", num_q, result["num_valid"], num_g)
+    return result
+
+
+def _positive_ranks(
+    dist: np.ndarray,
+    q_pids: np.ndarray,
+    g_pids: np.ndarray,
+    q_camids: np.ndarray,
+    g_camids: np.ndarray,
+    block_size: int,
+    workers: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """``(row, rank, n_pos, num_kept)``: every positive's rank, block by block (see :func:`_block_ranks`).
+
+    Junk columns (pid -1) are dropped first; ``num_kept`` is how many remain.
+    """
+    num_q, num_g = dist.shape
     # Other dtypes are converted block by block: float16 exactly to float32, the rest
     # to float64.
     work_dtype = {np.dtype(np.float16): np.float32}.get(dist.dtype, np.float64)
     if dist.dtype in (np.float32, np.float64):
         work_dtype = dist.dtype
-    num_q, num_g = dist.shape
-    q_pids = _as_ids("q_pids", q_pids, num_q)
-    q_camids = _as_ids("q_camids", q_camids, num_q)
-    g_pids = _as_ids("g_pids", g_pids, num_g)
-    g_camids = _as_ids("g_camids", g_camids, num_g)
-    if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
-        raise ValueError(f"max_rank must be an integer >= 1, got {max_rank!r}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
 
     valid_cols = np.flatnonzero(g_pids != -1)
     has_junk = valid_cols.size < num_g
     if has_junk:
         g_pids, g_camids = g_pids[valid_cols], g_camids[valid_cols]
-    num_kept = valid_cols.size
 
     g_order = np.argsort(g_pids, kind="stable")
     g_sorted_pids = g_pids[g_order]
@@ -181,8 +219,6 @@ def evaluate(
         return rows + start, rank, n_pos
 
     starts = range(0, num_q, block_size)
-    if workers is None:
-        workers = min(4, os.cpu_count() or 1)
     if workers > 1 and len(starts) > 1:
         # np.sort releases the GIL, so threads overlap the bulk of the work.
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -194,7 +230,14 @@ def evaluate(
     rows = np.concatenate([p[0] for p in parts]) if parts else empty
     rank = np.concatenate([p[1] for p in parts]) if parts else empty
     n_pos = np.concatenate([p[2] for p in parts]) if parts else empty
+    return rows, rank, n_pos, int(valid_cols.size)
 
+
+def _summarise(
+    rows: np.ndarray, rank: np.ndarray, n_pos: np.ndarray, num_kept: int, max_rank: int
+) -> dict[str, Any]:
+    """CMC, mAP and mINP from the positives' ranks (sorted by row, then rank)."""
+    num_q = n_pos.size
     valid = n_pos > 0
     num_valid = int(valid.sum())
     if num_valid == 0:
@@ -215,8 +258,6 @@ def evaluate(
     length = min(max_rank, num_kept)
     hist = np.bincount(np.minimum(first_rank, length + 1), minlength=length + 2)
     cmc = np.cumsum(hist[1 : length + 1]) / num_valid
-
-    logger.debug("evaluated %d queries (%d valid) against %d gallery items", num_q, num_valid, num_g)
     return {
         "cmc": cmc,
         "mAP": float(ap.mean()),

@@ -18,7 +18,7 @@ import torch
 import torchvision
 from torch import nn
 
-from reid_search.errors import ModelError
+from reid_search.errors import ModelError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def _load_backbone_weights(backbone: nn.Module, name: str, pretrained: str) -> N
         missing, unexpected = backbone.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
         raise ModelError(
-            f"pretrained weights do not fit {name} ({str(exc).splitlines()[0]}); pass weights of the same architecture"
+            f"pretrained weights do not fit {name} ({first_line(exc, with_type=False)}); pass weights of the same architecture"
         ) from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
@@ -204,7 +204,7 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
         fused = fuse(model, inplace=False)
     except Exception as exc:  # an optimisation must never cost a run: run the model as it is
         log.warning("could not fold BatchNorm into the convolutions (%s); running the model unfused",
-                    str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
+                    first_line(exc, with_type=False)[:200])
         fused = copy.deepcopy(model)
     finally:
         model.train(was_training)

@@ -28,7 +28,9 @@ How it differs from the batch form, by construction:
 
 Everything else (row normalisation by the largest distance, exp weights,
 local query expansion over k2 neighbours, Jaccard 1 - s/(2 - s), and the
-λ mix) is the batch formula. ``scripts/bench_search.py`` and BENCHMARKS.md
+λ mix) is the batch formula. The reciprocal sets, the 2/3 rule, the weight rows,
+the gallery's query expansion and the Jaccard sums are computed by the batch
+form's own functions (:mod:`reid_search._kreciprocal`). ``scripts/bench_search.py`` and BENCHMARKS.md
 measure the difference on real data.
 """
 
@@ -40,6 +42,15 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from reid_search._kreciprocal import (
+    expanded_pairs,
+    expansion_accepts,
+    expansion_matrix,
+    min_sums,
+    pair_distances,
+    reciprocal_mask,
+    weight_rows,
+)
 from reid_search.rerank import knn_graph
 
 log = logging.getLogger(__name__)
@@ -99,16 +110,13 @@ class GalleryRerank:
         wh = min(int(round(params.k1 / 2)) + 1, n)
         wq = min(params.k2, n)
         graph = knn_graph(x, max(w1, wq), device=device)
-        rec1 = _reciprocal_mask(graph.indices[:, :w1])
-        rech = _reciprocal_mask(graph.indices[:, :wh])
-        rows, items = _expanded_pairs(graph.indices[:, :w1], rec1, graph.indices[:, :wh], rech)
-        d = _pair_sq_distances(x, rows, items)
+        fwd1, fwdh = graph.indices[:, :w1], graph.indices[:, :wh]
+        rec1, rech = reciprocal_mask(fwd1), reciprocal_mask(fwdh)
+        rows, items = expanded_pairs(fwd1, rec1, fwdh, rech)
+        d = pair_distances(x, rows, items)
         scale = np.where(graph.row_max > 0, graph.row_max, 1.0)
-        w = np.exp(-d / scale[rows])
-        w /= np.bincount(rows, weights=w, minlength=n)[rows]
-        v = sp.csr_matrix((w, items, np.searchsorted(rows, np.arange(n + 1))), shape=(n, n))
-        qe = sp.csr_matrix((np.full(n * wq, 1.0 / wq), graph.indices[:, :wq].ravel(), np.arange(0, n * wq + 1, wq)),
-                           shape=(n, n))
+        v = weight_rows(rows, items, d, scale, n)
+        qe = expansion_matrix(graph.indices, wq)
         v_qe = (qe @ v).tocsc()
         v_qe.sort_indices()
         hr, hc = np.nonzero(rech)
@@ -171,7 +179,7 @@ class GalleryRerank:
             if members.size == 0:
                 continue
             inside = sum(1 for m in members.tolist() if m in r_set)
-            if inside > (2.0 / 3.0) * members.size:
+            if expansion_accepts(inside, members.size):
                 expanded.update(members.tolist())
         cols = np.fromiter(sorted(expanded), dtype=np.int64, count=len(expanded))
         w = np.exp(-orig[cols])
@@ -190,57 +198,6 @@ class GalleryRerank:
         # The query's own column holds 1/total (divided by wq under expansion); no gallery row has it.
         # Jaccard through the inverted index of the expanded gallery rows.
         csc = self.v_qe_csc
-        starts, ends = csc.indptr[vq_cols], csc.indptr[vq_cols + 1]
-        lens = ends - starts
-        s = np.zeros(n)
-        if lens.sum():
-            pos = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
-            mins = np.minimum(np.repeat(vq_vals, lens), csc.data[pos])
-            s = np.bincount(csc.indices[pos], weights=mins, minlength=n)
+        s = min_sums(np.array([0, vq_cols.size]), vq_cols, vq_vals, csc, 0, 1)[0]
         jaccard = 1.0 - s / (2.0 - s)
         return p.lambda_value * orig + (1.0 - p.lambda_value) * jaccard
-
-
-def _reciprocal_mask(fwd: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """mask[i, j]: item fwd[i, j] has i among its own first ``fwd.shape[1]`` neighbours."""
-    n = fwd.shape[0]
-    mask = np.empty(fwd.shape, dtype=bool)
-    for s in range(0, n, chunk):
-        e = min(s + chunk, n)
-        mask[s:e] = (fwd[fwd[s:e]] == np.arange(s, e)[:, None, None]).any(axis=2)
-    return mask
-
-
-def _expanded_pairs(fwd1: np.ndarray, rec1: np.ndarray, fwdh: np.ndarray, rech: np.ndarray,
-                    chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted unique (row, item) pairs of every row's expanded k-reciprocal set (the 2/3 rule)."""
-    n = fwd1.shape[0]
-    size_h = rech.sum(axis=1)
-    rows_out, items_out = [], []
-    for s in range(0, n, chunk):
-        e = min(s + chunk, n)
-        f1, r1 = fwd1[s:e], rec1[s:e]
-        sets, set_mask = fwdh[f1], rech[f1]  # (b, w1, wh): R(c, k1/2) of each candidate c
-        inside = ((sets[:, :, :, None] == f1[:, None, None, :]) & r1[:, None, None, :]).any(axis=3)
-        accept = r1 & ((inside & set_mask).sum(axis=2) > (2.0 / 3.0) * size_h[f1])
-        members = np.concatenate([np.where(r1, f1, -1),
-                                  np.where(accept[:, :, None] & set_mask, sets, -1).reshape(e - s, -1)], axis=1)
-        members.sort(axis=1)
-        keep = members >= 0
-        keep[:, 1:] &= members[:, 1:] != members[:, :-1]
-        rr, cc = np.nonzero(keep)
-        rows_out.append(rr + s)
-        items_out.append(members[rr, cc])
-    return np.concatenate(rows_out), np.concatenate(items_out)
-
-
-def _pair_sq_distances(x: np.ndarray, rows: np.ndarray, items: np.ndarray, chunk: int = 65536) -> np.ndarray:
-    """Squared Euclidean distance of each (row, item) pair, clamped at 0; exactly 0 on the diagonal."""
-    out = np.empty(rows.size)
-    sq = (x.astype(np.float64) ** 2).sum(1)
-    for s in range(0, rows.size, chunk):
-        r, i = rows[s:s + chunk], items[s:s + chunk]
-        dot = np.einsum("ij,ij->i", x[r].astype(np.float64), x[i].astype(np.float64))
-        out[s:s + chunk] = np.maximum(sq[r] + sq[i] - 2.0 * dot, 0.0)
-    out[rows == items] = 0.0
-    return out

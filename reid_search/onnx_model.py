@@ -48,7 +48,7 @@ from reid_search import __version__
 from reid_search.atomic import atomic_write_bytes
 from reid_search.checkpoint import ModelMeta, load_model
 from reid_search.devices import cpu_fallback, cuda_visible, device_from_name
-from reid_search.errors import DataError, ModelError
+from reid_search.errors import DataError, ModelError, first_line
 from reid_search.images import ImageLoadError, load_image
 from reid_search.limits import DEFAULT_OPSET, MIN_OPSET, VERIFY_MAX_IMAGES
 from reid_search.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, build_eval_transform
@@ -179,7 +179,7 @@ def export_onnx(
         )
         proto = program.model_proto
     except Exception as exc:
-        raise ModelError(f"ONNX export of {checkpoint} failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+        raise ModelError(f"ONNX export of {checkpoint} failed ({first_line(exc)}); "
                          "try the default --opset, or report the error with -vv output") from None
     metadata = export_metadata(meta, fp16=fp16, batch=batch)
     del proto.metadata_props[:]
@@ -363,7 +363,7 @@ class OnnxExtractor:
         try:
             self.session = ort.InferenceSession(model, sess_options=opts, providers=providers)
         except Exception as exc:
-            detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            detail = first_line(exc, with_type=False)[:200]
             raise ModelError(f"cannot load {path} as an ONNX model ({detail}); "
                              "is it an .onnx file? Re-export it with `reid-search export`") from None
         self.providers = self.session.get_providers()
@@ -451,7 +451,7 @@ class OnnxExtractor:
         try:
             out = self.session.run([self.output_name], {self.input_name: x})[0]
         except Exception as exc:
-            raise ModelError(f"{self.path}: ONNX Runtime failed on a {list(x.shape)} batch ({str(exc).strip().splitlines()[0][:200]})") from None
+            raise ModelError(f"{self.path}: ONNX Runtime failed on a {list(x.shape)} batch ({first_line(exc, with_type=False)[:200]})") from None
         if out.ndim < 2 or out.shape[0] != x.shape[0]:
             raise ModelError(f"{self.path}: output {self.output_name!r} has shape {list(out.shape)} for {x.shape[0]} images; "
                              "expected [B, D] features")

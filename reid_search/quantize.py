@@ -37,7 +37,7 @@ import torch
 
 from reid_search.atomic import atomic_write_bytes
 from reid_search.data import GALLERY_DIR, QUERY_DIR, TRAIN_DIR, ImageRecord, has_identity_labels, list_images
-from reid_search.errors import DataError, ModelError
+from reid_search.errors import DataError, ModelError, first_line
 from reid_search.images import ImageLoadError, load_image
 from reid_search.extract import extract_features
 from reid_search.limits import DEFAULT_OPSET
@@ -260,7 +260,7 @@ def quantize_graph(
     except (DataError, ModelError):
         raise
     except Exception as exc:
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc, with_type=False)[:200]
         if reader.used == 0:
             raise DataError("none of the calibration images could be read; pass a folder of person crops to --calibrate") from None
         raise ModelError(f"ONNX Runtime's quantiser failed ({detail}); try --calibration-method minmax") from None

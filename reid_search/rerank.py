@@ -25,6 +25,9 @@ matrix with O(k1²) non-zeros per row, and step 7 walks, for each query non-zero
 gallery non-zeros of the same column (the reference's inverted index, vectorised) and
 sums the minima with ``np.bincount``. Peak memory is the q × g output plus
 O(N·k1² + block_size²); at Market-1501 size that is about 0.5 GB against 8 GB.
+Steps 3-7 are shared with :mod:`reid_search.online_rerank` and live in
+:mod:`reid_search._kreciprocal`; this module owns the streamed k-NN graph and the batch
+driver.
 
 The reference stores ``V``, the Jaccard sums and the Jaccard distance in float16, so
 its output carries float16 rounding (a few 1e-3 at most); this module works in float32
@@ -47,14 +50,23 @@ Conventions the reference leaves to chance, fixed here:
 from __future__ import annotations
 
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
+
+from reid_search._kreciprocal import (
+    ELEMENTS_PER_CHUNK,
+    Pool,
+    expanded_pairs,
+    expansion_matrix,
+    min_sums,
+    pair_distances,
+    reciprocal_mask,
+    weight_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +79,9 @@ _CAPACITY_FACTOR = 4  # >= 3: a compacted row (k) plus one visit (<= 2k) must fi
 # largest dense (rows × gallery) float64 chunk; one chunk per worker thread is live.
 _PAIRS_PER_CHUNK = 1_000_000
 _DENSE_CHUNK_BYTES = 16 << 20
-# Elements of the (rows × k × k [× k]) temporaries of the reciprocal-set steps per chunk.
-_ELEMENTS_PER_CHUNK = 8_000_000
+# Elements of the (rows × k × k [× k]) temporaries of the reciprocal-set steps per chunk;
+# read at each call (not bound as a default) so that a test can shrink it.
+_ELEMENTS_PER_CHUNK = ELEMENTS_PER_CHUNK
 # Feature values gathered per chunk when near-zero distances are recomputed (16 MB of float32).
 _REFINE_CHUNK_VALUES = 4 << 20
 
@@ -124,6 +137,11 @@ class _Candidates:
     seen so far in that row (an upper bound of the final k-th), so later blocks only
     hand over entries at or below it. Entries equal to the threshold are kept too, which
     makes the final selection by key exact under ties.
+
+    It is not the store's ``merge_topk`` (``indexer/faiss/index.py``) in another shape:
+    that one merges ranked similarity lists by id for a few query rows, while this one
+    keeps every row of the graph exact under (distance, index) ties over many visits
+    per row, with near-zero distances recomputed, in O(N·k) memory.
     """
 
     def __init__(self, n: int, k: int, feats: np.ndarray, sq: np.ndarray) -> None:
@@ -178,32 +196,6 @@ class _Candidates:
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
         keys = np.sort(self.buf, axis=1)[:, : self.k]
         return (keys & 0xFFFFFFFF).astype(np.int64), _key_values(keys)
-
-
-class _Pool:
-    """A few threads for numpy work (numpy releases the GIL in its array loops)."""
-
-    def __init__(self) -> None:
-        # torch's thread count is the user's knob for CPU parallelism; follow it.
-        self.workers = max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
-        self._executor = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
-
-    def __enter__(self) -> _Pool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._executor is not None:
-            self._executor.shutdown()
-
-    def run_all(self, calls: list[tuple[Any, tuple]]) -> list[Any]:
-        """Run ``fn(*args)`` for each call concurrently; results in order."""
-        if self._executor is None or len(calls) == 1:
-            return [fn(*args) for fn, args in calls]
-        futures = [self._executor.submit(fn, *args) for fn, args in calls]
-        return [f.result() for f in futures]
-
-    def map(self, fn: Any, items: list[Any]) -> list[Any]:
-        return self.run_all([(fn, (item,)) for item in items])
 
 
 def _sparse_nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -274,7 +266,7 @@ def _stream_distances(
     k: int,
     block_size: int,
     device: torch.device,
-    pool: _Pool,
+    pool: Pool,
     out: np.ndarray | None = None,
     num_query: int = 0,
 ) -> KnnGraph:
@@ -363,129 +355,8 @@ def knn_graph(
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     if x.shape[0] == 0:
         raise ValueError("feats is empty")
-    with _Pool() as pool:
+    with Pool() as pool:
         return _stream_distances(x, min(k, x.shape[0]), block_size, _resolve_device(device), pool)
-
-
-def _reciprocal_mask(indices: np.ndarray, width: int, pool: _Pool) -> np.ndarray:
-    """mask[i, j]: indices[i, j] (j < width) has i among its own first ``width``."""
-    n = indices.shape[0]
-    chunk = max(1, _ELEMENTS_PER_CHUNK // (width * width))
-    fwd = indices[:, :width]
-    mask = np.empty((n, width), dtype=bool)
-
-    def run(s: int) -> None:
-        e = min(s + chunk, n)
-        back = fwd[fwd[s:e]]  # (rows, width, width)
-        mask[s:e] = (back == np.arange(s, e)[:, None, None]).any(axis=2)
-
-    pool.map(run, list(range(0, n, chunk)))
-    return mask
-
-
-def _expanded_sets(
-    indices: np.ndarray, w1: int, wh: int, pool: _Pool
-) -> tuple[np.ndarray, np.ndarray]:
-    """(row, item) pairs of every row's expanded k-reciprocal set, sorted, unique."""
-    n = indices.shape[0]
-    chunk = max(1, _ELEMENTS_PER_CHUNK // (w1 * wh * w1))
-    fwd1 = indices[:, :w1].astype(np.int32)
-    fwdh = indices[:, :wh].astype(np.int32)
-    rec1 = _reciprocal_mask(fwd1, w1, pool)
-    rech = _reciprocal_mask(fwdh, wh, pool)
-    size_h = rech.sum(axis=1)
-
-    def run(s: int) -> tuple[np.ndarray, np.ndarray]:
-        e = min(s + chunk, n)
-        f1 = fwd1[s:e]  # candidates c = f1[p, j], relevant where r1[p, j]
-        r1 = rec1[s:e]
-        sets = fwdh[f1]  # (b, w1, wh): elements of R(c, kh) where set_mask
-        set_mask = rech[f1]
-        # Membership of each element in R(p, k1).
-        inside = (sets[:, :, :, None] == f1[:, None, None, :]) & r1[:, None, None, :]
-        overlap = (inside.any(axis=3) & set_mask).sum(axis=2)
-        accept = r1 & (overlap > (2.0 / 3.0) * size_h[f1])
-        members = np.concatenate(
-            [
-                np.where(r1, f1, -1),
-                np.where(accept[:, :, None] & set_mask, sets, -1).reshape(e - s, -1),
-            ],
-            axis=1,
-        )
-        members.sort(axis=1)
-        first = np.ones_like(members, dtype=bool)
-        first[:, 1:] = members[:, 1:] != members[:, :-1]
-        rr, cc = np.nonzero(first & (members >= 0))
-        return rr.astype(np.int64) + s, members[rr, cc].astype(np.int64)
-
-    parts = pool.map(run, list(range(0, n, chunk)))
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
-def _pair_distances(
-    rows: np.ndarray,
-    items: np.ndarray,
-    graph: KnnGraph,
-    feats: np.ndarray,
-    pool: _Pool,
-    chunk: int = 1024,
-) -> np.ndarray:
-    """Squared distances for (row, item) pairs: from the kNN lists, else recomputed."""
-    n = graph.indices.shape[0]
-    known_keys = (np.arange(n)[:, None] * n + graph.indices).ravel()
-    order = np.argsort(known_keys)
-    known_sorted = known_keys[order]
-    want = rows * n + items
-    pos = np.minimum(np.searchsorted(known_sorted, want), known_sorted.size - 1)
-    found = known_sorted[pos] == want
-    out = np.empty(rows.size, dtype=np.float64)
-    out[found] = graph.distances.ravel()[order[pos[found]]]
-    miss = np.flatnonzero(~found)
-    logger.debug("re-ranking: %d of %d expansion distances recomputed", miss.size, rows.size)
-
-    def run(part: np.ndarray) -> None:
-        size = min(chunk, part.size)
-        buf_a = np.empty((size, feats.shape[1]), dtype=feats.dtype)
-        buf_b = np.empty_like(buf_a)
-        for s in range(0, part.size, chunk):
-            m = part[s : s + chunk]
-            a = np.take(feats, rows[m], axis=0, out=buf_a[: m.size])
-            b = np.take(feats, items[m], axis=0, out=buf_b[: m.size])
-            np.subtract(a, b, out=a)
-            out[m] = np.einsum("ij,ij->i", a, a)
-
-    if miss.size:
-        pool.map(run, [p for p in np.array_split(miss, pool.workers) if p.size])
-    out[rows == items] = 0.0
-    return out
-
-
-def _min_sum_block(
-    q_indptr: np.ndarray,
-    q_indices: np.ndarray,
-    q_data: np.ndarray,
-    g_csc: sp.csc_matrix,
-    row0: int,
-    row1: int,
-) -> np.ndarray:
-    """s[i, j] = sum_c min(Vq[i, c], Vg[j, c]) for query rows row0..row1-1, all gallery."""
-    num_g = g_csc.shape[0]
-    a, b = q_indptr[row0], q_indptr[row1]
-    cols = q_indices[a:b]
-    vals = q_data[a:b]
-    local_row = np.repeat(np.arange(row1 - row0), np.diff(q_indptr[row0 : row1 + 1]))
-    starts = g_csc.indptr[cols]
-    lens = g_csc.indptr[cols + 1] - starts
-    total = int(lens.sum())
-    if total == 0:
-        return np.zeros((row1 - row0, num_g))
-    # Position of each (query non-zero, gallery non-zero of the same column) pair.
-    pos = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(total)
-    gal = g_csc.indices[pos]
-    mins = np.minimum(np.repeat(vals, lens), g_csc.data[pos])
-    flat = np.repeat(local_row * num_g, lens) + gal
-    s = np.bincount(flat, weights=mins, minlength=(row1 - row0) * num_g)
-    return s.reshape(row1 - row0, num_g)
 
 
 def k_reciprocal(
@@ -538,7 +409,7 @@ def k_reciprocal(
     lam = float(lambda_value)
 
     final = np.empty((num_q, num_g), dtype=np.float32)
-    with _Pool() as pool:
+    with Pool() as pool:
         _rerank_into(final, feats, num_q, w1, wh, wq, k2, lam, block_size, dev, pool)
     return final
 
@@ -554,10 +425,9 @@ def _rerank_into(
     lam: float,
     block_size: int,
     dev: torch.device,
-    pool: _Pool,
+    pool: Pool,
 ) -> None:
     n = feats.shape[0]
-    num_g = n - num_q
     # Keeping 2·(k1 + 1) neighbours (not k1 + 1) finds most expansion-set distances in
     # the lists; the rest are recomputed from the features.
     width = min(max(2 * w1, wq), n)
@@ -570,28 +440,41 @@ def _rerank_into(
         return
 
     # Steps 3-5: expanded k-reciprocal sets and their exp(-O) weights.
-    rows, items = _expanded_sets(graph.indices, w1, wh, pool)
-    dist = _pair_distances(rows, items, graph, feats, pool)
-    weights = np.exp(-dist / scale[rows])
-    weights /= np.bincount(rows, weights=weights, minlength=n)[rows]
-    v = sp.csr_matrix((weights, items, np.searchsorted(rows, np.arange(n + 1))), shape=(n, n))
+    per_chunk = _ELEMENTS_PER_CHUNK
+    fwd1 = graph.indices[:, :w1].astype(np.int32)
+    fwdh = graph.indices[:, :wh].astype(np.int32)
+    rec1 = reciprocal_mask(fwd1, pool, elements_per_chunk=per_chunk)
+    rech = reciprocal_mask(fwdh, pool, elements_per_chunk=per_chunk)
+    rows, items = expanded_pairs(fwd1, rec1, fwdh, rech, pool, elements_per_chunk=per_chunk)
+    dist = pair_distances(feats, rows, items, pool, known=(graph.indices, graph.distances))
+    v = weight_rows(rows, items, dist, scale, n)
 
     # Step 6: local query expansion over the k2 nearest (itself included).
     if k2 != 1:
-        qe = sp.csr_matrix(
-            (
-                np.full(n * wq, 1.0 / wq),
-                graph.indices[:, :wq].ravel(),
-                np.arange(0, n * wq + 1, wq),
-            ),
-            shape=(n, n),
-        )
-        v = (qe @ v).tocsr()
+        v = (expansion_matrix(graph.indices, wq) @ v).tocsr()
 
     # Steps 7-8: Jaccard distance of query rows to gallery rows, in chunks of rows.
     vq = v[:num_q]
     vg = v[num_q:].tocsc()
     del v
+
+    def run(chunk: tuple[int, int]) -> None:
+        r0, r1 = chunk
+        s = min_sums(vq.indptr, vq.indices, vq.data, vg, r0, r1)
+        # final = lam * O + (1 - lam) * (1 - s / (2 - s)), in place on the chunk.
+        np.divide(s, 2.0 - s, out=s)
+        np.subtract(1.0, s, out=s)
+        s *= 1.0 - lam
+        final[r0:r1] *= np.float32(lam)
+        final[r0:r1] += s
+
+    pool.map(run, _row_chunks(vq, vg))
+
+
+def _row_chunks(vq: sp.csr_matrix, vg: sp.csc_matrix) -> list[tuple[int, int]]:
+    """Query row ranges of about ``_PAIRS_PER_CHUNK`` (non-zero, non-zero) pairs each,
+    and at most ``_DENSE_CHUNK_BYTES`` of dense (rows × gallery) float64 output."""
+    num_q, num_g = vq.shape[0], vg.shape[0]
     col_len = np.diff(vg.indptr)
     pairs_per_row = np.bincount(
         np.repeat(np.arange(num_q), np.diff(vq.indptr)),
@@ -607,18 +490,7 @@ def _rerank_into(
         r1 = min(max(r1, r0 + 1), r0 + max_rows, num_q)
         chunks.append((r0, r1))
         r0 = r1
-
-    def run(chunk: tuple[int, int]) -> None:
-        r0, r1 = chunk
-        s = _min_sum_block(vq.indptr, vq.indices, vq.data, vg, r0, r1)
-        # final = lam * O + (1 - lam) * (1 - s / (2 - s)), in place on the chunk.
-        np.divide(s, 2.0 - s, out=s)
-        np.subtract(1.0, s, out=s)
-        s *= 1.0 - lam
-        final[r0:r1] *= np.float32(lam)
-        final[r0:r1] += s
-
-    pool.map(run, chunks)
+    return chunks
 
 
 def _scale_rows(final: np.ndarray, inv_scale: np.ndarray, a: int, b: int) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from reid_search.devices import device_from_name
-from reid_search.errors import ModelError
+from reid_search.errors import ModelError, first_line
 from reid_search.model import ReIDNet, fuse_for_inference
 from reid_search.precision import autocast_dtype, resolve_precision
 from reid_search.transforms import Preprocess
@@ -73,13 +73,11 @@ class TorchExtractor:
         fingerprint: str,
         device: torch.device | str = "cpu",
         flip: bool = False,
-        amp: bool | None = None,
         precision: str = "auto",
         compile: str = "auto",
         chunk: int | None = None,
     ) -> None:
-        """``amp`` (older spelling) overrides ``precision``: True = the device's autocast, False = fp32.
-        ``chunk``: images per model call (0: the whole batch; None: :func:`cpu_chunk` on a CPU, 0 on a GPU).
+        """``chunk``: images per model call (0: the whole batch; None: :func:`cpu_chunk` on a CPU, 0 on a GPU).
 
         Raises:
             ModelError: an unknown precision or compile choice.
@@ -89,11 +87,8 @@ class TorchExtractor:
         self.preprocess = preprocess
         self.dim = model.feat_dim
         self.flip = flip
-        if amp is not None:
-            precision = ("fp16" if self.device.type == "cuda" else "bf16") if amp else "fp32"
         self.precision = resolve_precision(precision, self.device)
         self._dtype = autocast_dtype(self.precision)
-        self.amp = self._dtype is not None
         if compile not in COMPILE_CHOICES:
             raise ModelError(f"compile={compile!r}: use one of {', '.join(COMPILE_CHOICES)}")
         self.compile = compile
@@ -132,7 +127,7 @@ class TorchExtractor:
                 compiled(x.contiguous(memory_format=torch.channels_last))  # compilation happens on the first call
         except Exception as exc:  # the eager model still works: never fail a run over an optimisation
             log.warning("torch.compile failed (%s); running the model eagerly",
-                        str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
+                        first_line(exc, with_type=False)[:200])
             self.compile = "off"
             return
         self.compile_seconds = time.perf_counter() - t0

@@ -90,10 +90,10 @@ def test_bf16_features_match_fp32_and_share_the_fingerprint(tiny_ckpt: Path, tmp
     np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
     assert cosine(a, b).min() >= 0.999
     assert np.abs(a - b).max() > 0, "bf16 really ran in bf16"
-    # The older amp flag maps onto the same choice.
+    # Built directly, the extractor takes the same choice.
     model = bf16.model
-    assert TorchExtractor(model, bf16.preprocess, "fp", "cpu", amp=False).precision == "fp32"
-    assert TorchExtractor(model, bf16.preprocess, "fp", "cpu", amp=True).precision == "bf16"
+    assert TorchExtractor(model, bf16.preprocess, "fp", "cpu", precision="fp32").precision == "fp32"
+    assert TorchExtractor(model, bf16.preprocess, "fp", "cpu", precision="bf16").precision == "bf16"
 
 
 def test_onnx_models_refuse_a_torch_precision(tmp_path: Path) -> None:

@@ -34,13 +34,14 @@ WORKER = textwrap.dedent(
 
     import torch
 
+    import trainer.checkpointing as C
     import trainer.train as T
 
     rank = int(os.environ["RANK"])
     out = Path(os.environ["SPY_DIR"])
     record = {"labels": [], "gathered": [], "saved": [], "world": int(os.environ["WORLD_SIZE"])}
     last = {}
-    step, gather, save = T.train_step, T.gather_for_triplet, T.save_checkpoint
+    step, gather, save = T.train_step, T.gather_for_triplet, C.save_checkpoint
 
     def spy_step(state, images, labels):
         record["labels"].append(labels.tolist())
@@ -56,7 +57,7 @@ WORKER = textwrap.dedent(
         record["saved"].append(Path(path).name)
         return save(path, *args, **kwargs)
 
-    T.train_step, T.gather_for_triplet, T.save_checkpoint = spy_step, spy_gather, spy_save
+    T.train_step, T.gather_for_triplet, C.save_checkpoint = spy_step, spy_gather, spy_save
 
     from reid_search.app.cli import main
 

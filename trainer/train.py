@@ -12,6 +12,10 @@ Learning rate and DDP: ``num_identities`` (P) is global, so the global batch
 stays P×K whatever the world size and the paper's lr applies unchanged. If you
 raise P to use more GPUs, scale lr linearly with the global batch
 (lr = 3.5e-4 × P×K / 64) and keep the warmup.
+
+Seeding, the random state and the checkpoints a run saves and resumes from are in
+:mod:`trainer.checkpointing`; joining a ``torchrun`` job and wrapping the model in
+:mod:`trainer.distributed`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,17 +35,26 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from reid_search.atomic import atomic_write_json
-from reid_search.checkpoint import read_checkpoint, save_checkpoint
 from reid_search.data import ImageRecord, MarketDataset, load_market, training_labels
-from reid_search.devices import auto_device, ddp_backend
+from reid_search.devices import auto_device
 from reid_search.errors import DataError, ModelError
-from reid_search.images import ImageLoadError, load_image
-from reid_search.torch_extractor import TorchExtractor
 from reid_search.extract import extract_features
+from reid_search.images import ImageLoadError, load_image
 from reid_search.metrics import evaluate as evaluate_ranking
 from reid_search.model import ReIDNet, build_model
+from reid_search.torch_extractor import TorchExtractor
 from reid_search.transforms import AugmentConfig, Preprocess, build_train_transform
-from trainer.config import ConfigError, TrainConfig, compatibility_problems, config_from_dict, config_to_dict
+from trainer.checkpointing import (
+    load_training,
+    preprocess_of,
+    rank_seed,
+    read_resumable,
+    save_model,
+    save_training,
+    seed_everything,
+)
+from trainer.config import TrainConfig, config_to_dict
+from trainer.distributed import DistInfo, average_gradients_, init_distributed, unwrap, wrap_model
 from trainer.losses import ReIDLoss, center_grad_rescale_, gather_for_triplet
 from trainer.sampler import RandomIdentitySampler
 from trainer.schedule import build_scheduler, describe_schedule
@@ -52,34 +64,6 @@ log = logging.getLogger(__name__)
 # Called with (epoch, total_steps) at the start of an epoch; returns a
 # per-step callback taking the step's stats dict, and a close function.
 ProgressFactory = Callable[[int, int], tuple[Callable[[dict[str, float]], None], Callable[[], None]]]
-
-
-@dataclass
-class DistInfo:
-    """Where this process sits in a (possibly single-process) job."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owns_group: bool = False  # this call initialised the process group, so it tears it down
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0 writes files and logs."""
-        return self.rank == 0
-
-
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group when launched by ``torchrun`` (NCCL on GPU, gloo on CPU)."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
-        return DistInfo()
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group(ddp_backend(device))
-    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), owns)
-    if torch.cuda.is_available() and device != "cpu":
-        torch.cuda.set_device(info.local_rank)
-    return info
 
 
 # ---------------------------------------------------------------- data
@@ -118,11 +102,6 @@ class TrainSet(Dataset):
                 except ImageLoadError:
                     self.bad.add(j)
         raise DataError("no readable training image left; check the dataset")
-
-
-def preprocess_of(cfg: TrainConfig) -> Preprocess:
-    """The input contract the trained model will carry."""
-    return Preprocess(cfg.height, cfg.width, tuple(cfg.mean), tuple(cfg.std))  # type: ignore[arg-type]
 
 
 def build_train_loader(ds: MarketDataset, cfg: TrainConfig, info: DistInfo) -> tuple[DataLoader, RandomIdentitySampler, int]:
@@ -219,11 +198,7 @@ def build_train_state(cfg: TrainConfig, num_classes: int, device: torch.device, 
     center_opt = torch.optim.SGD(criterion.center.parameters(), lr=cfg.center_lr) if criterion.center is not None else None
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    wrapped: nn.Module = model
-    if info.world > 1:
-        if device.type == "cuda":
-            wrapped = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    wrapped = wrap_model(model, device, info)
     return TrainState(wrapped, criterion, optimizer, center_opt, build_scheduler(optimizer, cfg), scaler, device, dtype, cfg, info)
 
 
@@ -249,11 +224,7 @@ def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor) ->
     state.scaler.step(state.optimizer)
     if state.center_optimizer is not None:
         assert state.criterion.center is not None
-        if state.info.world > 1:  # centres live outside DDP: average their gradients by hand
-            for p in state.criterion.center.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(state.info.world)
+        average_gradients_(state.criterion.center.parameters(), state.info)  # centres live outside DDP
         # Undo the loss weight so the centres move at center_lr (Luo et al. §4.5).
         center_grad_rescale_(state.criterion.center, cfg.center_loss_weight)
         state.scaler.step(state.center_optimizer)
@@ -327,109 +298,6 @@ def evaluate(
             "rank10": float(cmc[min(9, len(cmc) - 1)]), "mAP": float(res["mAP"]), "mINP": float(res["mINP"])}
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _unwrap(model: nn.Module) -> ReIDNet:
-    return getattr(model, "module", model)  # type: ignore[return-value]
-
-
-def save_training(path: Path, state: TrainState, epoch: int, sampler: RandomIdentitySampler, metrics: dict | None = None) -> None:
-    """Checkpoint after ``epoch`` epochs: model, both optimizers, scheduler, scaler, sampler, RNG."""
-    train_state = {
-        "epoch": epoch,
-        "optimizer": state.optimizer.state_dict(),
-        "center_optimizer": state.center_optimizer.state_dict() if state.center_optimizer else None,
-        "center": state.criterion.center.state_dict() if state.criterion.center is not None else None,
-        "scheduler": state.scheduler.state_dict(),
-        "scaler": state.scaler.state_dict(),
-        "sampler": sampler.state_dict(),
-        "rng": _rng_state(),
-        "metrics": metrics or {},
-    }
-    save_checkpoint(path, _unwrap(state.model), preprocess_of(state.cfg), config=config_to_dict(state.cfg), train_state=train_state)
-
-
-def read_resumable(path: Path, cfg: TrainConfig) -> dict[str, Any]:
-    """Read a :func:`save_training` checkpoint and check that ``cfg`` may continue it.
-
-    Another recipe, architecture, input size, normalisation or optimiser is
-    refused; a longer schedule (``epochs``), other periods or workers are not.
-
-    Raises:
-        ModelError: unreadable, no training state, or an incompatible config.
-    """
-    ckpt = read_checkpoint(path)
-    if not isinstance(ckpt.get("train_state"), dict):
-        raise ModelError(f"{path} holds no training state (a final model?); resume from latest.pt")
-    saved = ckpt.get("config")
-    if not isinstance(saved, dict):
-        raise ModelError(f"cannot resume {path}: it holds no saved config; start a new run with --output DIR")
-    try:
-        old = config_from_dict(saved)
-    except ConfigError as exc:
-        raise ModelError(f"cannot resume {path}: its saved config is damaged ({exc}); start a new run with --output DIR") from None
-    problems = compatibility_problems(old, cfg)
-    if old.recipe != cfg.recipe:
-        problems.insert(0, f"recipe: checkpoint has {old.recipe!r}, requested {cfg.recipe!r}")
-    if problems:
-        raise ModelError(
-            f"cannot resume {path}: " + "; ".join(problems)
-            + f"; resume with the run's settings ({path.parent / 'config.json'}) or start a new run with --output DIR"
-        )
-    return ckpt
-
-
-def load_training(
-    path: Path, state: TrainState, sampler: RandomIdentitySampler, ckpt: dict[str, Any] | None = None
-) -> int:
-    """Restore the :func:`save_training` checkpoint at ``path`` into ``state``; returns the epochs already done.
-
-    ``ckpt`` is that file as :func:`read_resumable` already read it (saves a second read).
-
-    Raises:
-        ModelError: see :func:`read_resumable`, or weights of another model (another dataset).
-    """
-    if ckpt is None:
-        ckpt = read_resumable(path, state.cfg)
-    ts = ckpt["train_state"]
-    try:
-        _unwrap(state.model).load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise ModelError(f"cannot resume {path}: the model differs ({str(exc).splitlines()[0]}); is it the same dataset?") from None
-    state.optimizer.load_state_dict(ts["optimizer"])
-    if state.center_optimizer is not None and ts["center_optimizer"] is not None:
-        state.center_optimizer.load_state_dict(ts["center_optimizer"])
-        state.criterion.center.load_state_dict(ts["center"])  # type: ignore[union-attr]
-    state.scheduler.load_state_dict(ts["scheduler"])
-    state.scaler.load_state_dict(ts["scaler"])
-    sampler.load_state_dict(ts["sampler"])
-    _set_rng_state(ts["rng"])
-    return int(ts["epoch"])
-
-
 # ---------------------------------------------------------------- main
 
 
@@ -482,14 +350,34 @@ def main(
             dist.destroy_process_group()
 
 
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
+def _start_run(
+    cfg: TrainConfig, data_root: Path, info: DistInfo, dev: torch.device, latest: Path, ckpt: dict[str, Any] | None,
+) -> tuple[MarketDataset, DataLoader, RandomIdentitySampler, int, TrainState, int]:
+    """Dataset, loader, sampler, number of classes and state, seeded and restored from
+    ``ckpt`` when resuming; and the epoch to start from."""
+    ds = load_market(data_root, need_train=True, need_eval=False)
+    # Same seed on every rank: identical initial weights and centres (DDP only broadcasts the model).
+    seed_everything(cfg.seed)
+    loader, sampler, num_classes = build_train_loader(ds, cfg, info)
+    state = build_train_state(cfg, num_classes, dev, info)
+    if info.world > 1:
+        # From here on each rank draws its own augmentations (and DataLoader worker seeds).
+        seed_everything(rank_seed(cfg.seed, info.rank, 0))
+    start = 0
+    if ckpt is not None:
+        start = load_training(latest, state, sampler, ckpt)
+        if info.rank > 0:
+            # latest.pt holds rank 0's RNG; the other ranks re-derive theirs.
+            seed_everything(rank_seed(cfg.seed, info.rank, start))
+    return ds, loader, sampler, num_classes, state, start
 
 
-def _rank_seed(seed: int, rank: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, np.uint64)[0] >> 1)
+def _evaluate_epoch(model: ReIDNet, ds: MarketDataset, cfg: TrainConfig, dev: torch.device, done: int) -> dict[str, float]:
+    metrics = evaluate(model, ds.query, ds.gallery, preprocess_of(cfg), dev, cfg.eval_batch_size)
+    log.info("epoch %d eval: R1 %.2f%% R5 %.2f%% R10 %.2f%% mAP %.2f%% mINP %.2f%%", done,
+             100 * metrics["rank1"], 100 * metrics["rank5"], 100 * metrics["rank10"],
+             100 * metrics["mAP"], 100 * metrics["mINP"])
+    return metrics
 
 
 def _train(
@@ -505,22 +393,9 @@ def _train(
         raise ModelError(f"{out} already holds a run; pass --resume to continue it or --output DIR for a new one")
     # Refuse an incompatible resume before building anything or touching the run folder.
     ckpt = read_resumable(latest, cfg) if resume else None
-    ds = load_market(data_root, need_train=True, need_eval=False)
-    # Same seed on every rank: identical initial weights and centres (DDP only broadcasts the model).
-    _seed_everything(cfg.seed)
-    loader, sampler, num_classes = build_train_loader(ds, cfg, info)
-    state = build_train_state(cfg, num_classes, dev, info)
-    model = _unwrap(state.model)
-    if info.world > 1:
-        # From here on each rank draws its own augmentations (and DataLoader worker seeds).
-        _seed_everything(_rank_seed(cfg.seed, info.rank, 0))
-    start = 0
-    if ckpt is not None:
-        start = load_training(latest, state, sampler, ckpt)
-        del ckpt
-        if info.rank > 0:
-            # latest.pt holds rank 0's RNG; the other ranks re-derive theirs.
-            _seed_everything(_rank_seed(cfg.seed, info.rank, start))
+    ds, loader, sampler, num_classes, state, start = _start_run(cfg, data_root, info, dev, latest, ckpt)
+    del ckpt
+    model = unwrap(state.model)
     handler, trainer_log = None, logging.getLogger("trainer")
     old_level = trainer_log.level
     if info.is_main:
@@ -549,10 +424,7 @@ def _train(
             if info.is_main:
                 log.info("epoch %d/%d done: %s", done, cfg.epochs, _fmt(stats))
             if has_eval and (done % cfg.eval_period == 0 or done == cfg.epochs) and info.is_main:
-                metrics = evaluate(model, ds.query, ds.gallery, preprocess_of(cfg), dev, cfg.eval_batch_size)
-                log.info("epoch %d eval: R1 %.2f%% R5 %.2f%% R10 %.2f%% mAP %.2f%% mINP %.2f%%", done,
-                         100 * metrics["rank1"], 100 * metrics["rank5"], 100 * metrics["rank10"],
-                         100 * metrics["mAP"], 100 * metrics["mINP"])
+                metrics = _evaluate_epoch(model, ds, cfg, dev, done)
                 stats = {**stats, **metrics}
             history.append({"epoch": float(done), **stats})
             if info.is_main:
@@ -562,7 +434,7 @@ def _train(
                 if on_epoch is not None:
                     on_epoch(done, stats)
         if info.is_main:
-            save_checkpoint(final, model, preprocess_of(cfg), config=config_to_dict(cfg))
+            save_model(final, model, cfg)
             log.info("final model: %s", final)
         if info.world > 1:
             dist.barrier()
