@@ -27,7 +27,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from indexer.paths import os_path
 from indexer.protocol import RowFields
-from reid_search.data import parse_name
+from reid_search.data import labels_from_name
 from reid_search.errors import GalleryError, first_line
 from reid_search.gallery import UNKNOWN, ImageMeta, NewImage
 from reid_search.limits import MAX_TRACK_CHARS
@@ -180,8 +180,7 @@ def labels_of(img: NewImage) -> tuple[int | None, int | None, int | None, int | 
     parsed from a Market/Duke-style file name (older callers pass no labels)."""
     if img.pid is not None or img.camid is not None or img.seq is not None or img.frame is not None:
         return img.pid, img.camid, img.seq, img.frame
-    info = parse_name(img.path.name)
-    return (info.pid, info.camid, info.seq, info.frame) if info else (None, None, None, None)
+    return labels_from_name(img.path.name)
 
 
 # ---- engine -------------------------------------------------------------------------

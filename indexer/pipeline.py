@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from reid_search.data import IMAGE_EXTENSIONS, parse_name
+from reid_search.data import IMAGE_EXTENSIONS, is_image_name, labels_from_name, walk_files
 from reid_search.errors import DataError, GalleryError
 from reid_search.extract import Extractor, iter_features
 from reid_search.gallery import GalleryWriter, NewImage
@@ -132,8 +132,7 @@ def sha256_file(path: str | os.PathLike[str], bufsize: int = 1 << 20) -> tuple[s
 
 def name_labels(path: Path) -> Labels:
     """Labels a Market/Duke-style file name gives (all ``None`` for other names)."""
-    info = parse_name(path.name)
-    return Labels(info.pid, info.camid, info.seq, info.frame) if info else Labels()
+    return Labels(*labels_from_name(path.name))
 
 
 def _int(value: Any, name: str, low: int) -> int | None:
@@ -248,17 +247,13 @@ def walk_images(folder: Path) -> tuple[list[Path], list[tuple[str, str, str]]]:
     """Image files under ``folder`` (sorted; hidden files ignored) and the image files it cannot index."""
     paths: list[Path] = []
     skipped: list[tuple[str, str, str]] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames.sort()
-        for fn in sorted(filenames):
-            if fn.startswith("."):
-                continue
-            if Path(fn).suffix.lower() in IMAGE_EXTENSIONS:
-                paths.append(Path(dirpath) / fn)
-            elif _unsupported(fn):
-                exts = ", ".join(sorted(IMAGE_EXTENSIONS))
-                skipped.append((str(Path(dirpath) / fn), "unsupported-format",
-                                f"{Path(fn).suffix or 'this'} images are not indexed; convert to one of {exts}"))
+    for p in walk_files(folder):  # the one listing order and hidden-file rule (reid_search.data)
+        if is_image_name(p.name):
+            paths.append(p)
+        elif _unsupported(p.name):
+            exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+            skipped.append((str(p), "unsupported-format",
+                            f"{p.suffix or 'this'} images are not indexed; convert to one of {exts}"))
     return paths, skipped
 
 
