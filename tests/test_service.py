@@ -25,14 +25,15 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from reid_search.app.cli._common import App, main
-from reid_search.app.cli.search import open_engine, query as query_cmd
+from reid_search.app.cli._common import main
+from reid_search.app.cli.search import query as query_cmd
 from reid_search.app.cli.serve import serve
 from reid_search.data import parse_name
 from reid_search.extract import extract_features
 from reid_search.extractors import load_extractor
 from reid_search.images import load_image
 from reid_search.app.service import ApiError, QueryBatcher, create_app, upload_name
+from reid_search.app.session import open_engine
 from reid_search.app.workspace import Workspace
 from tests.conftest import write_crop
 
@@ -164,7 +165,7 @@ def test_query_matches_the_cli(workspace: Workspace, query_paths: list[Path], cl
 @pytest.mark.parametrize("rerank", [False, True])
 def test_query_matches_the_engine(workspace: Workspace, query_paths: list[Path], client: httpx.Client,
                                   rerank: bool) -> None:
-    engine = open_engine(App(workspace), None, "cpu")
+    engine = open_engine(workspace, None, "cpu")
     try:
         for q, cam in ((query_paths[1], None), (query_paths[2], 2)):
             feats = engine.embed_images([load_image(q)])

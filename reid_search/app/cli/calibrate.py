@@ -53,11 +53,11 @@ def calibrate(app: App, query_dir: Path | None, target_fpr: float, rerank: bool,
         tpr_at_fpr,
         tpr_at_threshold,
     )
-    from reid_search.app.cli.search import default_query_dir, open_engine
+    from reid_search.app.session import default_query_dir, open_engine
     from reid_search.evaluation import query_distances
     from reid_search.thresholds import Calibration, save_calibration
 
-    engine = open_engine(app, model, device, precision)
+    engine = open_engine(app.workspace, model, device, precision)
     if query_dir is None:
         query_dir = default_query_dir(engine, "pass the query folder as an argument")
     if not query_dir.is_dir():
@@ -81,7 +81,7 @@ def calibrate(app: App, query_dir: Path | None, target_fpr: float, rerank: bool,
     if save:
         cal = Calibration(threshold, target_fpr, engine.extractor.fingerprint, rerank, tpr, stats.num_genuine,
                           stats.num_impostor, str(query_dir.resolve()), len(qd.g_pids))
-        saved = save_calibration(app.workspace, cal)
+        saved = save_calibration(app.workspace.root, cal)
     if plot is not None:
         from reid_search.show import render_calibration, save_png
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from reid_search.app.cli._common import App, pass_app
+from reid_search.app.cli._common import App, pass_app, run_training
 from reid_search.data import GALLERY_DIR, QUERY_DIR
 
 # A schedule that learns the synthetic identities on 2 idle CPU cores in about 2 minutes
@@ -34,8 +34,7 @@ DEMO_TRAIN_FRACTION = 0.8
 @click.option("-o", "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="More training overrides.")
 @click.option("--fresh", is_flag=True, help="Delete the demo's previous output first.")
 @pass_app
-@click.pass_context
-def demo(ctx: click.Context, app: App, data_root: Path | None, ids: int, epochs: int, max_steps: int | None,
+def demo(app: App, data_root: Path | None, ids: int, epochs: int, max_steps: int | None,
          overrides: tuple[str, ...], fresh: bool) -> None:
     """Generate data, train, index, evaluate (with and without re-ranking) and query.
 
@@ -49,9 +48,8 @@ def demo(ctx: click.Context, app: App, data_root: Path | None, ids: int, epochs:
       reid-search -w /tmp/cuhk demo --data ../shared/data/cuhk03-labeled --epochs 4 --max-steps 40
     """
     from reid_search.app.cli._common import progress_bar
-    from reid_search.app.cli.index import index
-    from reid_search.app.cli.search import evaluate_cmd, query
-    from reid_search.app.cli.train import train
+    from reid_search.app.cli._report import print_answer, print_eval, print_index_result, save_answer_picture
+    from reid_search.app.session import evaluate_workspace, index_workspace, search_images
     from reid_search.data import load_market
     from reid_search.torch_extractor import resolve_device
     from reid_search.model import build_model
@@ -114,23 +112,26 @@ def demo(ctx: click.Context, app: App, data_root: Path | None, ids: int, epochs:
     else:
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        ctx.invoke(train, data_root=data_root, recipe="softmax_triplet_with_center", overrides=tuple(sets),
-                   output=run_dir, resume=False, device="auto", print_config=False)
+        run_training(app, cfg, data_root, run_dir)
+
+    def bar(total: int, what: str):
+        return progress_bar(total, what, quiet=app.quiet)
 
     click.secho(f"== 4. index {data_root / GALLERY_DIR}", bold=True)
-    ctx.invoke(index, folder=data_root / GALLERY_DIR, model=None, index_type=None, index_params=(), batch_size=32,
-               workers=None, device="auto", flip=False, prune=False, reindex=True, commit_every=1024)
+    index_workspace(ws, data_root / GALLERY_DIR, reindex=True, progress=bar, on_done=print_index_result)
 
     results = {}
     for mode in (None, "batch"):
         click.secho(f"== 5. eval {'with k-reciprocal re-ranking' if mode else 'without re-ranking'}", bold=True)
-        results[mode or "off"] = ctx.invoke(evaluate_cmd, query_dir=data_root / QUERY_DIR, rerank=mode is not None,
-                                            rerank_mode=mode or "batch", as_json=False, model=None, device="auto")
+        query_dir, results[mode or "off"] = evaluate_workspace(ws, data_root / QUERY_DIR, rerank=mode, progress=bar)
+        print_eval(results[mode or "off"], query_dir)
 
     q = sorted((data_root / QUERY_DIR).iterdir())[0]
     picture = ws.root / "demo-query.png"
     click.secho(f"== 6. query {q.name} --rerank --show {picture}", bold=True)
-    ctx.invoke(query, images=(q,), top_k=8, rerank=True, camid=None, as_json=False, show=picture, model=None, device="auto")
+    answer = search_images(ws, [q], top_k=8, rerank=True)
+    save_answer_picture(picture, answer)
+    print_answer(answer, picture=picture)
 
     plain, rr = results["off"], results["batch"]
     click.secho("== summary", bold=True)
