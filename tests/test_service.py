@@ -547,6 +547,29 @@ def test_bad_filters_and_huge_ints_are_422(query_paths: list[Path], client: http
     healthy(client, query_paths)
 
 
+def test_track_length_is_the_db_column_s(workspace: Workspace, query_paths: list[Path], client: httpx.Client) -> None:
+    """POST /gallery takes a track of MAX_TRACK_CHARS (255, the DB column) and refuses a longer one like
+    any other bad value (422, FastAPI's list), as a form field and in the query string."""
+    from reid_search.limits import MAX_TRACK_CHARS
+
+    q = query_paths[5]
+    longest, too_long = "t" * MAX_TRACK_CHARS, "t" * (MAX_TRACK_CHARS + 1)
+    assert MAX_TRACK_CHARS == 255
+    for r in (client.post("/gallery", files=upload(q), data={"track": too_long}),
+              client.post("/gallery", files=upload(q), params={"track": too_long})):
+        assert r.status_code == 422, r.text
+        assert isinstance(r.json()["detail"], list) and r.json()["detail"][0]["type"] == "string_too_long"
+    assert client.get("/stats").json()["gallery_size"] == 16
+    r = client.post("/gallery", files=upload(q), data={"track": longest})
+    assert r.status_code == 200, r.text
+    item = r.json()["items"][0]
+    assert item["track"] == longest
+    hits = client.post("/query", files=upload(q, "x.jpg"), data={"top_k": "1"}).json()["hits"]
+    assert hits[0]["id"] == item["id"] and hits[0]["track"] == longest
+    assert client.delete(f"/gallery/{item['id']}").status_code == 200
+    assert client.get("/stats").json()["gallery_size"] == 16
+
+
 def test_orphan_upload_files_are_swept_at_start(workspace: Workspace, client: httpx.Client) -> None:
     """A kill between a removal's commit and its file deletion leaves a file no row names; the next start deletes it."""
     import os
