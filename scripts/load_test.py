@@ -88,7 +88,7 @@ def build_workspace(root: Path, arch: str, height: int, width: int, ids: int,
     """Synthetic data + a fresh checkpoint + the indexed gallery; returns (workspace, query images, summary)."""
     import torch
 
-    from indexer.store import open_gallery
+    from reid_search.app.session import open_workspace_gallery as open_gallery
     from reid_search.checkpoint import save_checkpoint
     from reid_search.extractors import load_extractor
     from reid_search.model import build_model

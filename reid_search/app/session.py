@@ -250,6 +250,82 @@ def evaluate_workspace(ws: Workspace, query_dir: Path | None = None, *, rerank: 
     return query_dir, res
 
 
+@dataclass
+class CalibrationRun:
+    """What :func:`calibrate_workspace` measured (``saved``: the thresholds file, when it saved)."""
+
+    query_dir: Path
+    target_fpr: float
+    rerank: bool
+    fingerprint: str
+    stats: Any  # reid_search.calibration's pair statistics
+    threshold: float
+    tpr: float
+    tpr_at_fpr: dict[str, float]
+    open_set: Any  # reid_search.calibration's open-set rates
+    saved: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """``reid-search calibrate --json``'s object."""
+        return {"threshold": self.threshold, "target_fpr": self.target_fpr, "tpr_at_fpr": self.tpr_at_fpr,
+                "genuine_pairs": self.stats.num_genuine, "impostor_pairs": self.stats.num_impostor,
+                "open_set": self.open_set.to_dict(), "rerank": self.rerank}
+
+
+def calibrate_workspace(ws: Workspace, query_dir: Path | None, target_fpr: float, *, rerank: bool = False,
+                        save: bool = True, model: Path | None = None, device: str = "auto", precision: str = "auto",
+                        progress: Progress | None = None) -> CalibrationRun:
+    """The distance threshold at ``target_fpr`` on a labelled query folder (default: ``query/`` beside
+    the indexed gallery), saved in the workspace for this model and distance kind with ``save``.
+
+    Raises:
+        DataError: no query folder, no images in it, or labels that do not pair with the gallery's.
+        GalleryError: an empty gallery, one of another model, an unreadable thresholds file.
+        ModelError: no usable model.
+    """
+    from reid_search.calibration import (
+        REPORTED_FPRS,
+        collect_pairs,
+        open_set_rates,
+        threshold_at_fpr,
+        tpr_at_fpr,
+        tpr_at_threshold,
+    )
+    from reid_search.data import list_images
+    from reid_search.errors import DataError
+    from reid_search.evaluation import query_distances
+    from reid_search.thresholds import Calibration, save_calibration
+
+    engine = open_engine(ws, model, device, precision)
+    try:
+        if query_dir is None:
+            query_dir = default_query_dir(engine, "pass the query folder as an argument")
+        if not query_dir.is_dir():
+            raise DataError(f"no such query folder: {query_dir}")
+        queries = list_images(query_dir, recursive=False)
+        if not queries:
+            raise DataError(f"no images in {query_dir}: pass a folder of labelled query crops")
+        with (progress or _no_progress)(len(queries), "embed queries") as advance:
+            qd = query_distances(engine, queries, rerank="online" if rerank else None, progress=advance)
+    finally:
+        engine.store.close()
+    try:
+        stats = collect_pairs(qd.distmat, qd.q_pids, qd.g_pids, qd.q_camids, qd.g_camids,
+                              fprs=(*REPORTED_FPRS, target_fpr))
+    except ValueError as exc:
+        raise DataError(f"{exc}; are the query folder and the indexed gallery from the same dataset?") from None
+    threshold = threshold_at_fpr(stats, target_fpr)
+    tpr = tpr_at_threshold(stats, threshold)
+    fp = engine.extractor.fingerprint
+    run = CalibrationRun(query_dir, target_fpr, rerank, fp, stats, threshold, tpr, tpr_at_fpr(stats, REPORTED_FPRS),
+                         open_set_rates(stats, threshold))
+    if save:
+        cal = Calibration(threshold, target_fpr, fp, rerank, tpr, stats.num_genuine, stats.num_impostor,
+                          str(query_dir.resolve()), len(qd.g_pids))
+        run.saved = save_calibration(ws.root, cal)
+    return run
+
+
 # ---- indexing ----------------------------------------------------------------------------------------------
 
 Progress = Callable[[int, str], ContextManager[Callable[[int], None]]]

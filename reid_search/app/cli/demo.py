@@ -6,6 +6,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -47,17 +48,8 @@ def demo(app: App, data_root: Path | None, ids: int, epochs: int, max_steps: int
       reid-search demo
       reid-search -w /tmp/cuhk demo --data ../shared/data/cuhk03-labeled --epochs 4 --max-steps 40
     """
-    from reid_search.app.cli._common import progress_bar
-    from reid_search.app.cli._report import print_answer, print_eval, print_index_result, save_answer_picture
-    from reid_search.app.session import evaluate_workspace, index_workspace, search_images
     from reid_search.data import load_market
-    from reid_search.torch_extractor import resolve_device
-    from reid_search.model import build_model
-    from reid_search.synthetic import generate
-    from reid_search.transforms import AugmentConfig
     from trainer.config import resolve_config
-    from trainer.schedule import describe_schedule
-    from trainer.train import evaluate, preprocess_of
 
     t0 = time.perf_counter()
     # Bad overrides fail here, in one line, before anything is generated or deleted.
@@ -71,35 +63,62 @@ def demo(app: App, data_root: Path | None, ids: int, epochs: int, max_steps: int
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-    if data_root is None:
-        data_root = ws.root / "demo-data"
-        if not data_root.exists():
-            click.secho(f"== 1. synthetic data: {ids} identities, 4 cameras -> {data_root}", bold=True)
-            with progress_bar(None, "generate", quiet=app.quiet) as advance:
-                done = [0]
+    data_root = _data(app, data_root, ids)
+    untrained = _untrained(cfg, load_market(data_root))
+    _train(app, cfg, data_root, run_dir, fresh)
+    results, picture = _index_eval_query(app, data_root)
+    _summary(untrained, results, data_root, ws, run_dir, picture, t0)
 
-                def on_image(n: int, total: int) -> None:
-                    advance(n - done[0])
-                    done[0] = n
 
-                s = generate(data_root, ids=ids, cameras=4, images_per_id=8, seed=0, train_fraction=DEMO_TRAIN_FRACTION,
-                             progress=on_image)
-            click.echo(f"{s.total_images} images: {s.num_train_ids} training identities ({s.train_images} crops), "
-                       f"{s.num_test_ids} held out (query {s.query_images}, gallery {s.gallery_images} incl. "
-                       f"{s.distractor_images} distractors and {s.junk_images} junk)")
-        else:
-            click.secho(f"== 1. synthetic data: reusing {data_root}", bold=True)
-    else:
+def _data(app: App, data_root: Path | None, ids: int) -> Path:
+    """Step 1: the Market-layout root, generated into the workspace unless given (or already there)."""
+    from reid_search.app.cli._common import progress_bar
+    from reid_search.synthetic import generate
+
+    if data_root is not None:
         click.secho(f"== 1. data: {data_root}", bold=True)
-    ds = load_market(data_root)
+        return data_root
+    data_root = app.workspace.root / "demo-data"
+    if data_root.exists():
+        click.secho(f"== 1. synthetic data: reusing {data_root}", bold=True)
+        return data_root
+    click.secho(f"== 1. synthetic data: {ids} identities, 4 cameras -> {data_root}", bold=True)
+    with progress_bar(None, "generate", quiet=app.quiet) as advance:
+        done = [0]
 
-    click.secho("== 2. untrained model (same architecture, random init): query vs gallery", bold=True)
+        def on_image(n: int, total: int) -> None:
+            advance(n - done[0])
+            done[0] = n
+
+        s = generate(data_root, ids=ids, cameras=4, images_per_id=8, seed=0, train_fraction=DEMO_TRAIN_FRACTION,
+                     progress=on_image)
+    click.echo(f"{s.total_images} images: {s.num_train_ids} training identities ({s.train_images} crops), "
+               f"{s.num_test_ids} held out (query {s.query_images}, gallery {s.gallery_images} incl. "
+               f"{s.distractor_images} distractors and {s.junk_images} junk)")
+    return data_root
+
+
+def _untrained(cfg: Any, ds: Any) -> dict[str, float]:
+    """Step 2: the metrics of the architecture before training (random init), for the summary."""
     import torch
 
+    from reid_search.model import build_model
+    from reid_search.torch_extractor import resolve_device
+    from trainer.train import evaluate, preprocess_of
+
+    click.secho("== 2. untrained model (same architecture, random init): query vs gallery", bold=True)
     torch.manual_seed(cfg.seed)
     untrained = evaluate(build_model(cfg.arch, 0, cfg.last_stride, cfg.neck).to(resolve_device("auto")),
                          ds.query, ds.gallery, preprocess_of(cfg), resolve_device("auto"))
     click.echo(f"untrained: R1 {100 * untrained['rank1']:.1f}%  mAP {100 * untrained['mAP']:.1f}%")
+    return untrained
+
+
+def _train(app: App, cfg: Any, data_root: Path, run_dir: Path, fresh: bool) -> None:
+    """Step 3: train into ``run_dir`` (or reuse its model.pt) and make the model the workspace's."""
+    from reid_search.transforms import AugmentConfig
+    from trainer.schedule import describe_schedule
+    from trainer.train import preprocess_of
 
     click.secho(f"== 3. train {cfg.recipe} ({cfg.arch} {cfg.height}x{cfg.width}, {cfg.epochs} epochs) on CPU/GPU", bold=True)
     pad_x, pad_y = AugmentConfig(pad=cfg.pad).padding(preprocess_of(cfg))
@@ -108,31 +127,43 @@ def demo(app: App, data_root: Path | None, ids: int, epochs: int, max_steps: int
                + f", flip {cfg.flip_p}, random erasing {cfg.random_erasing_p}")
     if (run_dir / "model.pt").is_file() and not fresh:
         click.echo(f"reusing {run_dir / 'model.pt'} (pass --fresh to retrain)")
-        ws.set_model(run_dir / "model.pt")
-    else:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_training(app, cfg, data_root, run_dir)
+        app.workspace.set_model(run_dir / "model.pt")
+        return
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_training(app, cfg, data_root, run_dir)
+
+
+def _index_eval_query(app: App, data_root: Path) -> tuple[dict[str, Any], Path]:
+    """Steps 4-6, as `index --reindex`, `eval` (with and without re-ranking) and `query --rerank --show`."""
+    from reid_search.app.cli._common import progress_bar
+    from reid_search.app.cli._report import print_answer, print_eval, print_index_result, save_answer_picture
+    from reid_search.app.session import evaluate_workspace, index_workspace, search_images
+
+    ws = app.workspace
 
     def bar(total: int, what: str):
         return progress_bar(total, what, quiet=app.quiet)
 
     click.secho(f"== 4. index {data_root / GALLERY_DIR}", bold=True)
     index_workspace(ws, data_root / GALLERY_DIR, reindex=True, progress=bar, on_done=print_index_result)
-
     results = {}
     for mode in (None, "batch"):
         click.secho(f"== 5. eval {'with k-reciprocal re-ranking' if mode else 'without re-ranking'}", bold=True)
         query_dir, results[mode or "off"] = evaluate_workspace(ws, data_root / QUERY_DIR, rerank=mode, progress=bar)
         print_eval(results[mode or "off"], query_dir)
-
     q = sorted((data_root / QUERY_DIR).iterdir())[0]
     picture = ws.root / "demo-query.png"
     click.secho(f"== 6. query {q.name} --rerank --show {picture}", bold=True)
     answer = search_images(ws, [q], top_k=8, rerank=True)
     save_answer_picture(picture, answer)
     print_answer(answer, picture=picture)
+    return results, picture
 
+
+def _summary(untrained: dict[str, float], results: dict[str, Any], data_root: Path, ws: Any, run_dir: Path,
+             picture: Path, t0: float) -> None:
+    """The table of the three runs, where everything is, and demo-summary.json."""
     plain, rr = results["off"], results["batch"]
     click.secho("== summary", bold=True)
     click.echo(f"{'':<26}{'R1':>8}{'R5':>8}{'mAP':>8}{'mINP':>8}")
