@@ -1,9 +1,11 @@
 """What the CLI and the service do with a workspace: open its gallery, its model and a search
-engine over both, and (re-)index a folder into it.
+engine over both; search, evaluate and calibrate; (re-)index a folder into it.
 
 Both front ends call these functions, so a gallery, an extractor or an engine is built one
-way only. Heavy modules (torch, faiss, SQLAlchemy) are imported inside the functions: the
-CLI imports this module for ``--help`` too.
+way only, and every app path opens a gallery through :func:`open_workspace_gallery`. The
+functions return results and raise :class:`~reid_search.errors.ReidSearchError`; printing
+is the caller's. Heavy modules (torch, faiss, SQLAlchemy) are imported inside the
+functions: the CLI imports this module for ``--help`` too.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from reid_search.app.workspace import Workspace
 
 if TYPE_CHECKING:
     from indexer.pipeline import IndexReport
-    from reid_search.evaluation import EvalResult
-    from reid_search.gallery import SearchFilter
     from indexer.store import Gallery
     from reid_search.engine import SearchEngine
+    from reid_search.evaluation import EvalResult
     from reid_search.extract import Extractor
+    from reid_search.gallery import SearchFilter
 
 log = logging.getLogger(__name__)
 

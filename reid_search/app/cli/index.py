@@ -6,9 +6,10 @@ from pathlib import Path
 import click
 
 from reid_search.app.cli._common import App, pass_app, precision_option, progress_bar
+from reid_search.app.cli._params import Label, TrackName
 from reid_search.app.cli._report import MAX_SKIPPED_LINES, print_index_result
 from reid_search.errors import DataError, GalleryError
-from reid_search.limits import INDEX_KINDS
+from reid_search.limits import INDEX_KINDS, MIN_PID
 
 # The command bodies import torch, faiss and SQLAlchemy themselves, so that
 # `--help` and argument errors answer without loading them.
@@ -81,12 +82,12 @@ def index(app: App, folder: Path, model: Path | None, manifest: Path | None, ind
 
 @click.command()
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--pid", type=int, default=None, help="Crops of this person id.")
-@click.option("--camid", type=int, default=None, help="Crops from this camera.")
+@click.option("--pid", type=Label(low=MIN_PID), default=None, help="Crops of this person id.")
+@click.option("--camid", type=Label(), default=None, help="Crops from this camera.")
 @click.option("--before", metavar="TIME", default=None,
               help="Crops captured before TIME (ISO 8601, e.g. 2024-05-01T00:00:00Z; no zone = UTC). "
                    "Crops without a capture time never match.")
-@click.option("--track", default=None, help="Crops of this track.")
+@click.option("--track", type=TrackName(), default=None, help="Crops of this track.")
 @click.option("--dry-run", is_flag=True, help="Count (and list) what the filter matches; remove nothing.")
 @pass_app
 def remove(app: App, paths: tuple[Path, ...], pid: int | None, camid: int | None, before: str | None,

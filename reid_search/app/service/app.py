@@ -58,15 +58,10 @@ def create_app(
         ReidSearchError: no or unreadable model, unusable DB, a gallery of another model.
         ValueError: a limit below 1 (``max_wait_ms`` below 0).
     """
-    for name, v in (("max_upload_bytes", max_upload_bytes), ("max_pixels", max_pixels), ("max_files", max_files),
-                    ("max_batch", max_batch), ("max_queue", max_queue)):
-        if v < 1:
-            raise ValueError(f"{name} must be >= 1, not {v}")
-    if max_wait_ms < 0:
-        raise ValueError(f"max_wait_ms must be >= 0, not {max_wait_ms}")
-    if api_key is not None and not api_key:
-        raise ValueError("api_key must not be empty (pass None for no key)")
-
+    settings = {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "max_queue": max_queue,
+                "max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels, "max_files": max_files,
+                "api_key_required": api_key is not None}
+    _check_settings(settings, api_key)
     limits = ServiceLimits(max_upload_bytes, max_pixels, max_files)
     core = SearchCore(workspace, model, device, flip, refresh_interval_s, precision)
     try:
@@ -107,14 +102,23 @@ def create_app(
     app.state.core, app.state.batcher, app.state.limits = core, batcher, limits
     app.state.model_thread, app.state.api_key = model_thread, api_key
     app.state.close = close  # for an app that is never served (shutdown calls it otherwise)
-    app.state.settings = {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "max_queue": max_queue,
-                          "max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels, "max_files": max_files,
-                          "api_key_required": api_key is not None}
+    app.state.settings = settings
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(Exception, _unexpected)
     for router in ROUTERS:
         app.include_router(router)
     return app
+
+
+def _check_settings(settings: dict[str, Any], api_key: str | None) -> None:
+    """Raises ValueError for a limit below 1, a negative batching window or an empty API key."""
+    for name in ("max_upload_bytes", "max_pixels", "max_files", "max_batch", "max_queue"):
+        if settings[name] < 1:
+            raise ValueError(f"{name} must be >= 1, not {settings[name]}")
+    if settings["max_wait_ms"] < 0:
+        raise ValueError(f"max_wait_ms must be >= 0, not {settings['max_wait_ms']}")
+    if api_key is not None and not api_key:
+        raise ValueError("api_key must not be empty (pass None for no key)")
 
 
 async def _api_error(_request: Request, exc: Exception):
