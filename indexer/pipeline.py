@@ -43,6 +43,7 @@ from typing import Any, Callable
 import numpy as np
 
 from reid_search.data import IMAGE_EXTENSIONS, is_image_name, labels_from_name, walk_files
+from indexer.spec import IndexSpec
 from reid_search.errors import DataError, GalleryError
 from reid_search.extract import Extractor, iter_features
 from reid_search.gallery import GalleryWriter, NewImage
@@ -87,6 +88,12 @@ class IndexReport:
         dropped = f"dropped {self.dropped} (re-index), " if self.dropped else ""
         return (f"{dropped}indexed {self.indexed}, replaced {self.replaced}, unchanged {self.unchanged}, "
                 f"removed {self.removed}, {skipped}")
+
+    def nothing_indexed(self) -> str:
+        """The one-line complaint when :attr:`usable` is 0, naming the first skipped file and why."""
+        first = self.skipped[0] if self.skipped else None
+        detail = f"; first: {Path(first[0]).name}: {first[2]}" if first else ""
+        return f"nothing could be indexed in {self.folder}: {self.summary()}{detail}"
 
 
 @dataclass(frozen=True)
@@ -270,6 +277,20 @@ def _hash(path: Path) -> tuple[str, int] | tuple[None, tuple[str, str]]:
         return None, ("unreadable", f"cannot read: {exc.strerror}")
 
 
+def check_folder(folder: str | os.PathLike[str]) -> Path:
+    """``folder`` as a Path, when it is an existing folder.
+
+    Raises:
+        DataError: missing, or a file, with what to pass instead.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(f"no such folder: {folder}; pass the folder of gallery crops (e.g. bounding_box_test)")
+    if not folder.is_dir():
+        raise DataError(f"{folder} is a file, not a folder; pass the folder that holds the gallery crops")
+    return folder
+
+
 def index_folder(
     gallery: GalleryWriter,
     folder: str | os.PathLike[str],
@@ -280,6 +301,7 @@ def index_folder(
     num_workers: int | None = None,
     prune: bool = False,
     reindex: bool = False,
+    spec: IndexSpec | None = None,
     commit_every: int = 1024,
     commit_seconds: float = 10.0,
     progress: Callable[[int], None] | None = None,
@@ -293,6 +315,8 @@ def index_folder(
         prune: also delete gallery images under ``folder`` whose files are gone.
         reindex: replace the whole gallery (e.g. to switch models): built beside
             the old one and switched atomically once something was embedded.
+        spec: switch the gallery written (with ``reindex``, the new one) to this index
+            type and parameters before adding.
         commit_every / commit_seconds: commit after this many images or seconds.
         progress: called with the number of files handled, as they are.
         on_total: called once with the number of image files found.
@@ -303,11 +327,7 @@ def index_folder(
         GalleryError: the gallery was indexed with another model (and not ``reindex``).
     """
     t0 = time.perf_counter()
-    folder = Path(folder)
-    if not folder.exists():
-        raise DataError(f"no such folder: {folder}; pass the folder of gallery crops (e.g. bounding_box_test)")
-    if not folder.is_dir():
-        raise DataError(f"{folder} is a file, not a folder; pass the folder that holds the gallery crops")
+    folder = check_folder(folder)
     report = IndexReport(folder)
     if manifest is not None:
         listed, report.skipped = read_manifest(manifest, folder)
@@ -327,16 +347,21 @@ def index_folder(
         raise DataError(f"no images in {folder} (or its subfolders); expected files ending in {exts}")
     if not reindex:
         gallery.check_model(extractor.fingerprint, extractor.dim)
+        if spec is not None:
+            gallery.set_spec(spec)
         _index_items(gallery, folder, items, extractor, report, batch_size=batch_size, num_workers=num_workers,
                      prune=prune, commit_every=commit_every, commit_seconds=commit_seconds, progress=progress)
     else:
         with gallery.replacing() as new:
+            if spec is not None:
+                new.set_spec(spec)
             _index_items(new, folder, items, extractor, report, batch_size=batch_size, num_workers=num_workers,
                          prune=False, commit_every=commit_every, commit_seconds=commit_seconds, progress=progress)
-            if report.indexed == 0:
-                reasons = ", ".join(f"{r} {n}" for r, n in report.skipped_by_reason().items()) or "none"
-                raise DataError(f"re-index of {folder}: no image could be embedded (skipped: {reasons}); "
-                                "the gallery is unchanged; check the model and the images")
+            # usable, not indexed: what the new gallery would hold (the same count for a fresh build, and the
+            # rule the CLI applies to incremental runs); switching to an empty gallery would lose the old one.
+            if report.usable == 0:
+                raise DataError(f"{report.nothing_indexed()}; re-index: no image could be embedded, "
+                                "so the gallery is unchanged; check the model and the images")
         report.dropped = gallery.replaced_count
     report.seconds = time.perf_counter() - t0
     log.info("%s: %s in %.1fs", folder, report.summary(), report.seconds)

@@ -1,6 +1,6 @@
 """Calibrated match thresholds kept in the workspace, one per (model fingerprint, re-ranking).
 
-``WORKSPACE/thresholds.json`` maps ``"<fingerprint>|knn"`` or ``"<fingerprint>|rerank"``
+``WORKSPACE/thresholds.json`` (the functions here take the workspace folder) maps ``"<fingerprint>|knn"`` or ``"<fingerprint>|rerank"``
 to what ``reid-search calibrate`` measured. A lookup needs the exact fingerprint of the
 model that answers the query and the same distance kind, so one model's threshold is
 never applied to another model's distances (nor a k-NN threshold to re-ranked ones).
@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from reid_search.atomic import atomic_write_json
 from reid_search.errors import GalleryError, ModelError
-from reid_search.app.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,9 @@ def threshold_key(fingerprint: str, rerank: bool) -> str:
     return f"{fingerprint}|{'rerank' if rerank else 'knn'}"
 
 
-def thresholds_path(workspace: Workspace) -> Path:
-    """Where the workspace keeps its thresholds."""
-    return workspace.root / THRESHOLDS_FILE
+def thresholds_path(folder: str | os.PathLike[str]) -> Path:
+    """Where the workspace folder ``folder`` keeps its thresholds."""
+    return Path(folder) / THRESHOLDS_FILE
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -83,28 +83,32 @@ def _read(path: Path) -> dict[str, Any]:
                            "`reid-search calibrate` again") from None
 
 
-def save_calibration(workspace: Workspace, cal: Calibration) -> Path:
-    """Store ``cal`` (atomically), replacing only the entry of its model and distance kind.
+def save_calibration(folder: str | os.PathLike[str], cal: Calibration) -> Path:
+    """Store ``cal`` in the workspace folder ``folder`` (created if needed; the file atomically),
+    replacing only the entry of its model and distance kind.
 
     Raises:
         GalleryError: the existing file is unreadable (it is left as it is).
+        OSError: the folder or the file cannot be written.
     """
-    path = thresholds_path(workspace)
+    path = thresholds_path(folder)
     entries = _read(path)
     entries[cal.key] = asdict(cal)
-    workspace.ensure()
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, {"version": FORMAT_VERSION, "entries": entries})
     log.info("threshold %.6g for %s saved in %s", cal.threshold, cal.key, path)
     return path
 
 
-def load_calibration(workspace: Workspace, fingerprint: str, rerank: bool) -> Calibration | None:
-    """The threshold calibrated for exactly this model and distance kind, or None.
+def load_calibration(folder: str | os.PathLike[str], fingerprint: str, rerank: bool) -> Calibration | None:
+    """The threshold calibrated in the workspace folder ``folder`` for exactly this model and
+    distance kind, or None.
 
     Raises:
         GalleryError: the thresholds file is unreadable.
+        ModelError: the entry filed under this key is another model's.
     """
-    path = thresholds_path(workspace)
+    path = thresholds_path(folder)
     raw = _read(path).get(threshold_key(fingerprint, rerank))
     if raw is None:
         return None

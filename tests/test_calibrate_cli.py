@@ -44,14 +44,14 @@ def test_calibrate_matches_brute_force_and_saves(indexed, tiny_ckpt: Path, tmp_p
     from reid_search.extractors import load_extractor
 
     fp = load_extractor(tiny_ckpt, "cpu").fingerprint
-    cal = load_calibration(Workspace(ws), fp, rerank=False)
+    cal = load_calibration(ws, fp, rerank=False)
     assert cal is not None and cal.threshold == out["threshold"] and cal.target_fpr == 0.1
-    assert load_calibration(Workspace(ws), fp, rerank=True) is None  # re-ranked distances need their own
+    assert load_calibration(ws, fp, rerank=True) is None  # re-ranked distances need their own
 
     r = run(ws, "calibrate", "--rerank")
     assert r.exit_code == 0 and "threshold" in r.output and "saved" in r.output, r.output
-    rr = load_calibration(Workspace(ws), fp, rerank=True)
-    assert rr is not None and load_calibration(Workspace(ws), fp, rerank=False) == cal  # both kept
+    rr = load_calibration(ws, fp, rerank=True)
+    assert rr is not None and load_calibration(ws, fp, rerank=False) == cal  # both kept
 
 
 def test_calibrate_embeds_queries_at_the_precision_asked(indexed, tiny_ckpt: Path) -> None:  # noqa: F811
@@ -79,29 +79,29 @@ def test_calibrate_embeds_queries_at_the_precision_asked(indexed, tiny_ckpt: Pat
 def test_threshold_of_one_model_is_refused_for_another(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ws")
     cal = Calibration(0.8, 1e-3, "model-a", False, 0.9, 10, 1000, "q", 100)
-    save_calibration(ws, cal)
-    assert load_calibration(ws, "model-a", False) == cal
-    assert load_calibration(ws, "model-b", False) is None
+    save_calibration(ws.root, cal)
+    assert load_calibration(ws.root, "model-a", False) == cal
+    assert load_calibration(ws.root, "model-b", False) is None
     with pytest.raises(ModelError, match="calibrated with model model-a"):
         cal.check("model-b", False)
     with pytest.raises(ModelError, match="k-NN"):
         cal.check("model-a", True)
     # An entry filed under another model's key is refused, not applied.
-    data = json.loads(thresholds_path(ws).read_text())
+    data = json.loads(thresholds_path(ws.root).read_text())
     data["entries"]["model-b|knn"] = data["entries"]["model-a|knn"]
-    thresholds_path(ws).write_text(json.dumps(data))
+    thresholds_path(ws.root).write_text(json.dumps(data))
     with pytest.raises(ModelError):
-        load_calibration(ws, "model-b", False)
+        load_calibration(ws.root, "model-b", False)
 
 
 def test_unreadable_thresholds_file_is_kept(tmp_path: Path) -> None:
     from reid_search.errors import GalleryError
 
     ws = Workspace(tmp_path / "ws").ensure()
-    thresholds_path(ws).write_text("{not json")
+    thresholds_path(ws.root).write_text("{not json")
     with pytest.raises(GalleryError, match="move it away"):
-        save_calibration(ws, Calibration(0.8, 1e-3, "m", False, 0.9, 1, 1, "q", 1))
-    assert thresholds_path(ws).read_text() == "{not json"
+        save_calibration(ws.root, Calibration(0.8, 1e-3, "m", False, 0.9, 1, 1, "q", 1))
+    assert thresholds_path(ws.root).read_text() == "{not json"
 
 
 def test_decide() -> None:
@@ -136,7 +136,7 @@ def test_query_marks_matches_fuses_crops_and_groups_sightings(indexed, tiny_ckpt
     from reid_search.extractors import load_extractor
 
     assert run(ws, "calibrate", "--fpr", "0.1").exit_code == 0
-    cal = load_calibration(Workspace(ws), load_extractor(tiny_ckpt, "cpu").fingerprint, False)
+    cal = load_calibration(ws, load_extractor(tiny_ckpt, "cpu").fingerprint, False)
     out = json.loads(run(ws, "query", str(q1), "--json").output)
     assert out["threshold"] == cal.threshold
     assert [h["match"] for h in out["hits"]] == [h["distance"] <= cal.threshold for h in out["hits"]]

@@ -25,14 +25,15 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from reid_search.app.cli._common import App, main
-from reid_search.app.cli.search import open_engine, query as query_cmd
+from reid_search.app.cli._common import main
+from reid_search.app.cli.search import query as query_cmd
 from reid_search.app.cli.serve import serve
 from reid_search.data import parse_name
 from reid_search.extract import extract_features
 from reid_search.extractors import load_extractor
 from reid_search.images import load_image
 from reid_search.app.service import ApiError, QueryBatcher, create_app, upload_name
+from reid_search.app.session import open_engine
 from reid_search.app.workspace import Workspace
 from tests.conftest import write_crop
 
@@ -165,7 +166,7 @@ def test_query_matches_the_cli(workspace: Workspace, query_paths: list[Path], cl
 @pytest.mark.parametrize("rerank", [False, True])
 def test_query_matches_the_engine(workspace: Workspace, query_paths: list[Path], client: httpx.Client,
                                   rerank: bool) -> None:
-    engine = open_engine(App(workspace), None, "cpu")
+    engine = open_engine(workspace, None, "cpu")
     try:
         for q, cam in ((query_paths[1], None), (query_paths[2], 2)):
             feats = engine.embed_images([load_image(q)])
@@ -546,6 +547,29 @@ def test_bad_filters_and_huge_ints_are_422(query_paths: list[Path], client: http
     assert "--" not in cases[3].json()["detail"]  # HTTP field names, not CLI options
     assert client.get("/stats").json()["gallery_size"] == 16
     healthy(client, query_paths)
+
+
+def test_track_length_is_the_db_column_s(workspace: Workspace, query_paths: list[Path], client: httpx.Client) -> None:
+    """POST /gallery takes a track of MAX_TRACK_CHARS (255, the DB column) and refuses a longer one like
+    any other bad value (422, FastAPI's list), as a form field and in the query string."""
+    from reid_search.limits import MAX_TRACK_CHARS
+
+    q = query_paths[5]
+    longest, too_long = "t" * MAX_TRACK_CHARS, "t" * (MAX_TRACK_CHARS + 1)
+    assert MAX_TRACK_CHARS == 255
+    for r in (client.post("/gallery", files=upload(q), data={"track": too_long}),
+              client.post("/gallery", files=upload(q), params={"track": too_long})):
+        assert r.status_code == 422, r.text
+        assert isinstance(r.json()["detail"], list) and r.json()["detail"][0]["type"] == "string_too_long"
+    assert client.get("/stats").json()["gallery_size"] == 16
+    r = client.post("/gallery", files=upload(q), data={"track": longest})
+    assert r.status_code == 200, r.text
+    item = r.json()["items"][0]
+    assert item["track"] == longest
+    hits = client.post("/query", files=upload(q, "x.jpg"), data={"top_k": "1"}).json()["hits"]
+    assert hits[0]["id"] == item["id"] and hits[0]["track"] == longest
+    assert client.delete(f"/gallery/{item['id']}").status_code == 200
+    assert client.get("/stats").json()["gallery_size"] == 16
 
 
 def test_orphan_upload_files_are_swept_at_start(workspace: Workspace, client: httpx.Client) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from reid_search.app.cli._common import App, pass_app, precision_option, progress_bar
-from reid_search.data import list_images
-from reid_search.errors import DataError
+
+if TYPE_CHECKING:
+    from reid_search.app.session import CalibrationRun
 
 
 @click.command()
@@ -44,63 +46,40 @@ def calibrate(app: App, query_dir: Path | None, target_fpr: float, rerank: bool,
       reid-search calibrate Market-1501/query --rerank --json
       reid-search calibrate --precision fp32
     """
-    from reid_search.calibration import (
-        REPORTED_FPRS,
-        collect_pairs,
-        open_set_rates,
-        roc_curve,
-        threshold_at_fpr,
-        tpr_at_fpr,
-        tpr_at_threshold,
-    )
-    from reid_search.app.cli.search import default_query_dir, open_engine
-    from reid_search.evaluation import query_distances
-    from reid_search.thresholds import Calibration, save_calibration
+    from reid_search.app.session import calibrate_workspace
 
-    engine = open_engine(app, model, device, precision)
-    if query_dir is None:
-        query_dir = default_query_dir(engine, "pass the query folder as an argument")
-    if not query_dir.is_dir():
-        raise DataError(f"no such query folder: {query_dir}")
-    queries = list_images(query_dir, recursive=False)
-    if not queries:
-        raise DataError(f"no images in {query_dir}: pass a folder of labelled query crops")
-    with progress_bar(len(queries), "embed queries", quiet=app.quiet or as_json) as advance:
-        qd = query_distances(engine, queries, rerank="online" if rerank else None, progress=advance)
-    try:
-        stats = collect_pairs(qd.distmat, qd.q_pids, qd.g_pids, qd.q_camids, qd.g_camids,
-                              fprs=(*REPORTED_FPRS, target_fpr))
-    except ValueError as exc:
-        raise DataError(f"{exc}; are the query folder and the indexed gallery from the same dataset?") from None
-    threshold = threshold_at_fpr(stats, target_fpr)
-    tpr = tpr_at_threshold(stats, threshold)
-    open_set = open_set_rates(stats, threshold)
-    out = {"threshold": threshold, "target_fpr": target_fpr, "tpr_at_fpr": tpr_at_fpr(stats, REPORTED_FPRS),
-           "genuine_pairs": stats.num_genuine, "impostor_pairs": stats.num_impostor,
-           "open_set": open_set.to_dict(), "rerank": rerank}
-    if save:
-        cal = Calibration(threshold, target_fpr, engine.extractor.fingerprint, rerank, tpr, stats.num_genuine,
-                          stats.num_impostor, str(query_dir.resolve()), len(qd.g_pids))
-        saved = save_calibration(app.workspace, cal)
+    def bar(total: int, what: str):
+        return progress_bar(total, what, quiet=app.quiet or as_json)
+
+    run = calibrate_workspace(app.workspace, query_dir, target_fpr, rerank=rerank, save=save, model=model,
+                              device=device, precision=precision, progress=bar)
     if plot is not None:
+        from reid_search.calibration import roc_curve
         from reid_search.show import render_calibration, save_png
 
-        fpr_c, tpr_c, _ = roc_curve(stats)
-        save_png(plot, render_calibration(fpr_c, tpr_c, stats.hist_edges, stats.genuine_hist,
-                                          stats.impostor_hist, threshold, target_fpr))
+        st = run.stats
+        fpr_c, tpr_c, _ = roc_curve(st)
+        save_png(plot, render_calibration(fpr_c, tpr_c, st.hist_edges, st.genuine_hist, st.impostor_hist,
+                                          run.threshold, target_fpr))
+    out = run.to_json()
     if as_json:
         click.echo(json.dumps(out))
         return out
-    kind = "re-ranked" if rerank else "k-NN"
-    click.echo(f"query {query_dir}: {stats.num_genuine} genuine and {stats.num_impostor} impostor pairs ({kind} distances)")
-    click.echo(f"threshold {threshold:.6g} at FPR {target_fpr:g}: TPR {100 * tpr:.1f}%")
-    for f, v in out["tpr_at_fpr"].items():
+    _print_run(run)
+    if plot is not None:
+        click.echo(f"plot: {plot}")
+    return out
+
+
+def _print_run(run: CalibrationRun) -> None:
+    st, open_set = run.stats, run.open_set
+    kind = "re-ranked" if run.rerank else "k-NN"
+    click.echo(f"query {run.query_dir}: {st.num_genuine} genuine and {st.num_impostor} impostor pairs ({kind} distances)")
+    click.echo(f"threshold {run.threshold:.6g} at FPR {run.target_fpr:g}: TPR {100 * run.tpr:.1f}%")
+    for f, v in run.tpr_at_fpr.items():
         click.echo(f"TPR at FPR {float(f):g}: {100 * v:.1f}%")
     click.echo(f"open set: {100 * open_set.detection_identification_rate:.1f}% of {open_set.num_known} known queries "
                f"found at top-1 within the threshold; false alarms {100 * open_set.false_alarm_rate:.1f}% "
                f"of {open_set.num_query} with their identity removed")
-    if save:
-        click.echo(f"saved for model {engine.extractor.fingerprint} in {saved}")
-    if plot is not None:
-        click.echo(f"plot: {plot}")
-    return out
+    if run.saved is not None:
+        click.echo(f"saved for model {run.fingerprint} in {run.saved}")

@@ -6,10 +6,11 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
-from reid_search.app.cli._common import App, pass_app
+from reid_search.app.cli._common import App, pass_app, run_training
 from reid_search.data import GALLERY_DIR, QUERY_DIR
 
 # A schedule that learns the synthetic identities on 2 idle CPU cores in about 2 minutes
@@ -34,8 +35,7 @@ DEMO_TRAIN_FRACTION = 0.8
 @click.option("-o", "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="More training overrides.")
 @click.option("--fresh", is_flag=True, help="Delete the demo's previous output first.")
 @pass_app
-@click.pass_context
-def demo(ctx: click.Context, app: App, data_root: Path | None, ids: int, epochs: int, max_steps: int | None,
+def demo(app: App, data_root: Path | None, ids: int, epochs: int, max_steps: int | None,
          overrides: tuple[str, ...], fresh: bool) -> None:
     """Generate data, train, index, evaluate (with and without re-ranking) and query.
 
@@ -48,18 +48,8 @@ def demo(ctx: click.Context, app: App, data_root: Path | None, ids: int, epochs:
       reid-search demo
       reid-search -w /tmp/cuhk demo --data ../shared/data/cuhk03-labeled --epochs 4 --max-steps 40
     """
-    from reid_search.app.cli._common import progress_bar
-    from reid_search.app.cli.index import index
-    from reid_search.app.cli.search import evaluate_cmd, query
-    from reid_search.app.cli.train import train
     from reid_search.data import load_market
-    from reid_search.torch_extractor import resolve_device
-    from reid_search.model import build_model
-    from reid_search.synthetic import generate
-    from reid_search.transforms import AugmentConfig
     from trainer.config import resolve_config
-    from trainer.schedule import describe_schedule
-    from trainer.train import evaluate, preprocess_of
 
     t0 = time.perf_counter()
     # Bad overrides fail here, in one line, before anything is generated or deleted.
@@ -73,35 +63,62 @@ def demo(ctx: click.Context, app: App, data_root: Path | None, ids: int, epochs:
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-    if data_root is None:
-        data_root = ws.root / "demo-data"
-        if not data_root.exists():
-            click.secho(f"== 1. synthetic data: {ids} identities, 4 cameras -> {data_root}", bold=True)
-            with progress_bar(None, "generate", quiet=app.quiet) as advance:
-                done = [0]
+    data_root = _data(app, data_root, ids)
+    untrained = _untrained(cfg, load_market(data_root))
+    _train(app, cfg, data_root, run_dir, fresh)
+    results, picture = _index_eval_query(app, data_root)
+    _summary(untrained, results, data_root, ws, run_dir, picture, t0)
 
-                def on_image(n: int, total: int) -> None:
-                    advance(n - done[0])
-                    done[0] = n
 
-                s = generate(data_root, ids=ids, cameras=4, images_per_id=8, seed=0, train_fraction=DEMO_TRAIN_FRACTION,
-                             progress=on_image)
-            click.echo(f"{s.total_images} images: {s.num_train_ids} training identities ({s.train_images} crops), "
-                       f"{s.num_test_ids} held out (query {s.query_images}, gallery {s.gallery_images} incl. "
-                       f"{s.distractor_images} distractors and {s.junk_images} junk)")
-        else:
-            click.secho(f"== 1. synthetic data: reusing {data_root}", bold=True)
-    else:
+def _data(app: App, data_root: Path | None, ids: int) -> Path:
+    """Step 1: the Market-layout root, generated into the workspace unless given (or already there)."""
+    from reid_search.app.cli._common import progress_bar
+    from reid_search.synthetic import generate
+
+    if data_root is not None:
         click.secho(f"== 1. data: {data_root}", bold=True)
-    ds = load_market(data_root)
+        return data_root
+    data_root = app.workspace.root / "demo-data"
+    if data_root.exists():
+        click.secho(f"== 1. synthetic data: reusing {data_root}", bold=True)
+        return data_root
+    click.secho(f"== 1. synthetic data: {ids} identities, 4 cameras -> {data_root}", bold=True)
+    with progress_bar(None, "generate", quiet=app.quiet) as advance:
+        done = [0]
 
-    click.secho("== 2. untrained model (same architecture, random init): query vs gallery", bold=True)
+        def on_image(n: int, total: int) -> None:
+            advance(n - done[0])
+            done[0] = n
+
+        s = generate(data_root, ids=ids, cameras=4, images_per_id=8, seed=0, train_fraction=DEMO_TRAIN_FRACTION,
+                     progress=on_image)
+    click.echo(f"{s.total_images} images: {s.num_train_ids} training identities ({s.train_images} crops), "
+               f"{s.num_test_ids} held out (query {s.query_images}, gallery {s.gallery_images} incl. "
+               f"{s.distractor_images} distractors and {s.junk_images} junk)")
+    return data_root
+
+
+def _untrained(cfg: Any, ds: Any) -> dict[str, float]:
+    """Step 2: the metrics of the architecture before training (random init), for the summary."""
     import torch
 
+    from reid_search.model import build_model
+    from reid_search.torch_extractor import resolve_device
+    from trainer.train import evaluate, preprocess_of
+
+    click.secho("== 2. untrained model (same architecture, random init): query vs gallery", bold=True)
     torch.manual_seed(cfg.seed)
     untrained = evaluate(build_model(cfg.arch, 0, cfg.last_stride, cfg.neck).to(resolve_device("auto")),
                          ds.query, ds.gallery, preprocess_of(cfg), resolve_device("auto"))
     click.echo(f"untrained: R1 {100 * untrained['rank1']:.1f}%  mAP {100 * untrained['mAP']:.1f}%")
+    return untrained
+
+
+def _train(app: App, cfg: Any, data_root: Path, run_dir: Path, fresh: bool) -> None:
+    """Step 3: train into ``run_dir`` (or reuse its model.pt) and make the model the workspace's."""
+    from reid_search.transforms import AugmentConfig
+    from trainer.schedule import describe_schedule
+    from trainer.train import preprocess_of
 
     click.secho(f"== 3. train {cfg.recipe} ({cfg.arch} {cfg.height}x{cfg.width}, {cfg.epochs} epochs) on CPU/GPU", bold=True)
     pad_x, pad_y = AugmentConfig(pad=cfg.pad).padding(preprocess_of(cfg))
@@ -110,28 +127,43 @@ def demo(ctx: click.Context, app: App, data_root: Path | None, ids: int, epochs:
                + f", flip {cfg.flip_p}, random erasing {cfg.random_erasing_p}")
     if (run_dir / "model.pt").is_file() and not fresh:
         click.echo(f"reusing {run_dir / 'model.pt'} (pass --fresh to retrain)")
-        ws.set_model(run_dir / "model.pt")
-    else:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        ctx.invoke(train, data_root=data_root, recipe="softmax_triplet_with_center", overrides=tuple(sets),
-                   output=run_dir, resume=False, device="auto", print_config=False)
+        app.workspace.set_model(run_dir / "model.pt")
+        return
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_training(app, cfg, data_root, run_dir)
+
+
+def _index_eval_query(app: App, data_root: Path) -> tuple[dict[str, Any], Path]:
+    """Steps 4-6, as `index --reindex`, `eval` (with and without re-ranking) and `query --rerank --show`."""
+    from reid_search.app.cli._common import progress_bar
+    from reid_search.app.cli._report import print_answer, print_eval, print_index_result, save_answer_picture
+    from reid_search.app.session import evaluate_workspace, index_workspace, search_images
+
+    ws = app.workspace
+
+    def bar(total: int, what: str):
+        return progress_bar(total, what, quiet=app.quiet)
 
     click.secho(f"== 4. index {data_root / GALLERY_DIR}", bold=True)
-    ctx.invoke(index, folder=data_root / GALLERY_DIR, model=None, index_type=None, index_params=(), batch_size=32,
-               workers=None, device="auto", flip=False, prune=False, reindex=True, commit_every=1024)
-
+    index_workspace(ws, data_root / GALLERY_DIR, reindex=True, progress=bar, on_done=print_index_result)
     results = {}
     for mode in (None, "batch"):
         click.secho(f"== 5. eval {'with k-reciprocal re-ranking' if mode else 'without re-ranking'}", bold=True)
-        results[mode or "off"] = ctx.invoke(evaluate_cmd, query_dir=data_root / QUERY_DIR, rerank=mode is not None,
-                                            rerank_mode=mode or "batch", as_json=False, model=None, device="auto")
-
+        query_dir, results[mode or "off"] = evaluate_workspace(ws, data_root / QUERY_DIR, rerank=mode, progress=bar)
+        print_eval(results[mode or "off"], query_dir)
     q = sorted((data_root / QUERY_DIR).iterdir())[0]
     picture = ws.root / "demo-query.png"
     click.secho(f"== 6. query {q.name} --rerank --show {picture}", bold=True)
-    ctx.invoke(query, images=(q,), top_k=8, rerank=True, camid=None, as_json=False, show=picture, model=None, device="auto")
+    answer = search_images(ws, [q], top_k=8, rerank=True)
+    save_answer_picture(picture, answer)
+    print_answer(answer, picture=picture)
+    return results, picture
 
+
+def _summary(untrained: dict[str, float], results: dict[str, Any], data_root: Path, ws: Any, run_dir: Path,
+             picture: Path, t0: float) -> None:
+    """The table of the three runs, where everything is, and demo-summary.json."""
     plain, rr = results["off"], results["batch"]
     click.secho("== summary", bold=True)
     click.echo(f"{'':<26}{'R1':>8}{'R5':>8}{'mAP':>8}{'mINP':>8}")

@@ -37,15 +37,15 @@ def embed(app: App, target: Path, model: Path | None, out: Path | None, as_json:
       reid-search embed bounding_box_test --out gallery.npy
       reid-search embed bounding_box_test --out gallery.npz --precision fp32
     """
+    from reid_search.app.session import open_extractor
     from reid_search.extract import extract_features  # torch: only when it runs
-    from reid_search.extractors import load_extractor
     from reid_search.images import load_image
 
     if not target.exists():
         raise DataError(f"no such image or folder: {target}")
     if not target.is_dir():
         load_image(target)  # a single unusable image is an error, not a skip
-    extractor = load_extractor(app.workspace.model_path(model), device=device, flip=flip, precision=precision)
+    _, extractor = open_extractor(app.workspace, model, device=device, flip=flip, precision=precision)
     records = list_images(target) if target.is_dir() else [record_for(target)]
     if target.is_dir() and out is None and not as_json:
         raise DataError(f"{target} is a folder: pass --out FEATS.npy (or .npz) to save its features, or --json to print them")

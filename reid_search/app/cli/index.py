@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import click
 
 from reid_search.app.cli._common import App, pass_app, precision_option, progress_bar
-from reid_search.data import iter_image_paths
+from reid_search.app.cli._params import Label, TrackName
+from reid_search.app.cli._report import MAX_SKIPPED_LINES, print_index_result
 from reid_search.errors import DataError, GalleryError
-from reid_search.limits import INDEX_KINDS
-
-if TYPE_CHECKING:
-    from indexer.pipeline import IndexReport
+from reid_search.limits import INDEX_KINDS, MIN_PID
 
 # The command bodies import torch, faiss and SQLAlchemy themselves, so that
 # `--help` and argument errors answer without loading them.
-
-MAX_SKIPPED_LINES = 20
 
 
 @click.command()
@@ -77,110 +69,25 @@ def index(app: App, folder: Path, model: Path | None, manifest: Path | None, ind
       path,camid,time,track
       cam1/000001.jpg,1,2024-05-01T08:00:03Z,cam1-0007
     """
-    from reid_search.app.session import open_workspace_gallery
-    from reid_search.extractors import load_extractor
+    from reid_search.app.session import index_workspace
 
-    if not folder.exists():
-        raise DataError(f"no such folder: {folder}; pass the folder of gallery crops (e.g. bounding_box_test)")
-    if not folder.is_dir():
-        raise DataError(f"{folder} is a file, not a folder; pass the folder that holds the gallery crops")
-    if manifest is not None and not manifest.is_file():
-        raise DataError(f"no manifest at {manifest}: pass a CSV or JSON Lines file with a `path` column")
-    model_file = app.workspace.model_path(model, gallery=not reindex)
-    extractor = load_extractor(model_file, device=device, flip=flip, precision=precision)
-    app.workspace.ensure()
-    store = open_workspace_gallery(app.workspace)
-    try:
-        run = dict(folder=folder, extractor=extractor, manifest=manifest, index_type=index_type,
-                   index_params=index_params, batch_size=batch_size, workers=workers, prune=prune,
-                   commit_every=commit_every, quiet=app.quiet)
-        if reindex:
-            # The new gallery is built beside the old one; leaving this block by an
-            # exception (nothing indexable, a bad model, Ctrl-C) keeps the old one whole.
-            with store.replacing() as new:
-                report = _index_into(new, **run)
-            report.dropped = store.replaced_count
-        else:
-            store.check_model(extractor.fingerprint, extractor.dim)
-            report = _index_into(store, **run)
-        app.workspace.set_gallery_model(model_file, extractor.fingerprint)
-        _print_report(report, store.describe(), getattr(extractor, "compile_seconds", None))
-        _refresh_rerank(app, store)
-    finally:
-        store.close()
+    def bar(total: int, what: str):
+        return progress_bar(total, what, quiet=app.quiet)
 
-
-def _index_into(store, *, folder: Path, extractor, manifest: Path | None, index_type: str | None,
-                index_params: tuple[str, ...], batch_size: int, workers: int | None, prune: bool,
-                commit_every: int, quiet: bool) -> IndexReport:
-    """Index FOLDER into ``store``; GalleryError when nothing could be indexed."""
-    from indexer.pipeline import index_folder
-    from indexer.spec import parse_index_spec
-
-    if index_type is not None or index_params:
-        store.set_spec(parse_index_spec(index_type or store.spec.kind, index_params, base=store.spec))
-    total = sum(1 for _ in iter_image_paths(folder))
-    extra = {"manifest": manifest} if manifest is not None else {}
-    with progress_bar(total, "index", quiet=quiet) as advance:
-        report = index_folder(store, folder, extractor, batch_size=batch_size, num_workers=workers, prune=prune,
-                              commit_every=commit_every, progress=advance, **extra)
-    if report.usable == 0:
-        raise GalleryError(_nothing_indexed(report))
-    return report
-
-
-# Above this size the cached re-ranking structures are built on the first
-# `query --rerank` instead of at the end of every index run.
-RERANK_PRECOMPUTE_LIMIT = 200_000
-
-
-def _refresh_rerank(app: App, store) -> None:
-    """Keep the gallery's k-reciprocal structures (used by `query --rerank`) in step with the gallery.
-
-    Runs after the change is committed, so it never fails the command: a cache
-    that cannot be rebuilt now is rebuilt by the next `query --rerank`.
-    """
-    from reid_search.engine import RERANK_CACHE, refresh_rerank_cache
-
-    cache = app.workspace.index_dir / RERANK_CACHE
-    try:
-        if store.ntotal > RERANK_PRECOMPUTE_LIMIT:
-            cache.unlink(missing_ok=True)
-            return
-        refresh_rerank_cache(store, app.workspace.index_dir)
-    except Exception as exc:  # noqa: BLE001 - the gallery change is committed; the cache is optional
-        logging.getLogger(__name__).warning("could not rebuild the re-ranking cache %s (%s: %s); "
-                                            "`query --rerank` will rebuild it", cache, type(exc).__name__, exc)
-        with contextlib.suppress(OSError):
-            cache.unlink(missing_ok=True)
-
-
-def _nothing_indexed(report: IndexReport) -> str:
-    first = report.skipped[0] if report.skipped else None
-    detail = f"; first: {Path(first[0]).name}: {first[2]}" if first else ""
-    return f"nothing could be indexed in {report.folder}: {report.summary()}{detail}"
-
-
-def _print_report(report: IndexReport, gallery: str, compile_seconds: float | None = None) -> None:
-    rate = (report.indexed + report.replaced) / report.seconds if report.seconds > 0 else 0.0
-    click.echo(f"{report.summary()} in {report.seconds:.1f}s ({rate:.1f} images/s embedded)")
-    if compile_seconds is not None:
-        click.echo(f"  torch.compile took {compile_seconds:.1f}s of that (a run this long pays it back)")
-    for path, reason, detail in report.skipped[:MAX_SKIPPED_LINES]:
-        click.echo(f"  skipped {path}: {reason}: {detail}")
-    if len(report.skipped) > MAX_SKIPPED_LINES:
-        click.echo(f"  ... and {len(report.skipped) - MAX_SKIPPED_LINES} more skipped (run with -v to log them all)")
-    click.echo(f"gallery: {gallery}")
+    index_workspace(app.workspace, folder, model=model, manifest=manifest, index_type=index_type,
+                    index_params=index_params, batch_size=batch_size, workers=workers, device=device, flip=flip,
+                    precision=precision, prune=prune, reindex=reindex, commit_every=commit_every, progress=bar,
+                    on_done=print_index_result)
 
 
 @click.command()
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--pid", type=int, default=None, help="Crops of this person id.")
-@click.option("--camid", type=int, default=None, help="Crops from this camera.")
+@click.option("--pid", type=Label(low=MIN_PID), default=None, help="Crops of this person id.")
+@click.option("--camid", type=Label(), default=None, help="Crops from this camera.")
 @click.option("--before", metavar="TIME", default=None,
               help="Crops captured before TIME (ISO 8601, e.g. 2024-05-01T00:00:00Z; no zone = UTC). "
                    "Crops without a capture time never match.")
-@click.option("--track", default=None, help="Crops of this track.")
+@click.option("--track", type=TrackName(), default=None, help="Crops of this track.")
 @click.option("--dry-run", is_flag=True, help="Count (and list) what the filter matches; remove nothing.")
 @pass_app
 def remove(app: App, paths: tuple[Path, ...], pid: int | None, camid: int | None, before: str | None,
@@ -213,7 +120,7 @@ def remove(app: App, paths: tuple[Path, ...], pid: int | None, camid: int | None
         raise DataError("--dry-run counts what --pid/--camid/--before/--track match; it does not take PATHs")
     where = make_remove_filter(pid, camid, before, track) if by_filter else None
 
-    from reid_search.app.session import open_workspace_gallery
+    from reid_search.app.session import open_workspace_gallery, refresh_rerank
 
     store = open_workspace_gallery(app.workspace)
     try:
@@ -240,7 +147,7 @@ def remove(app: App, paths: tuple[Path, ...], pid: int | None, camid: int | None
             for p in unmatched:
                 click.echo(f"  not in the gallery: {p}")
         click.echo(f"gallery: {store.describe()}")
-        _refresh_rerank(app, store)
+        refresh_rerank(app.workspace, store)
     finally:
         store.close()
 

@@ -2,54 +2,23 @@
 
 from __future__ import annotations
 
-import json
+from datetime import datetime
 from pathlib import Path
 
 import click
 
 from reid_search.app.cli._common import App, pass_app, precision_option, progress_bar
-from reid_search.data import QUERY_DIR, list_images, record_for
-from reid_search.errors import DataError, GalleryError
+from reid_search.app.cli._params import Label, filter_options
+from reid_search.app.cli._report import print_answer, print_eval, save_answer_picture
 from reid_search.multiquery import FUSE_MODES
 from reid_search.sightings import GROUP_BY
-
-
-def open_engine(app: App, model: Path | None, device: str, precision: str = "auto"):
-    """The workspace's gallery with the given model, else the one that built the gallery."""
-    from reid_search.app.session import open_workspace_gallery
-    from reid_search.engine import SearchEngine
-    from reid_search.extractors import load_extractor
-
-    gallery = open_workspace_gallery(app.workspace)
-    if gallery.ntotal == 0:
-        raise GalleryError(f"the gallery of workspace {app.workspace.root} is empty: run `reid-search index FOLDER` first")
-    extractor = load_extractor(app.workspace.model_path(model), device=device, precision=precision)
-    return SearchEngine(gallery, extractor, cache_dir=app.workspace.index_dir)
-
-
-def filter_options(fn):
-    """The filter options of `query` (the same fields as POST /query)."""
-    opts = [
-        click.option("--cameras", metavar="1,3", default=None, help="Only gallery crops from these cameras."),
-        click.option("--exclude-cameras", metavar="4,5", default=None, help="No gallery crops from these cameras."),
-        click.option("--since", metavar="TIME", default=None,
-                     help="Only crops captured at or after TIME (ISO 8601, e.g. 2024-05-01T13:45:00Z; no zone = UTC)."),
-        click.option("--until", metavar="TIME", default=None, help="Only crops captured at or before TIME."),
-        click.option("--exclude-track", "exclude_tracks", metavar="T", multiple=True,
-                     help="No crops of track T (repeatable), e.g. the query's own tracklet."),
-        click.option("--keep-same-camera", is_flag=True,
-                     help="Keep gallery crops from the query's own camera (dropped by default)."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
 
 
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top-k", "-k", default=10, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--rerank", is_flag=True, help="k-reciprocal re-ranking (online form, cached gallery structures).")
-@click.option("--camid", type=int, default=None, help="The query's camera [default: from a Market name]; its gallery matches are dropped.")
+@click.option("--camid", type=Label(), default=None, help="The query's camera [default: from a Market name]; its gallery matches are dropped.")
 @filter_options
 @click.option("--fuse", type=click.Choice(FUSE_MODES), default="mean", show_default=True,
               help="Several IMAGES are one person: mean of their features, or each gallery item's best crop (max).")
@@ -65,8 +34,9 @@ def filter_options(fn):
 @click.option("--device", default="auto", show_default=True)
 @precision_option
 @pass_app
-def query(app: App, images: tuple[Path, ...], top_k: int, rerank: bool, camid: int | None, cameras: str | None,
-          exclude_cameras: str | None, since: str | None, until: str | None, exclude_tracks: tuple[str, ...],
+def query(app: App, images: tuple[Path, ...], top_k: int, rerank: bool, camid: int | None,
+          cameras: frozenset[int] | None, exclude_cameras: frozenset[int] | None, since: datetime | None,
+          until: datetime | None, exclude_tracks: tuple[str, ...],
           keep_same_camera: bool, fuse: str, threshold: float | None, group_by: str | None, as_json: bool,
           show: Path | None, model: Path | None, device: str, precision: str = "auto") -> None:
     """Find the person in IMAGES among the indexed gallery, other cameras first.
@@ -93,94 +63,18 @@ def query(app: App, images: tuple[Path, ...], top_k: int, rerank: bool, camid: i
       reid-search query person.jpg --cameras 1,3 --since 2024-05-01T08:00:00Z --until 2024-05-01T18:00:00Z
       reid-search query crop.jpg --exclude-cameras 4,5 --exclude-track cam2-0042 --keep-same-camera
     """
-    from reid_search.images import load_image  # torch: only when it runs
-    from reid_search.filters import check_label, describe_filter, filter_dict, make_search_filter
-    from reid_search.multiquery import search_crops
-    from reid_search.thresholds import decide, load_calibration
+    from reid_search.app.session import search_images
+    from reid_search.filters import make_search_filter
 
-    # Arguments first: a bad filter fails before the model and the gallery load.
+    # The options are checked as they are parsed (reid_search.app.cli._params); this checks
+    # them together (since <= until) before the model and the gallery load.
     where = make_search_filter(cameras, exclude_cameras, since, until, exclude_tracks)
-    if camid is not None:
-        check_label(camid, "--camid")
-    missing = [str(p) for p in images if not p.is_file()]
-    if missing:
-        raise DataError(f"no such image: {missing[0]}")
-    imgs = [load_image(p) for p in images]
-    recs = [record_for(p) for p in images]
-    cams = [camid if camid is not None else r.camid for r in recs]
-    engine = open_engine(app, model, device, precision)
-    if threshold is None:
-        cal = load_calibration(app.workspace, engine.extractor.fingerprint, rerank)
-        threshold = cal.threshold if cal is not None else None
-    want = top_k if group_by is None else min(1000, max(20 * top_k, 200))
-    hits = search_crops(engine, engine.embed_images(imgs), cams, fuse, top_k=want, rerank=rerank, where=where,
-                        keep_same_camera=keep_same_camera)
-    flags, decision = decide([h.distance for h in hits], threshold)
-    sightings = None
-    if group_by is not None:
-        from reid_search.sightings import group_hits
-
-        sightings = group_hits(hits, group_by, threshold)[:top_k]
-    query_pid = recs[0].pid if len({r.pid for r in recs}) == 1 else None
+    ans = search_images(app.workspace, images, top_k=top_k, rerank=rerank, camid=camid, where=where,
+                        keep_same_camera=keep_same_camera, fuse=fuse, threshold=threshold, group_by=group_by,
+                        model=model, device=device, precision=precision)
     if show is not None:
-        from reid_search.show import save_hits_picture
-
-        if sightings is None:
-            save_hits_picture(show, images[0], hits, query_pid, matches=flags)
-        else:
-            labels = [f"{group_by[0]}{s.key if s.key is not None else '-'} {s.matches if s.matches is not None else '?'}"
-                      f"/{s.hits}" for s in sightings]
-            save_hits_picture(show, images[0], [s.best for s in sightings], query_pid,
-                              matches=[None if threshold is None else s.best.distance <= threshold for s in sightings],
-                              labels=labels)
-    cam = cams[0] if len(images) == 1 else sorted({c for c in cams if c is not None})
-    if as_json:
-        out = {"query": str(images[0]) if len(images) == 1 else [str(p) for p in images], "camid": cam,
-               "rerank": rerank, "filter": filter_dict(where, keep_same_camera), "threshold": threshold,
-               "decision": decision, "hits": [{**h.to_dict(), "match": m} for h, m in zip(hits, flags)]}
-        if len(images) > 1:
-            out["fuse"] = fuse
-        if sightings is not None:
-            out["group_by"] = group_by
-            out["sightings"] = [s.to_dict() for s in sightings]
-        click.echo(json.dumps(out))
-    else:
-        names = str(images[0]) if len(images) == 1 else f"{len(images)} crops ({fuse})"
-        click.echo(f"query {names}  camid {cam if cam not in (None, []) else '-'}  {'re-ranked' if rerank else 'k-NN'}"
-                   + ("" if where.is_empty else f"  filter {describe_filter(where)}"))
-        th = "none (run `reid-search calibrate`)" if threshold is None else f"{threshold:.4f}"
-        click.echo(f"decision: {decision}  threshold {th}")
-        if sightings is not None:
-            click.echo(f"{group_by:>7}  {'hits':>4}  {'match':>5}  {'best':>8}  {'first time':<20}  {'last time':<20}  path")
-            for s in sightings:
-                d = s.to_dict()
-                click.echo(f"{'-' if s.key is None else s.key!s:>7}  {s.hits:>4}  "
-                           f"{'-' if s.matches is None else s.matches:>5}  {s.best.distance:>8.4f}  "
-                           f"{d['first_time'] or '-':<20}  {d['last_time'] or '-':<20}  {s.best.path}")
-        else:
-            click.echo(f"{'rank':>4}  {'distance':>8}  {'match':>5}  {'pid':>5}  {'cam':>3}  {'time':<20}  {'track':<8}  path")
-            for h, m in zip(hits, flags):
-                d = h.to_dict()
-                click.echo(f"{h.rank:>4}  {h.distance:>8.4f}  {'-' if m is None else ('*' if m else ''):>5}  "
-                           f"{'-' if h.pid is None else h.pid:>5}  {'-' if h.camid is None else h.camid:>3}  "
-                           f"{d['time'] or '-':<20}  {h.track or '-':<8}  {h.path}")
-            if len(hits) < top_k:
-                click.echo(f"({len(hits)} of {top_k}: no more gallery crops pass the filter)")
-    if show is not None and not as_json:
-        click.echo(f"picture: {show}")
-
-
-def default_query_dir(engine, remedy: str) -> Path:
-    """``query/`` beside the indexed gallery folder.
-
-    Raises:
-        DataError: there is none (the message ends with ``remedy``).
-    """
-    roots = sorted({m.root for batch in engine.store.iter_metadata() for m in batch})
-    candidates = [r.parent / QUERY_DIR for r in roots if (r.parent / QUERY_DIR).is_dir()]
-    if not candidates:
-        raise DataError(f"no query/ folder beside the indexed gallery; {remedy}")
-    return candidates[0]
+        save_answer_picture(show, ans)
+    print_answer(ans, as_json, picture=show)
 
 
 @click.command("eval")
@@ -213,24 +107,12 @@ def evaluate_cmd(app: App, query_dir: Path | None, rerank: bool, rerank_mode: st
       reid-search eval --precision fp32
       reid-search eval --multi-query mean
     """
-    from reid_search.evaluation import evaluate_queries
+    from reid_search.app.session import evaluate_workspace
 
-    engine = open_engine(app, model, device, precision)
-    if query_dir is None:
-        query_dir = default_query_dir(engine, "pass --query DIR")
-    queries = list_images(query_dir, recursive=False)
-    with progress_bar(len(queries), "embed queries", quiet=app.quiet or as_json) as advance:
-        res = evaluate_queries(engine, queries, rerank=rerank_mode if rerank else None, multi_query=multi_query,
-                               progress=advance)
-    if as_json:
-        click.echo(json.dumps(res.to_dict()))
-        return res
-    unit = "images" if multi_query is None else f"(pid, camera) groups fused by {multi_query}"
-    click.echo(f"query {query_dir}: {res.num_query} {unit} ({res.num_valid_query} with a valid match); "
-               f"gallery {res.num_gallery} images; re-ranking: {res.rerank or 'off'}")
-    click.echo(f"mAP: {100 * res.mAP:.1f}%  mINP: {100 * res.mINP:.1f}%")
-    for r, v in ((1, res.rank1), (5, res.rank5), (10, res.rank10)):
-        click.echo(f"CMC curve, Rank-{r:<3}: {100 * v:.1f}%")
-    if res.tpr_at_fpr:
-        click.echo("TPR at FPR " + ", ".join(f"{float(f):g}: {100 * v:.1f}%" for f, v in res.tpr_at_fpr.items()))
-    return res  # for ctx.invoke callers (the demo)
+    def bar(total: int, what: str):
+        return progress_bar(total, what, quiet=app.quiet or as_json)
+
+    query_dir, res = evaluate_workspace(app.workspace, query_dir, rerank=rerank_mode if rerank else None,
+                                        multi_query=multi_query, model=model, device=device, precision=precision,
+                                        progress=bar)
+    print_eval(res, query_dir, multi_query, as_json)

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import click
 from click.core import ParameterSource
-from tqdm import tqdm
 
-from reid_search.app.cli._common import App, pass_app
+from reid_search.app.cli._common import App, pass_app, run_training
 
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
@@ -62,38 +58,7 @@ def train(app: App, data_root: Path | None, recipe: str, overrides: tuple[str, .
         return
     if data_root is None:
         raise click.ClickException("pass --data ROOT, a Market-1501-layout folder (or make one with `reid-search make-synthetic`)")
-    from trainer.train import main as train_main
-
-    bar: list[tqdm] = []
-
-    def progress(epoch: int, steps: int):
-        b = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it", disable=app.quiet, dynamic_ncols=True)
-        bar[:] = [b]
-
-        def step(vals: dict[str, float]) -> None:
-            post = {k: f"{vals[k]:.3g}" for k in ("loss", "id", "triplet", "center", "acc") if k in vals}
-            post["lr"] = f"{vals['lr']:.2e}"
-            post["img/s"] = f"{vals['img_s']:.1f}"
-            b.set_postfix(post, refresh=False)
-            b.update(1)
-
-        return step, b.close
-
-    def on_epoch(done: int, stats: dict[str, float]) -> None:
-        if "mAP" in stats:
-            click.echo(f"epoch {done}: R1 {100 * stats['rank1']:.2f}%  R5 {100 * stats['rank5']:.2f}%  "
-                       f"R10 {100 * stats['rank10']:.2f}%  mAP {100 * stats['mAP']:.2f}%  mINP {100 * stats['mINP']:.2f}%")
-
-    try:
-        with _console_log(app.quiet):
-            result = train_main(cfg, data_root, out, resume=resume, device=device, progress=progress, on_epoch=on_epoch)
-    except FloatingPointError as exc:
-        raise click.ClickException(str(exc)) from None
-    if not result.is_main:  # other torchrun ranks: rank 0 reports
-        return
-    app.workspace.set_model(result.model_path)
-    click.echo(f"model: {result.model_path} (workspace {app.workspace.root} now uses it)")
-    click.echo(f"log:   {result.out_dir / 'train.log'}")
+    run_training(app, cfg, data_root, out, resume=resume, device=device)
 
 
 def _resume_config(out: Path, recipe: str | None, overrides: tuple[str, ...]) -> "TrainConfig | None":
@@ -123,31 +88,3 @@ def _resume_config(out: Path, recipe: str | None, overrides: tuple[str, ...]) ->
         key, value = item.split("=", 1)
         saved[key.strip()] = value
     return resolve_config(saved_recipe, saved)
-
-
-class _TqdmHandler(logging.Handler):
-    """Prints log records above the progress bars instead of through them."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:  # pragma: no cover - logging must not raise
-            self.handleError(record)
-
-
-@contextlib.contextmanager
-def _console_log(quiet: bool) -> Iterator[None]:
-    """While training, the trainer's records go to train.log (at INFO) and to the console at the
-    verbosity of -v (warnings by default), printed above the bars."""
-    tlog = logging.getLogger("trainer")
-    level = logging.getLogger().getEffectiveLevel()
-    handler = _TqdmHandler(level=max(level, logging.WARNING) if quiet else level)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    propagate = tlog.propagate
-    tlog.addHandler(handler)
-    tlog.propagate = False
-    try:
-        yield
-    finally:
-        tlog.removeHandler(handler)
-        tlog.propagate = propagate

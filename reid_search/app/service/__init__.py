@@ -30,7 +30,7 @@ How it holds up:
   ours, FastAPI's ``{"detail": [...]}`` for validation): request bodies are
   capped while they are received (before any parsing), each upload is capped
   while it is copied, decoded images are capped in pixels by
-  :func:`~reid_search.extract.load_image`'s guard, unknown query parameters and
+  :func:`~reid_search.images.load_image`'s guard, unknown query parameters and
   form fields are refused (422). Requests never name server paths: only
   uploaded bytes are read; the client's file name is echoed, never opened.
 - **API key.** When set, every route (``/healthz``, ``/docs`` and
@@ -40,7 +40,10 @@ Modules: :mod:`~reid_search.app.service.batching` (the query batcher),
 :mod:`~reid_search.app.service.uploads` (upload staging), :mod:`~reid_search.app.service.core`
 (the gallery, model and engine on the model thread), :mod:`~reid_search.app.service.schemas`
 (response models), :mod:`~reid_search.app.service.guard` (errors, limits, API key and body cap),
-:mod:`~reid_search.app.service.app` (:func:`create_app` and its routes).
+:mod:`~reid_search.app.service.params` (each route's parameter model),
+:mod:`~reid_search.app.service.deps` (the routes' dependencies on ``app.state``),
+:mod:`~reid_search.app.service.routes` (one router per resource: query, gallery, admin),
+:mod:`~reid_search.app.service.app` (:func:`create_app`: the state, middleware, handlers, routers).
 """
 
 from reid_search.app.service.app import create_app

@@ -21,9 +21,9 @@ from torchvision.transforms import Resize
 
 from reid_search.gallery import NewImage, RemoveFilter, SearchFilter
 from reid_search.atomic import fsync_dir
+from reid_search.app.session import calibrated_threshold, open_extractor, open_workspace_gallery, search_engine
 from reid_search.engine import Hit, SearchEngine, query_filter
 from reid_search.errors import GalleryError
-from reid_search.extractors import load_extractor
 from reid_search.timeutil import format_time
 from reid_search.multiquery import search_crops
 from reid_search.app.service.guard import ApiError, as_api_error
@@ -35,7 +35,6 @@ from reid_search.app.service.uploads import (
     image_format,
     upload_name,
 )
-from reid_search.thresholds import load_calibration
 from reid_search.transforms import build_eval_transform
 from reid_search.app.workspace import Workspace
 
@@ -79,11 +78,9 @@ class SearchCore:
 
     def __init__(self, workspace: Workspace, model: Path | None = None, device: str = "auto", flip: bool = False,
                  refresh_interval_s: float = 1.0, precision: str = "auto") -> None:
-        from reid_search.app.session import open_workspace_gallery
-
         self.workspace = workspace
-        self.model_file = workspace.model_path(model)
-        self.extractor = load_extractor(self.model_file, device=device, flip=flip, precision=precision)
+        self.model_file, self.extractor = open_extractor(workspace, model, device=device, flip=flip,
+                                                         precision=precision)
         self.gallery = open_workspace_gallery(workspace)
         self.gallery.check_model(self.extractor.fingerprint, self.extractor.dim)
         self.uploads = workspace.uploads_dir.resolve()
@@ -158,7 +155,7 @@ class SearchCore:
                            f"server's {self.extractor.fingerprint}; restart the server with that model")
         if self._engine is None:
             try:
-                self._engine = SearchEngine(self.gallery, self.extractor, cache_dir=self.workspace.index_dir)
+                self._engine = search_engine(self.workspace, self.gallery, self.extractor)
             except GalleryError as exc:
                 raise ApiError(409, "gallery-model", str(exc)) from None
         return self._engine
@@ -198,8 +195,8 @@ class SearchCore:
             bad = next((f for f in mine if isinstance(f, BaseException)), None)
             out.append(None if bad is None else as_api_error(bad, "embedding the query"))
             feats_of.append(None if bad is not None else np.stack(mine))
-        thresholds = {rr: (lambda c: None if c is None else c.threshold)(
-            load_calibration(self.workspace, self.extractor.fingerprint, rr)) for rr in {j.rerank for j in jobs}}
+        thresholds = {rr: calibrated_threshold(self.workspace, self.extractor.fingerprint, rr)
+                      for rr in {j.rerank for j in jobs}}
         # Single-crop k-NN queries with one top_k go to the store in one call, each with its own filter.
         groups: dict[int, list[int]] = {}
         for i, j in enumerate(jobs):

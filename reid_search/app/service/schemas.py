@@ -91,3 +91,7 @@ class ErrorOut(BaseModel):
 
     detail: str
     reason: str
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {s: {"model": ErrorOut} for s in (400, 401, 409, 413, 415, 503)}
+"""The error answers every route documents (``POST``/``DELETE`` routes; each adds its own, e.g. 404)."""
