@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 import pytest
 
-from indexer import vectors as V
+from indexer.faiss import index as V
 from indexer.faiss.index import IndexSpec, VectorIndex, exact_search, iter_batches, parse_index_spec
 from reid_search.errors import GalleryError
 
