@@ -34,7 +34,7 @@ from reid_search.extractors import load_extractor
 from reid_search.images import load_image
 from reid_search.app.service import ApiError, QueryBatcher, create_app, upload_name
 from reid_search.app.workspace import Workspace
-from tests.conftest import write_crop
+from tests.helpers import write_crop
 
 if "serve" not in main.commands:
     main.add_command(serve)
