@@ -21,7 +21,6 @@ from types import ModuleType
 
 import pytest
 
-
 ROOT = Path(__file__).resolve().parents[1]
 GPU_DISTS = {"faiss-gpu-cu12", "onnxruntime-gpu"}
 CPU_DISTS = {"faiss-cpu", "onnxruntime"}
