@@ -212,6 +212,7 @@ def run_writer(ws: Workspace, folder: Path, start: int, n: int) -> None:
                    check=True, cwd=REPO, env=env, timeout=120)
 
 
+@pytest.mark.slow  # two writer subprocesses
 @pytest.mark.faiss_only  # writers in other processes: Milvus Lite serves one process (a Milvus server serves many)
 def test_every_reader_sees_every_committed_row(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ws")
