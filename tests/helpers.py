@@ -65,6 +65,19 @@ def store_workspace(path: Path, store: str):  # type: ignore[no-untyped-def]  # 
     return Workspace(path, store_override=store)
 
 
+def open_ws(ws, **kw):  # type: ignore[no-untyped-def]  # (Workspace, ...) -> Gallery
+    """The gallery of workspace ``ws``; keywords (``spec``, ``save_interval``, ``backend_factory``)
+    pass through to :func:`indexer.open_gallery`."""
+    from indexer import open_gallery
+
+    return open_gallery(ws, **kw)
+
+
+def faiss_index(g):  # type: ignore[no-untyped-def]  # (Gallery) -> indexer.faiss.index.VectorIndex
+    """The FAISS index object of a FAISS gallery (its training state, nlist, ids)."""
+    return g.index
+
+
 # ---- vectors ------------------------------------------------------------------------------------
 
 

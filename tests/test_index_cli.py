@@ -11,12 +11,11 @@ import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from indexer import open_gallery
 from reid_search.app.cli._common import main
 from reid_search.app.cli.index import db, index, remove
 from reid_search.app.workspace import Workspace
-from tests.helpers import one_line_error as conftest_one_line_error
-from tests.helpers import shared_path, write_crop
+from tests.helpers import faiss_index, open_ws, shared_path, write_crop
+from tests.helpers import one_line_error as helpers_one_line_error
 
 # The lead registers these in reid_search/app/cli/__init__.py; doing it here too is harmless.
 for _cmd in (index, remove, db):
@@ -33,7 +32,7 @@ def index_cmd(ws: Path, folder: Path, ckpt: Path, *extra: str) -> Result:
 
 def one_line_error(result: Result, *needles: str) -> None:
     """Exit 1 with the error on one line (after any per-file warnings logged during the run)."""
-    conftest_one_line_error(result, *needles, after="skipped ")
+    helpers_one_line_error(result, *needles, after="skipped ")
 
 
 def summary(result: Result) -> str:
@@ -44,7 +43,7 @@ def summary(result: Result) -> str:
 
 
 def gallery(ws: Path):
-    return open_gallery(Workspace(ws))
+    return open_ws(Workspace(ws))
 
 
 # ---- the happy path ---------------------------------------------------------
@@ -91,7 +90,7 @@ def test_changed_file_is_replaced_and_prune_removes_deleted(tiny_ckpt: Path, mar
     r = index_cmd(ws, folder, tiny_ckpt, "--prune")
     assert summary(r).startswith("indexed 0, replaced 0, unchanged 7, removed 1"), r.output
     g = gallery(ws)
-    assert g.ntotal == 7 and g.index.ntotal == 7
+    assert g.ntotal == 7 and faiss_index(g).ntotal == 7
     assert "0006_c2s1_000001_00.jpg" not in {m.path.name for b in g.iter_metadata() for m in b}
 
 
@@ -265,6 +264,6 @@ def test_cuhk03_gallery_gives_738_rows_and_vectors(tiny_ckpt: Path, tmp_path: Pa
     r = run("-q", "-w", str(ws), "index", str(folder), "--model", str(tiny_ckpt))
     assert r.exit_code == 0 and summary(r).startswith("indexed 738, replaced 0, unchanged 0, removed 0, skipped 0"), r.output
     g = gallery(ws)
-    assert g.ntotal == 738 and g.index.ntotal == 738 and len(g.ids()) == 738
+    assert g.ntotal == 738 and faiss_index(g).ntotal == 738 and len(g.ids()) == 738
     r = run("-q", "-w", str(ws), "index", str(folder), "--model", str(tiny_ckpt))
     assert summary(r).startswith("indexed 0, replaced 0, unchanged 738"), r.output

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from indexer import open_gallery
 from reid_search.app.workspace import Workspace
-from tests.helpers import PixelExtractor, store_workspace, write_folder
+from tests.helpers import PixelExtractor, open_ws, store_workspace, write_folder
 from tests.crash_harness import committed_rows, index_then_kill, kill, spawn
 
 COMMIT_EVERY = 8
@@ -43,7 +42,7 @@ def test_sigkill_mid_run_then_rerun_completes(store: str, tiny_ckpt: Path, tmp_p
     print(f"killed after {index_then_kill(args, db, min_rows=MIN_ROWS[store]):.1f}s")
     seen = committed_rows(db)
     assert 0 < seen < n_images, "killed mid-run"
-    g = open_gallery(Workspace(ws))  # repairs: the FAISS index from the DB; SQL rows without a Milvus vector are dropped
+    g = open_ws(Workspace(ws))  # repairs: the FAISS index from the DB; SQL rows without a Milvus vector are dropped
     n = g.ntotal
     assert n < n_images and n % COMMIT_EVERY == 0  # whole chunks only
     if store == "faiss":
@@ -63,7 +62,7 @@ def test_sigkill_mid_run_then_rerun_completes(store: str, tiny_ckpt: Path, tmp_p
     print(f"re-run {time.monotonic() - t0:.1f}s")
     assert r.exit_code == 0, r.output
     assert r.output.startswith(f"indexed {n_images - n}, replaced 0, unchanged {n}, removed 0, skipped 0"), r.output
-    g = open_gallery(Workspace(ws))
+    g = open_ws(Workspace(ws))
     assert g.ntotal == n_images and len(g.ids()) == n_images and g.backend.ntotal == n_images
     np.testing.assert_array_equal(g.backend.ids(), g.ids())
     paths = [m.rel_path for b in g.iter_metadata() for m in b]
@@ -79,11 +78,10 @@ def test_sigkill_mid_run_then_rerun_completes(store: str, tiny_ckpt: Path, tmp_p
 LIB_CHILD = """
 import sys, time
 from pathlib import Path
-from indexer import open_gallery
 from indexer.pipeline import index_folder
 from reid_search.gallery import RemoveFilter
 from reid_search.app.workspace import Workspace
-from tests.helpers import PixelExtractor
+from tests.helpers import PixelExtractor, open_ws
 
 class Pix(PixelExtractor):
     def embed(self, batch):
@@ -91,7 +89,7 @@ class Pix(PixelExtractor):
         return super().embed(batch)
 
 ws = Workspace(Path(sys.argv[1]), store_override=sys.argv[2])
-g = open_gallery(ws, save_interval=3600)
+g = open_ws(ws, save_interval=3600)
 for step in sys.argv[3:]:
     what, *arg = step.split("=")
     if what == "index":
@@ -121,7 +119,7 @@ def _read_ids(proc: subprocess.Popen, word: str) -> list[int]:
 
 def _assert_consistent(ws: Path, store: str) -> "object":
     """Rows == stored vectors == the backend's (FAISS: in memory and in the file); returns the open gallery."""
-    g = open_gallery(Workspace(ws))
+    g = open_ws(Workspace(ws))
     con = sqlite3.connect(ws / "reid.db")
     try:
         rows = con.execute("SELECT count(*) FROM images").fetchone()[0]
@@ -148,7 +146,7 @@ def _indexed(ws: Path, store: str, folder: Path, fp: str, reindex: bool = False)
     """Index ``folder`` into ``ws`` in this process with the stand-in model; returns the gallery's ids."""
     from indexer.pipeline import index_folder
 
-    with open_gallery(store_workspace(ws, store)) as g:
+    with open_ws(store_workspace(ws, store)) as g:
         index_folder(g, folder, PixelExtractor(fp), num_workers=0, reindex=reindex)
         return g.ids()
 

@@ -19,9 +19,8 @@ from click.testing import CliRunner
 pytest.importorskip("milvus_lite", reason="milvus-lite cannot run here")
 pytest.importorskip("indexer.coordinator", reason="needs the store coordinator (branch i11a)")
 
-from indexer import open_gallery  # noqa: E402
 from reid_search.app.workspace import Workspace  # noqa: E402
-from tests.helpers import feats, new_images, shared_path, write_folder  # noqa: E402
+from tests.helpers import feats, new_images, open_ws, shared_path, write_folder  # noqa: E402
 
 FP = "test-model"
 
@@ -53,7 +52,7 @@ def test_cuhk03_eval_and_rerank_equal_on_both_stores(tmp_path: Path) -> None:
 def test_a_reader_of_a_replaced_gallery_reads_the_new_one(tmp_path: Path) -> None:
     """The re-index dropped the collection a long-running reader (serve) was reading: it follows the switch."""
     ws = Workspace(tmp_path / "ws", store_override="milvus:")
-    serve, cli = open_gallery(ws), open_gallery(ws)
+    serve, cli = open_ws(ws), open_ws(ws)
     imgs, x = new_images(tmp_path / "g", 12), feats(12)
     serve.add_images(imgs[:6], x[:6], FP)
     cli.refresh()
@@ -72,7 +71,7 @@ def test_index_type_change_rebuilds_the_collection_index(tmp_path: Path) -> None
     from reid_search.errors import GalleryError
 
     ws = Workspace(tmp_path / "ws", store_override="milvus:")
-    g = open_gallery(ws)
+    g = open_ws(ws)
     imgs, x = new_images(tmp_path / "g", 300), feats(300)
     ids = g.add_images(imgs, x, FP)
     assert g.backend.index_type() == "FLAT"
@@ -90,7 +89,7 @@ def test_index_type_change_rebuilds_the_collection_index(tmp_path: Path) -> None
         assert "\n" not in str(e.value)
         assert g.spec == IndexSpec("ivfsq8", nlist=8) and g.backend.index_type() == "IVF_SQ8"
     g.close()
-    g = open_gallery(Workspace(tmp_path / "ws"))  # recorded: reopened with the same index
+    g = open_ws(Workspace(tmp_path / "ws"))  # recorded: reopened with the same index
     assert g.spec == IndexSpec("ivfsq8", nlist=8) and g.backend.index_type() == "IVF_SQ8"
     assert g.set_spec(IndexSpec("flat")) is True and g.backend.index_type() == "FLAT"
     np.testing.assert_array_equal(g.search(x[:30], 1)[1][:, 0], ids[:30])
@@ -111,7 +110,7 @@ def test_index_type_option_on_a_milvus_gallery(tiny_ckpt: Path, tmp_path: Path) 
     assert r.exit_code == 0 and "unchanged 6" in r.output and "hnsw index in milvus" in r.output.strip().splitlines()[-1], r.output
     r = CliRunner().invoke(main, [*mw, "index", str(folder), *args, "--index-type", "ivfsq8", "--index-param", "nlist=4"])
     assert r.exit_code == 0 and "ivfsq8 (nlist=4)" in r.output, r.output
-    g = open_gallery(Workspace(tmp_path / "wm"))
+    g = open_ws(Workspace(tmp_path / "wm"))
     assert g.backend.index_type() == "IVF_SQ8" and g.ntotal == 6
     g.close()
     r = CliRunner().invoke(main, [*mw, "index", str(folder), *args, "--index-type", "diskann"])

@@ -19,7 +19,7 @@ from indexer import Gallery, open_gallery
 from reid_search.app.workspace import Workspace
 from reid_search.errors import GalleryError
 from reid_search.gallery import ChangeEvent, NewImage
-from tests.helpers import feats, new_images, store_workspace
+from tests.helpers import feats, new_images, open_ws, store_workspace
 
 
 @pytest.fixture()
@@ -29,7 +29,7 @@ def ws(tmp_path: Path, store: str) -> Workspace:
 
 
 def test_add_search_metadata_vectors(ws: Workspace, store: str, tmp_path: Path) -> None:
-    g = open_gallery(ws)
+    g = open_ws(ws)
     assert (g.ntotal, g.dim, g.model_fingerprint, g.generation) == (0, None, None, 0)
     s, i = g.search(feats(2), 3)
     assert (i == -1).all()
@@ -61,7 +61,7 @@ def test_add_search_metadata_vectors(ws: Workspace, store: str, tmp_path: Path) 
         g.vectors([12345])
     assert g.backend.ntotal == g.ntotal
     g.close()
-    g2 = open_gallery(ws)  # persisted: the vectors and the DB agree
+    g2 = open_ws(ws)  # persisted: the vectors and the DB agree
     assert g2.ntotal == 30 and g2.generation == 1
     np.testing.assert_array_equal(g2.search(x[:5], 4)[1], got)
     g2.close()
@@ -77,7 +77,7 @@ def test_add_search_metadata_vectors(ws: Workspace, store: str, tmp_path: Path) 
 
 
 def test_names_without_market_labels_get_null_pid(ws: Workspace, tmp_path: Path) -> None:
-    g = open_gallery(ws)
+    g = open_ws(ws)
     ids = g.add_images([NewImage(tmp_path / "g" / "holiday.jpg", "0" * 64, 1)], feats(1), "m")
     m = g.metadata(ids)[0]
     assert m.pid is None and m.camid is None and m.seq is None
@@ -85,7 +85,7 @@ def test_names_without_market_labels_get_null_pid(ws: Workspace, tmp_path: Path)
 
 
 def test_same_path_replaces_and_ids_are_never_reused(ws: Workspace, tmp_path: Path) -> None:
-    g = open_gallery(ws)
+    g = open_ws(ws)
     imgs = new_images(tmp_path / "gal", 3)
     first = g.add_images(imgs, feats(3), "m")
     g.remove_ids([first[2]])  # the highest id: SQLite would hand it out again without AUTOINCREMENT
@@ -96,7 +96,7 @@ def test_same_path_replaces_and_ids_are_never_reused(ws: Workspace, tmp_path: Pa
 
 
 def test_model_mismatch_is_refused(ws: Workspace, tmp_path: Path) -> None:
-    g = open_gallery(ws)
+    g = open_ws(ws)
     g.add_images(new_images(tmp_path / "g", 3), feats(3), "modelA")
     with pytest.raises(GalleryError, match=r"indexed with model modelA .* --reindex"):
         g.add_images(new_images(tmp_path / "g", 1, start=10), feats(1), "modelB")
@@ -110,7 +110,7 @@ def test_model_mismatch_is_refused(ws: Workspace, tmp_path: Path) -> None:
 
 
 def test_change_listeners_and_generation(ws: Workspace, tmp_path: Path) -> None:
-    g = open_gallery(ws)
+    g = open_ws(ws)
     events: list[ChangeEvent] = []
     g.on_change("cache", events.append)
     g.on_change("broken", lambda ev: 1 / 0)  # logged, does not break the gallery
@@ -122,7 +122,7 @@ def test_change_listeners_and_generation(ws: Workspace, tmp_path: Path) -> None:
     np.testing.assert_array_equal(events[0].added, ids)
     np.testing.assert_array_equal(events[1].removed, ids[:2])
     assert len(events[1].added) == 0
-    other = open_gallery(ws)  # another process's view
+    other = open_ws(ws)  # another process's view
     assert other.generation == 3 and other.refresh() is False
     g.remove_ids(ids[2:3])
     assert other.db_generation() == 4 and other.refresh() is True
@@ -130,18 +130,18 @@ def test_change_listeners_and_generation(ws: Workspace, tmp_path: Path) -> None:
 
 
 def test_gallery_is_a_context_manager(ws: Workspace, store: str, tmp_path: Path) -> None:
-    with open_gallery(ws, save_interval=3600) as g:
+    with open_ws(ws, save_interval=3600) as g:
         assert isinstance(g, Gallery)
         ids = g.add_images(new_images(tmp_path / "g", 3), feats(3), "m")
     if store == "faiss":
         assert (ws.index_dir / "gallery.faiss").is_file()  # pending index changes are written on close
-    with open_gallery(ws) as g:
+    with open_ws(ws) as g:
         np.testing.assert_array_equal(g.backend.ids(), ids)
         np.testing.assert_array_equal(g.search(feats(3), 1)[1][:, 0], ids)
 
 
 def test_read_paths_take_no_lock(ws: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    g = open_gallery(ws)
+    g = open_ws(ws)
     g.add_images(new_images(tmp_path / "g", 4), feats(4), "m")
     g.close()
     from indexer import coordinator
@@ -152,7 +152,7 @@ def test_read_paths_take_no_lock(ws: Workspace, tmp_path: Path, monkeypatch: pyt
         return False  # as in a read-only folder: the lock file cannot be made
 
     monkeypatch.setattr(coordinator.WriterLock, "_acquire", no_lock)
-    r = open_gallery(ws)
+    r = open_ws(ws)
     assert r.ntotal == 4 and r.search(feats(1), 2)[1].shape == (1, 2) and r.count() == 4
     r.refresh()
     r.close()
@@ -162,14 +162,14 @@ def test_read_paths_take_no_lock(ws: Workspace, tmp_path: Path, monkeypatch: pyt
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores file permissions")
 def test_read_only_workspace_can_be_queried(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ws")
-    g = open_gallery(ws)
+    g = open_ws(ws)
     ids = g.add_images(new_images(tmp_path / "g", 4), feats(4), "m")
     g.close()
     modes = {p: p.stat().st_mode for p in [ws.root, *ws.root.rglob("*")]}
     try:
         for p in modes:
             p.chmod(0o555 if p.is_dir() else 0o444)
-        g = open_gallery(ws)
+        g = open_ws(ws)
         np.testing.assert_array_equal(g.search(feats(4), 1)[1][:, 0], ids)
         with pytest.raises(GalleryError, match="writable|read-only|readonly"):
             g.add_images(new_images(tmp_path / "g", 1, start=9), feats(1), "m")

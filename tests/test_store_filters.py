@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from indexer import IndexSpec, open_gallery
+from indexer import IndexSpec
 from reid_search.app.workspace import Workspace
 from reid_search.gallery import GalleryStore, NewImage, RemoveFilter, SearchFilter
 from tests.conftest import STORE_KINDS, store_value
-from tests.helpers import T0, allowed, all_rows, brute_force, new_images, store_workspace, unit
+from tests.helpers import T0, all_rows, allowed, brute_force, faiss_index, new_images, open_ws, store_workspace, unit
 
 REMOVED = [2, 3, 50]  # ids removed from the module's gallery after its two batches
 
@@ -27,7 +27,7 @@ REMOVED = [2, 3, 50]  # ids removed from the module's gallery after its two batc
 def gallery(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """300 crops with random cameras, times and tracks, added in two batches, 3 of them then removed."""
     tmp = tmp_path_factory.mktemp("filters")
-    g = open_gallery(store_workspace(tmp / "ws", store_value(request.param, request)))
+    g = open_ws(store_workspace(tmp / "ws", store_value(request.param, request)))
     imgs = new_images(tmp / "gal", 300, labels="random")
     x = unit(np.random.default_rng(1).standard_normal((300, 12)))
     first = g.add_images(imgs[:200], x[:200], "m")
@@ -93,13 +93,13 @@ def test_one_filter_per_query_and_selective_filters_fill_k(gallery) -> None:
 def test_approximate_indexes_filter_inside_and_still_return_k(kind: str, store: str, tmp_path: Path) -> None:
     if kind == "ivfpq" and store != "faiss":
         pytest.skip("Milvus Lite cannot build IVF_PQ (a Milvus server can)")
-    g = open_gallery(store_workspace(tmp_path / "ws", store),
+    g = open_ws(store_workspace(tmp_path / "ws", store),
                      spec=IndexSpec(kind, min_train=700) if kind != "hnsw" else IndexSpec(kind))
     imgs = new_images(tmp_path / "gal", 1500, labels="random", seed=3)
     x = unit(np.random.default_rng(2).standard_normal((1500, 16)))
     g.add_images(imgs, x, "m")
     if store == "faiss":
-        assert g.index.trained
+        assert faiss_index(g).trained
     else:
         assert g.backend.index_type() == {"hnsw": "HNSW", "ivf": "IVF_FLAT"}[kind]
     q = x[:10]
@@ -116,7 +116,7 @@ def test_approximate_indexes_filter_inside_and_still_return_k(kind: str, store: 
 
 
 def test_count_and_remove_where(store: str, tmp_path: Path) -> None:
-    g = open_gallery(store_workspace(tmp_path / "ws", store))
+    g = open_ws(store_workspace(tmp_path / "ws", store))
     imgs = new_images(tmp_path / "gal", 200, labels="random", seed=7)
     ids = g.add_images(imgs, unit(np.random.default_rng(0).standard_normal((200, 8))), "m")
     by_id = dict(zip(ids.tolist(), imgs))
@@ -143,12 +143,12 @@ def test_count_and_remove_where(store: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least one"):
         RemoveFilter()
     g.close()
-    g2 = open_gallery(Workspace(tmp_path / "ws"))
+    g2 = open_ws(Workspace(tmp_path / "ws"))
     assert g2.ntotal == g.count() and not np.isin(g2.ids(), want).any()
 
 
 def test_time_and_track_round_trip(store: str, tmp_path: Path) -> None:
-    g = open_gallery(store_workspace(tmp_path / "ws", store))
+    g = open_ws(store_workspace(tmp_path / "ws", store))
     naive = datetime(2024, 5, 1, 13, 45, 0, 123456)
     paris = datetime(2024, 5, 1, 15, 45, 0, 123456, tzinfo=timezone(timedelta(hours=2)))
     ids = g.add_images([NewImage(tmp_path / "a.jpg", "0" * 64, 1, camid=1, time=naive, track="t1"),

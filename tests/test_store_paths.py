@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from indexer import open_gallery
 from indexer.pipeline import index_folder
 from reid_search.app.workspace import Workspace
-from tests.helpers import PixelExtractor, feats, new_images, store_workspace, write_crop, write_folder
+from tests.helpers import PixelExtractor, feats, new_images, open_ws, store_workspace, write_crop, write_folder
 
 
 @pytest.fixture()
@@ -26,7 +25,7 @@ def ws(tmp_path: Path, store: str) -> Workspace:
 
 
 def test_remove_by_path_and_folder_and_prune(ws: Workspace, tmp_path: Path) -> None:
-    g = open_gallery(ws)
+    g = open_ws(ws)
     root = tmp_path / "gal"
     a = new_images(root / "camA", 4, write=True)
     b = new_images(root / "camB", 4, start=4, write=True)
@@ -45,7 +44,7 @@ def test_remove_by_path_and_folder_and_prune(ws: Workspace, tmp_path: Path) -> N
 
 
 def test_nested_roots_are_absorbed(ws: Workspace, tmp_path: Path) -> None:
-    g = open_gallery(ws)
+    g = open_ws(ws)
     inner = new_images(tmp_path / "data" / "cam1", 2)
     ids = g.add_images(inner, feats(2), "m")
     assert g.roots() == [(tmp_path / "data" / "cam1").resolve()]
@@ -63,7 +62,7 @@ def test_non_utf8_file_names_are_indexed_losslessly(ws: Workspace, tmp_path: Pat
     raw = os.fsencode(folder) + b"/caf\xe9_\xff.jpg"
     shutil.copy(folder / "0001_c1s1_000000_00.jpg", os.fsdecode(raw))
     (folder / "\ufffeodd.jpg").write_bytes((folder / "0002_c1s1_000001_00.jpg").read_bytes())  # the escape marker itself
-    g = open_gallery(ws)
+    g = open_ws(ws)
     report = index_folder(g, folder, PixelExtractor(), num_workers=0)
     assert report.indexed == 5 and not report.skipped
     paths = {os.fsencode(m.path) for b in g.iter_metadata() for m in b}
@@ -79,7 +78,7 @@ def test_gifs_are_counted_as_skipped(tmp_path: Path) -> None:
     write_crop(folder / "0001_c1s1_000000_00.jpg", seed=1, size=(32, 64))
     Image.new("RGB", (32, 64)).save(folder / "0002_c1s1_000001_00.gif")
     (folder / "notes.txt").write_text("not an image")
-    report = index_folder(open_gallery(Workspace(tmp_path / "ws")), folder, PixelExtractor(), num_workers=0)
+    report = index_folder(open_ws(Workspace(tmp_path / "ws")), folder, PixelExtractor(), num_workers=0)
     assert report.indexed == 1 and report.skipped_by_reason() == {"unsupported-format": 1}
     assert report.skipped[0][0].endswith(".gif") and ".gif" in report.skipped[0][2]
     assert report.seen == 2

@@ -10,17 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer import open_gallery
 from indexer.pipeline import index_folder
 from reid_search.errors import DataError, GalleryError
-from tests.helpers import PixelExtractor, brute_force, feats, new_images, store_workspace, write_folder
+from tests.helpers import PixelExtractor, brute_force, feats, new_images, open_ws, store_workspace, write_folder
 
 
 def test_replacing_switches_atomically_and_a_failure_leaves_the_old_gallery(store: str, tmp_path: Path) -> None:
     ws = store_workspace(tmp_path / "ws", store)
-    g = open_gallery(ws)
+    g = open_ws(ws)
     old_ids = g.add_images(new_images(tmp_path / "old", 10), feats(10), "modelA")
-    reader = open_gallery(ws)
+    reader = open_ws(ws)
     with pytest.raises(RuntimeError, match="boom"):
         with g.replacing() as new:
             new.add_images(new_images(tmp_path / "new", 4), feats(4, d=6, seed=1), "modelB")
@@ -37,7 +36,7 @@ def test_replacing_switches_atomically_and_a_failure_leaves_the_old_gallery(stor
     assert reader.refresh() is True and reader.ntotal == 4 and reader.dim == 6
     np.testing.assert_array_equal(reader.search(feats(2, d=6, seed=1), 1)[1][:, 0], new_ids[:2])
     g.close()
-    g2 = open_gallery(ws)
+    g2 = open_ws(ws)
     assert g2.ntotal == 4 and g2.model_fingerprint == "modelB"
     if store == "faiss":
         assert sorted(p.name for p in ws.index_dir.glob("gallery*.faiss")) == [g2.index_path.name]
@@ -50,7 +49,7 @@ def test_replacing_switches_atomically_and_a_failure_leaves_the_old_gallery(stor
 def test_reindex_validates_and_embeds_before_dropping_anything(store: str, tmp_path: Path) -> None:
     folder = tmp_path / "gal"
     write_folder(folder, 6, per_pid=1, cams=1)
-    g = open_gallery(store_workspace(tmp_path / "ws", store))
+    g = open_ws(store_workspace(tmp_path / "ws", store))
     index_folder(g, folder, PixelExtractor("m1"), num_workers=0)
     before = g.ids()
     (tmp_path / "empty").mkdir()
@@ -73,7 +72,7 @@ def test_reindex_validates_and_embeds_before_dropping_anything(store: str, tmp_p
 
 def test_a_writer_whose_gallery_was_replaced_meanwhile_writes_into_the_new_one(store: str, tmp_path: Path) -> None:
     ws = store_workspace(tmp_path / "ws", store)
-    serve, cli = open_gallery(ws), open_gallery(ws)
+    serve, cli = open_ws(ws), open_ws(ws)
     serve.add_images(new_images(tmp_path / "up", 3), feats(3), "m")
     cli.refresh()
     with cli.replacing() as new:

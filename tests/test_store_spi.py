@@ -12,11 +12,10 @@ from typing import Iterator, Sequence
 import numpy as np
 import pytest
 
-from indexer import open_gallery
 from indexer.protocol import RowFields, VectorBackend
 from reid_search.app.workspace import Workspace
 from reid_search.gallery import SearchFilter
-from tests.helpers import T0, brute_force, new_images, unit
+from tests.helpers import T0, brute_force, new_images, open_ws, unit
 
 
 class DictBackend:
@@ -95,7 +94,7 @@ def _fresh_stores() -> None:
 
 def test_a_vector_holding_backend_plugs_into_the_coordinator(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ws")
-    g = open_gallery(ws, backend_factory=factory)
+    g = open_ws(ws, backend_factory=factory)
     assert g.backend is None and g.kind == "dict"  # no dimension yet
     x = unit(np.random.default_rng(0).standard_normal((30, 6)))
     ids = g.add_images(new_images(tmp_path / "g", 30, labels="random"), x, "m")
@@ -123,7 +122,7 @@ def test_a_vector_holding_backend_plugs_into_the_coordinator(tmp_path: Path) -> 
     key = (g.meta.state().store_id, g.version)
     DictBackend.stores[key].pop(int(new_ids[0]))
     DictBackend.stores[key][10**9] = (x[0], 1, float("nan"), None)
-    g2 = open_gallery(ws, backend_factory=factory)
+    g2 = open_ws(ws, backend_factory=factory)
     np.testing.assert_array_equal(g2.ids(), new_ids[1:])  # the row without a vector is dropped
     np.testing.assert_array_equal(g2.backend.ids(), new_ids[1:])  # the vector without a row too
     assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 4
