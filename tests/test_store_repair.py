@@ -7,6 +7,7 @@ those marked ``faiss_only`` test the FAISS index file."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -111,6 +112,8 @@ def test_zero_byte_db_does_not_delete_the_index(store: str, tmp_path: Path) -> N
     g.add_images(new_images(tmp_path / "g", 3), feats(3), "m")
     collection = None if store == "faiss" else g.backend.collection
     g.close()
+    if store != "faiss":  # recorded as given: relative to the workspace, so it survives a move
+        assert json.loads((ws.root / "store.json").read_text()) == {"store": "milvus:"}
     index = ws.index_dir / "gallery.faiss" if store == "faiss" else ws.root / "milvus.db"
     size = index.stat().st_size
     db = Path(ws.db_url.removeprefix("sqlite:///"))
