@@ -32,6 +32,9 @@ T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 TRACKS = ("a", "b", "c", None)
 
 
+# ---- ../shared and CLI results ------------------------------------------------------------------
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared, or skip the test when this clone has none."""
     p = SHARED.joinpath(*parts)
@@ -56,6 +59,9 @@ def one_line_error(result, *needles: str, after: str | None = None) -> str:  # t
     for n in needles:
         assert n in msg, msg
     return msg
+
+
+# ---- workspaces and their galleries (the library calls many tests make) ---------------------------
 
 
 def store_workspace(path: Path, store: str):  # type: ignore[no-untyped-def]  # -> Workspace
@@ -83,7 +89,7 @@ def faiss_index(g):  # type: ignore[no-untyped-def]  # (Gallery) -> indexer.fais
 
 def unit(x: np.ndarray) -> np.ndarray:
     """Rows of ``x`` scaled to unit length, as float32 (what every extractor returns)."""
-    x = np.asarray(x, np.float64)
+    x = np.asarray(x)
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
@@ -97,16 +103,18 @@ def feats(n: int, d: int = 16, seed: int = 0) -> np.ndarray:
 
 def new_images(folder: Path, n: int, start: int = 0, *, labels: str = "market", seed: int = 0,
                write: bool = False) -> list[NewImage]:
-    """``n`` crops under ``folder`` for ``add_images``, numbered from ``start``.
+    """``n`` crops under ``folder`` for ``add_images``.
 
-    ``labels="market"``: Market names ``PPPP_cCs1_IIIIII_00.jpg`` (pid ``i % 50 + 1``,
-    camera ``i % 3 + 1``), with the labels the name carries; no time or track.
+    ``labels="market"``: numbered ``i`` from ``start``, Market names ``PPPP_cCs1_IIIIII_00.jpg``
+    (pid ``i % 50 + 1``, camera ``i % 3 + 1``), with the labels the name carries; no time or track.
     ``labels="random"``: names ``img{seed}_{i}.jpg`` with labels drawn from ``seed``:
     cameras 0-4 (10% unknown), times over 10 hours from :data:`T0` (15% unknown),
     tracks a/b/c (25% none), pids 0-19.
     ``write``: also write each file (its content is what its sha256 names).
     """
     if labels == "random":
+        if start:
+            raise ValueError("labels='random' numbers from 0: give another seed instead of a start")
         return _random_images(folder, n, seed)
     if labels != "market":
         raise ValueError(f"labels is 'market' or 'random', not {labels!r}")
@@ -204,7 +212,7 @@ class PixelExtractor:
         return unit(batch.float().reshape(len(batch), -1).numpy() @ self._w)
 
 
-# ---- the oracle ----------------------------------------------------------------------------------
+# ---- a store of labelled vectors, and the oracle ------------------------------------------------
 
 
 def labelled_store(n: int = 120, seed: int = 0, dim: int = 16,
