@@ -14,7 +14,7 @@ from reid_search.data import list_images
 from reid_search.errors import ModelError
 from reid_search.thresholds import Calibration, decide, load_calibration, save_calibration, thresholds_path
 from reid_search.app.workspace import Workspace
-from tests.conftest import one_line_error
+from tests.helpers import one_line_error
 from tests.test_calibration import _slow
 from tests.test_search import brute, indexed, run  # noqa: F401  (indexed is a fixture)
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from reid_search.checkpoint import load_model, read_checkpoint
 from reid_search.app.cli import main
 from reid_search.errors import ModelError
-from tests.conftest import one_line_error, write_crop
+from tests.helpers import one_line_error, write_crop
 
 
 def _run(*args: str):

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from reid_search.app.cli import main
-from tests.conftest import one_line_error, write_crop
+from tests.helpers import one_line_error, write_crop
 
 
 def run(*args: str, env: dict | None = None):

@@ -9,7 +9,7 @@ from reid_search.data import (
     ImageRecord, list_images, load_market, parse_name, record_for, training_labels, has_identity_labels,
 )
 from reid_search.errors import DataError
-from tests.conftest import shared_path, write_crop
+from tests.helpers import shared_path, write_crop
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from tests.test_db import (  # noqa: E402
     check_upgraded_0001_gallery,
     make_0001_gallery,
 )
-from tests.test_store import fake_images, feats  # noqa: E402
+from tests.helpers import brute_force, feats, new_images  # noqa: E402
 
 
 def _pg_bindir() -> Path | None:
@@ -109,7 +109,7 @@ def test_postgres_gallery_round_trip(pg_url: str, tmp_path: Path) -> None:
     idx = tmp_path / "idx"
     g = open_gallery(pg_url, idx)
     x = feats(50)
-    imgs = fake_images(tmp_path / "gal", 50, write=True)
+    imgs = new_images(tmp_path / "gal", 50, write=True)
     ids = g.add_images(imgs, x, "m")
     assert g.ntotal == 50 and ids.dtype == np.int64
     sims, got = g.search(x[:3], 2)
@@ -117,7 +117,7 @@ def test_postgres_gallery_round_trip(pg_url: str, tmp_path: Path) -> None:
     assert g.metadata(ids[:1])[0].path == imgs[0].path.resolve()
     np.testing.assert_array_equal(g.vectors(ids[10:12]), x[10:12])
     with pytest.raises(GalleryError, match="--reindex"):
-        g.add_images(fake_images(tmp_path / "gal", 1, start=99), feats(1), "other")
+        g.add_images(new_images(tmp_path / "gal", 1, start=99), feats(1), "other")
     imgs[0].path.unlink()
     assert g.prune() == 1
     removed, _ = g.remove([imgs[1].path])
@@ -150,10 +150,9 @@ def test_postgres_filters_retention_reindex_and_odd_names(pg_url: str, tmp_path:
 
     from reid_search.gallery import NewImage
     from reid_search.gallery import RemoveFilter, SearchFilter
-    from tests.test_store_filters import brute_force, crops
 
     g = open_gallery(pg_url, tmp_path / "idx")
-    imgs = crops(tmp_path / "gal", 120, seed=4)
+    imgs = new_images(tmp_path / "gal", 120, labels="random", seed=4)
     odd = NewImage(tmp_path / "gal" / "caf\udce9.jpg", "f" * 64, 1, camid=1)  # a name that is not UTF-8
     x = feats(121, d=8, seed=2)
     ids = g.add_images([*imgs, odd], x, "m")

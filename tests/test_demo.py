@@ -36,7 +36,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
 
 
 def test_demo_rejects_a_bad_override_before_touching_anything(tmp_path: Path) -> None:
-    from tests.conftest import one_line_error
+    from tests.helpers import one_line_error
 
     ws = tmp_path / "ws"
     r = CliRunner().invoke(main, ["-w", str(ws), "demo", "-o", "bogus=1"])

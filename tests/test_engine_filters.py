@@ -9,53 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reid_search.gallery import GalleryWriter, NewImage, SearchFilter
+from reid_search.gallery import GalleryWriter, SearchFilter
 from reid_search.engine import RERANK_CACHE, SearchEngine, load_snapshot, query_filter, refresh_rerank_cache
 from reid_search.errors import DataError
 from reid_search.timeutil import epoch_micros, format_time
 from reid_search.filters import filter_mask, make_remove_filter, make_search_filter, parse_time
 from reid_search.online_rerank import GalleryRerank
-from reid_search.transforms import Preprocess
+from tests.helpers import PixelExtractor, brute_ids, labelled_store
 from tests.memory_store import MemoryStore
 
 T0 = datetime(2024, 5, 1, 8, 0, tzinfo=timezone.utc)
-
-
-class FakeExtractor:
-    """Only what SearchEngine reads; features are given to ``search`` directly."""
-
-    preprocess = Preprocess(height=64, width=32)
-    dim = 16
-    fingerprint = "fake-model"
-    description = "fake"
-
-    def embed(self, batch):  # pragma: no cover - not used
-        raise AssertionError
-
-
-def make_store(n: int = 120, seed: int = 0) -> tuple[MemoryStore, np.ndarray, list[NewImage]]:
-    rng = np.random.default_rng(seed)
-    feats = rng.normal(size=(n, FakeExtractor.dim)).astype(np.float32)
-    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
-    imgs = []
-    for i in range(n):
-        time = None if i % 7 == 0 else T0 + timedelta(minutes=int(rng.integers(0, 600)), microseconds=int(rng.integers(0, 3)))
-        imgs.append(NewImage(Path(f"/g/{i:04d}.jpg"), f"{i:064x}", 10, pid=int(rng.integers(0, 20)),
-                             camid=None if i % 11 == 0 else int(rng.integers(1, 7)), time=time,
-                             track=None if i % 5 == 0 else f"t{int(rng.integers(0, 8))}"))
-    store = MemoryStore()
-    store.add_images(imgs, feats, FakeExtractor.fingerprint)
-    return store, feats, imgs
-
-
-def brute(store: MemoryStore, q: np.ndarray, flt: SearchFilter | None, k: int) -> list[int]:
-    rows = []
-    for batch in store.iter_metadata():
-        for m in batch:
-            if flt is None or flt.allows(m.camid, m.time, m.track):
-                v = store.vectors([m.id])[0].astype(np.float64)
-                rows.append((-float(v @ q.astype(np.float64)), m.id))
-    return [i for _, i in sorted(rows)[:k]]
 
 
 def random_filter(rng: np.random.Generator) -> SearchFilter:
@@ -73,8 +36,8 @@ def test_memory_store_is_a_gallery_store() -> None:
 
 
 def test_filtered_search_equals_brute_force_and_fills_top_k() -> None:
-    store, feats, _ = make_store()
-    engine = SearchEngine(store, FakeExtractor())
+    store, feats, _ = labelled_store()
+    engine = SearchEngine(store, PixelExtractor("fake-model", dim=16))
     rng = np.random.default_rng(1)
     for trial in range(40):
         q = feats[rng.integers(len(feats))] + 0.1 * rng.normal(size=feats.shape[1]).astype(np.float32)
@@ -84,7 +47,7 @@ def test_filtered_search_equals_brute_force_and_fills_top_k() -> None:
         k = int(rng.integers(1, 30))
         hits = engine.search(q[None], top_k=k, camids=[cam], where=where, keep_same_camera=keep)[0]
         flt = query_filter(where, cam, keep)
-        want = brute(store, q, flt, k)
+        want = brute_ids(store, q, k, flt)
         assert [h.id for h in hits] == want
         assert len(hits) == min(k, store.count(flt))  # top_k whenever that many rows match
         for h in hits:
@@ -95,21 +58,21 @@ def test_filtered_search_equals_brute_force_and_fills_top_k() -> None:
 
 
 def test_batched_search_takes_one_filter_per_query() -> None:
-    store, feats, _ = make_store(60)
-    engine = SearchEngine(store, FakeExtractor())
+    store, feats, _ = labelled_store(60)
+    engine = SearchEngine(store, PixelExtractor("fake-model", dim=16))
     rng = np.random.default_rng(2)
     wheres = [random_filter(rng) for _ in range(5)]
     cams = [1, None, 3, 4, None]
     got = engine.search(feats[:5], top_k=8, camids=cams, where=wheres)
     for i in range(5):
-        assert [h.id for h in got[i]] == brute(store, feats[i], query_filter(wheres[i], cams[i]), 8)
+        assert [h.id for h in got[i]] == brute_ids(store, feats[i], 8, query_filter(wheres[i], cams[i]))
     with pytest.raises(ValueError):
         engine.search(feats[:5], where=wheres[:2])
 
 
 def test_rerank_applies_the_same_filter(tmp_path: Path) -> None:
-    store, feats, _ = make_store(80)
-    engine = SearchEngine(store, FakeExtractor(), cache_dir=tmp_path)
+    store, feats, _ = labelled_store(80)
+    engine = SearchEngine(store, PixelExtractor("fake-model", dim=16), cache_dir=tmp_path)
     rr = GalleryRerank.build(np.stack([store.vectors([i])[0] for i in sorted(store._metas)]))
     ids = np.array(sorted(store._metas))
     metas = store.metadata(ids)
@@ -127,7 +90,7 @@ def test_rerank_applies_the_same_filter(tmp_path: Path) -> None:
 
 
 def test_filter_mask_agrees_with_allows_row_by_row() -> None:
-    store, _, _ = make_store(150, seed=4)
+    store, _, _ = labelled_store(150, seed=4)
     snap = load_snapshot(store)
     metas = store.metadata(snap.ids)
     rng = np.random.default_rng(5)
@@ -144,8 +107,8 @@ def test_filter_mask_agrees_with_allows_row_by_row() -> None:
 
 
 def test_hit_json_carries_time_and_track() -> None:
-    store, feats, _ = make_store(30)
-    engine = SearchEngine(store, FakeExtractor())
+    store, feats, _ = labelled_store(30)
+    engine = SearchEngine(store, PixelExtractor("fake-model", dim=16))
     hits = engine.search(feats[:1], top_k=30, keep_same_camera=True)[0]
     d = {h.id: h.to_dict() for h in hits}
     m = store.metadata([1])[0]  # row 0: no time (0 % 7 == 0), no track
@@ -167,7 +130,7 @@ def test_hit_json_carries_time_and_track() -> None:
 ])
 def test_unreadable_rerank_cache_is_ignored_and_rebuilt(tmp_path: Path, content) -> None:
     """Defect 5: any unreadable rerank.npz is ignored and rebuilt, never a traceback."""
-    store, feats, _ = make_store(40)
+    store, feats, _ = labelled_store(40)
     cache = tmp_path / RERANK_CACHE
     if content == "npy":
         np.save(tmp_path / "x.npy", np.arange(3))
@@ -187,7 +150,7 @@ def test_unreadable_rerank_cache_is_ignored_and_rebuilt(tmp_path: Path, content)
             np.savez(cache, **arrays)
     else:
         cache.write_bytes(content)
-    engine = SearchEngine(store, FakeExtractor(), cache_dir=tmp_path)
+    engine = SearchEngine(store, PixelExtractor("fake-model", dim=16), cache_dir=tmp_path)
     hits = engine.search(feats[:1], top_k=5, rerank=True)[0]
     ref = GalleryRerank.build(np.stack([store.vectors([i])[0] for i in sorted(store._metas)])).distances(feats[0])
     assert [h.id for h in hits] == (np.argsort(ref, kind="stable")[:5] + 1).tolist()
@@ -200,10 +163,10 @@ def test_unreadable_rerank_cache_is_ignored_and_rebuilt(tmp_path: Path, content)
 
 
 def test_rerank_cache_is_keyed_by_the_gallery_state(tmp_path: Path) -> None:
-    store, feats, imgs = make_store(30)
+    store, feats, imgs = labelled_store(30)
     refresh_rerank_cache(store, tmp_path)
     store.remove_ids([3])
-    engine = SearchEngine(store, FakeExtractor(), cache_dir=tmp_path)
+    engine = SearchEngine(store, PixelExtractor("fake-model", dim=16), cache_dir=tmp_path)
     hits = engine.search(feats[:1], top_k=40, rerank=True, keep_same_camera=True)[0]
     assert len(hits) == 29 and 3 not in {h.id for h in hits}
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from reid_search.extract import extract_features, iter_features
 from reid_search.extractors import load_extractor
 from reid_search.model import build_model
 from reid_search.transforms import Preprocess
-from tests.conftest import write_crop
+from tests.helpers import write_crop
 
 
 @pytest.fixture()
@@ -119,6 +120,70 @@ def test_decompression_bomb_guard(tmp_path: Path) -> None:
         load_image(tmp_path / "big.png", max_pixels=1_000_000)
     assert info.value.reason == "too-large"
     assert load_image(tmp_path / "big.png").size == (3000, 3000)
+
+
+def _jpeg(seed: int = 3) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (128, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _odd_file(kind: str, path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Make ``path`` one kind of file that :func:`load_image` refuses."""
+    data = _jpeg()
+    if kind == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "corrupt":
+        path.write_bytes(data[:600] + bytes(500) + data[1100:])
+    elif kind == "zero-byte":
+        path.write_bytes(b"")
+    elif kind == "non-image":
+        path.write_text("<html>not a picture</html>")
+    elif kind == "bomb":
+        path = path.with_suffix(".png")
+        Image.new("1", (8000, 6000)).save(path)  # 48 MP, a few KB on disk: over the default limit
+    elif kind == "unreadable":
+        path.write_bytes(data)
+        if os.geteuid() == 0:  # root reads anything: make the open fail as it would for a user
+            import reid_search.images as images
+
+            real = images.Image.open
+
+            def deny(p, *a, **kw):  # type: ignore[no-untyped-def]
+                if Path(p) == path:
+                    raise PermissionError(13, "Permission denied")
+                return real(p, *a, **kw)
+
+            monkeypatch.setattr(images.Image, "open", deny)
+        else:
+            path.chmod(0)
+    elif kind == "broken-symlink":
+        os.symlink(path.parent / "gone.jpg", path)
+    return path
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("truncated", "corrupt"), ("corrupt", "corrupt"), ("zero-byte", "empty"), ("non-image", "not-an-image"),
+    ("bomb", "too-large"), ("unreadable", "unreadable"), ("broken-symlink", "missing"),
+])
+def test_load_image_refuses_odd_files_with_a_reason(kind: str, reason: str, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _odd_file(kind, tmp_path / "0002_c1s1_000001_00.jpg", monkeypatch)
+    try:
+        with pytest.raises(ImageLoadError) as info:
+            load_image(path)
+    finally:
+        if path.exists() and not path.is_symlink():
+            path.chmod(0o644)
+    assert info.value.reason == reason and info.value.path == path
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_symlinked_crop_loads_as_its_target(tmp_path: Path) -> None:
+    target = write_crop(tmp_path / "elsewhere" / "x.jpg", seed=5)
+    os.symlink(target, tmp_path / "0002_c1s1_000001_00.jpg")
+    out = load_image(tmp_path / "0002_c1s1_000001_00.jpg")
+    assert out.mode == "RGB" and out.tobytes() == load_image(target).tobytes()
 
 
 def test_extractor_uses_checkpoint_preprocessing(tiny_ckpt: Path) -> None:

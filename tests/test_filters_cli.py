@@ -17,7 +17,7 @@ from reid_search.errors import ModelError
 from reid_search.extract import extract_features
 from reid_search.extractors import load_extractor
 from reid_search.app.workspace import Workspace
-from tests.conftest import one_line_error, write_crop
+from tests.helpers import one_line_error, write_crop
 
 T0 = datetime(2024, 5, 1, 8, 0, tzinfo=timezone.utc)
 N = 24

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from reid_search.errors import DataError, ModelError
 from reid_search.footage import Detections, YoloxDetector, open_source, read_mot_detections
 from reid_search.footage.detect import grid_cells, letterbox
-from tests.conftest import shared_path
+from tests.helpers import shared_path
 
 LN2 = math.log(2.0)
 

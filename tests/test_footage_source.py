@@ -16,7 +16,7 @@ from PIL import Image
 
 from reid_search.errors import DataError
 from reid_search.footage import open_source
-from tests.conftest import shared_path
+from tests.helpers import shared_path
 from tests.footage_synth import Walker, ground_truth, render, write_video
 
 SIZE = (96, 128)

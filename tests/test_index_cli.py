@@ -11,12 +11,11 @@ import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from reid_search.app.session import open_workspace_gallery
 from reid_search.app.cli._common import main
 from reid_search.app.cli.index import db, index, remove
 from reid_search.app.workspace import Workspace
-from tests.conftest import one_line_error as conftest_one_line_error
-from tests.conftest import shared_path, write_crop
+from tests.helpers import faiss_index, open_ws, shared_path, write_crop
+from tests.helpers import one_line_error as helpers_one_line_error
 
 # The lead registers these in reid_search/app/cli/__init__.py; doing it here too is harmless.
 for _cmd in (index, remove, db):
@@ -33,7 +32,7 @@ def index_cmd(ws: Path, folder: Path, ckpt: Path, *extra: str) -> Result:
 
 def one_line_error(result: Result, *needles: str) -> None:
     """Exit 1 with the error on one line (after any per-file warnings logged during the run)."""
-    conftest_one_line_error(result, *needles, after="skipped ")
+    helpers_one_line_error(result, *needles, after="skipped ")
 
 
 def summary(result: Result) -> str:
@@ -44,7 +43,7 @@ def summary(result: Result) -> str:
 
 
 def gallery(ws: Path):
-    return open_workspace_gallery(Workspace(ws))
+    return open_ws(Workspace(ws))
 
 
 # ---- the happy path ---------------------------------------------------------
@@ -91,7 +90,7 @@ def test_changed_file_is_replaced_and_prune_removes_deleted(tiny_ckpt: Path, mar
     r = index_cmd(ws, folder, tiny_ckpt, "--prune")
     assert summary(r).startswith("indexed 0, replaced 0, unchanged 7, removed 1"), r.output
     g = gallery(ws)
-    assert g.ntotal == 7 and g.backend.index.ntotal == 7
+    assert g.ntotal == 7 and faiss_index(g).ntotal == 7
     assert "0006_c2s1_000001_00.jpg" not in {m.path.name for b in g.iter_metadata() for m in b}
 
 
@@ -129,7 +128,7 @@ def test_other_model_is_refused_until_reindex(tiny_ckpt: Path, market_dir: Path,
 
     from reid_search.checkpoint import save_checkpoint
     from reid_search.model import build_model
-    from tests.conftest import TINY_PRE
+    from tests.helpers import TINY_PRE
 
     torch.manual_seed(1)
     other = tmp_path / "other.pt"
@@ -152,6 +151,10 @@ def test_index_type_option(tiny_ckpt: Path, market_dir: Path, tmp_path: Path) ->
     assert "unchanged 8" in r.output and "hnsw index" in r.output
     assert gallery(ws).spec.kind == "hnsw"
     one_line_error(index_cmd(ws, folder, tiny_ckpt, "--index-param", "nlist=4"), "hnsw takes KEY=VALUE")
+    r = index_cmd(ws, folder, tiny_ckpt, "--index-type", "ivfsq8")  # a Milvus-only type (on Milvus: test_milvus_store.py)
+    msg = r.output.strip().splitlines()[-1]
+    assert r.exit_code == 1 and msg.startswith("Error: --index-type ivfsq8 is a Milvus index; the FAISS store"), r.output
+    assert gallery(ws).spec.kind == "hnsw"  # refused before anything changed
 
 
 @pytest.mark.parametrize("cmd", [["index"], ["remove"], ["db"], ["db", "upgrade"]])
@@ -160,15 +163,8 @@ def test_help_has_example(cmd: list[str]) -> None:
     assert r.exit_code == 0 and ("Example:" in r.output or "Examples:" in r.output)
 
 
-# ---- bad input: one case each ------------------------------------------------
-
-
-@pytest.fixture()
-def gal(tmp_path: Path) -> Path:
-    """A folder with one good crop; each test adds one odd file."""
-    folder = tmp_path / "gal"
-    write_crop(folder / "0001_c1s1_000001_00.jpg", seed=1)
-    return folder
+# ---- odd files: one folder holding every kind, one run ----------------------------------------------
+# (load_image itself is unit-tested per case in tests/test_extract.py)
 
 
 def jpeg_bytes(seed: int = 3) -> bytes:
@@ -178,77 +174,47 @@ def jpeg_bytes(seed: int = 3) -> bytes:
     return buf.getvalue()
 
 
-def expect_skipped(ws: Path, gal: Path, ckpt: Path, name: str, reason: str) -> Result:
-    r = index_cmd(ws, gal, ckpt)
-    assert r.exit_code == 0, r.output
-    assert summary(r).startswith(f"indexed 1, replaced 0, unchanged 0, removed 0, skipped 1 ({reason} 1)"), r.output
-    assert f"skipped {gal / name}: {reason}:" in r.output
-    assert gallery(ws).ntotal == 1
-    return r
+# name -> the reason it is skipped with
+SKIPPED = {
+    "0011_c1s1_000001_00.jpg": "corrupt",  # truncated
+    "0012_c1s1_000001_00.jpg": "corrupt",  # zeros in the middle of the data
+    "0013_c1s1_000001_00.jpg": "empty",  # zero bytes
+    "0014_c1s1_000001_00.jpg": "not-an-image",  # text in a .jpg
+    "0015_c1s1_000001_00.png": "too-large",  # the decompression-bomb guard
+    "0016_c1s1_000001_00.jpg": "unreadable",  # no permission
+    "0017_c1s1_000001_00.jpg": "missing",  # a broken symlink
+}
 
 
-def expect_indexed(ws: Path, gal: Path, ckpt: Path, name: str):
-    r = index_cmd(ws, gal, ckpt)
-    assert r.exit_code == 0 and summary(r).startswith("indexed 2, replaced 0, unchanged 0, removed 0, skipped 0"), r.output
-    g = gallery(ws)
-    return next(m for b in g.iter_metadata() for m in b if m.path.name == name), g
-
-
-def test_truncated_jpeg_is_skipped(gal: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
-    data = jpeg_bytes()
-    (gal / "0002_c1s1_000001_00.jpg").write_bytes(data[: len(data) // 2])
-    expect_skipped(tmp_path / "ws", gal, tiny_ckpt, "0002_c1s1_000001_00.jpg", "corrupt")
-
-
-def test_corrupt_jpeg_is_skipped(gal: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
-    data = jpeg_bytes()
-    (gal / "0002_c1s1_000001_00.jpg").write_bytes(data[:600] + bytes(500) + data[1100:])
-    expect_skipped(tmp_path / "ws", gal, tiny_ckpt, "0002_c1s1_000001_00.jpg", "corrupt")
-
-
-def test_zero_byte_file_is_skipped(gal: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
-    (gal / "0002_c1s1_000001_00.jpg").write_bytes(b"")
-    expect_skipped(tmp_path / "ws", gal, tiny_ckpt, "0002_c1s1_000001_00.jpg", "empty")
-
-
-def test_non_image_is_skipped(gal: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
-    (gal / "0002_c1s1_000001_00.jpg").write_text("<html>not a picture</html>")
-    (gal / "notes.txt").write_text("not even looked at")  # not an image extension: not listed at all
-    expect_skipped(tmp_path / "ws", gal, tiny_ckpt, "0002_c1s1_000001_00.jpg", "not-an-image")
-
-
-def test_png_with_alpha_is_indexed(gal: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
+def test_odd_files_are_skipped_with_their_reason_or_indexed(tiny_ckpt: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    gal = tmp_path / "gal"
+    write_crop(gal / "0001_c1s1_000001_00.jpg", seed=1)  # a plain crop
+    # indexed: other pixel formats, a symlink to a crop elsewhere, a name without labels
     write_crop(gal / "0002_c1s1_000001_00.png", seed=2, mode="RGBA")
-    meta, _ = expect_indexed(tmp_path / "ws", gal, tiny_ckpt, "0002_c1s1_000001_00.png")
-    assert meta.pid == 2
-
-
-def test_grayscale_is_indexed(gal: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
-    write_crop(gal / "0002_c1s1_000001_00.jpg", seed=2, mode="L")
-    assert Image.open(gal / "0002_c1s1_000001_00.jpg").mode == "L"
-    expect_indexed(tmp_path / "ws", gal, tiny_ckpt, "0002_c1s1_000001_00.jpg")
-
-
-def test_cmyk_is_indexed(gal: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
-    write_crop(gal / "0002_c1s1_000001_00.jpg", seed=2, mode="CMYK")
-    assert Image.open(gal / "0002_c1s1_000001_00.jpg").mode == "CMYK"
-    expect_indexed(tmp_path / "ws", gal, tiny_ckpt, "0002_c1s1_000001_00.jpg")
-
-
-def test_huge_image_is_skipped_by_the_bomb_guard(gal: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
-    Image.new("1", (8000, 6000)).save(gal / "0002_c1s1_000001_00.png")  # 48 MP, a few KB on disk
-    expect_skipped(tmp_path / "ws", gal, tiny_ckpt, "0002_c1s1_000001_00.png", "too-large")
-
-
-def test_unreadable_file_is_skipped(gal: Path, tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    bad = gal / "0002_c1s1_000001_00.jpg"
+    write_crop(gal / "0003_c1s1_000001_00.jpg", seed=3, mode="L")
+    write_crop(gal / "0004_c1s1_000001_00.jpg", seed=4, mode="CMYK")
+    assert Image.open(gal / "0003_c1s1_000001_00.jpg").mode == "L"
+    assert Image.open(gal / "0004_c1s1_000001_00.jpg").mode == "CMYK"
+    os.symlink(write_crop(tmp_path / "elsewhere" / "x.jpg", seed=5), gal / "0005_c1s1_000001_00.jpg")
+    write_crop(gal / "snapshot from door camera.jpg", seed=6)
+    # skipped
+    data = jpeg_bytes()
+    (gal / "0011_c1s1_000001_00.jpg").write_bytes(data[: len(data) // 2])
+    (gal / "0012_c1s1_000001_00.jpg").write_bytes(data[:600] + bytes(500) + data[1100:])
+    (gal / "0013_c1s1_000001_00.jpg").write_bytes(b"")
+    (gal / "0014_c1s1_000001_00.jpg").write_text("<html>not a picture</html>")
+    (gal / "notes.txt").write_text("not even looked at")  # not an image extension: not listed at all
+    Image.new("1", (8000, 6000)).save(gal / "0015_c1s1_000001_00.png")  # 48 MP, a few KB on disk
+    bad = gal / "0016_c1s1_000001_00.jpg"
     bad.write_bytes(jpeg_bytes())
+    os.symlink(tmp_path / "gone.jpg", gal / "0017_c1s1_000001_00.jpg")
     if os.geteuid() == 0:  # root reads anything: make the read itself fail as it would for a user
         import indexer.pipeline as pipeline
 
         real = pipeline.sha256_file
 
-        def deny(path, *a, **kw):
+        def deny(path, *a, **kw):  # type: ignore[no-untyped-def]
             if Path(path) == bad:
                 raise PermissionError(13, "Permission denied")
             return real(path, *a, **kw)
@@ -257,28 +223,25 @@ def test_unreadable_file_is_skipped(gal: Path, tiny_ckpt: Path, tmp_path: Path, 
     else:
         bad.chmod(0)
     try:
-        expect_skipped(tmp_path / "ws", gal, tiny_ckpt, bad.name, "unreadable")
+        r = index_cmd(tmp_path / "ws", gal, tiny_ckpt)
     finally:
         bad.chmod(0o644)
-
-
-def test_broken_symlink_is_skipped(gal: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
-    os.symlink(tmp_path / "gone.jpg", gal / "0002_c1s1_000001_00.jpg")
-    expect_skipped(tmp_path / "ws", gal, tiny_ckpt, "0002_c1s1_000001_00.jpg", "missing")
-
-
-def test_symlinked_crop_is_indexed_under_its_own_name(gal: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
-    target = write_crop(tmp_path / "elsewhere" / "x.jpg", seed=5)
-    os.symlink(target, gal / "0002_c1s1_000001_00.jpg")
-    meta, _ = expect_indexed(tmp_path / "ws", gal, tiny_ckpt, "0002_c1s1_000001_00.jpg")
-    assert meta.path == gal.resolve() / "0002_c1s1_000001_00.jpg" and meta.pid == 2
-
-
-def test_names_without_pid_camid_are_indexed_with_null(gal: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
-    write_crop(gal / "snapshot from door camera.jpg", seed=2)
-    meta, g = expect_indexed(tmp_path / "ws", gal, tiny_ckpt, "snapshot from door camera.jpg")
-    assert meta.pid is None and meta.camid is None and meta.frame is None
-    assert sorted(g.labels()[1].tolist()) == [-2, 1]
+    assert r.exit_code == 0, r.output
+    assert summary(r).startswith("indexed 6, replaced 0, unchanged 0, removed 0, skipped 7 (corrupt 2, empty 1, "
+                                 "missing 1, not-an-image 1, too-large 1, unreadable 1)"), r.output
+    for name, reason in SKIPPED.items():
+        assert f"skipped {gal / name}: {reason}:" in r.output, (name, r.output)
+    g = gallery(tmp_path / "ws")
+    metas = {m.path.name: m for b in g.iter_metadata() for m in b}
+    assert set(metas) == {"0001_c1s1_000001_00.jpg", "0002_c1s1_000001_00.png", "0003_c1s1_000001_00.jpg",
+                          "0004_c1s1_000001_00.jpg", "0005_c1s1_000001_00.jpg", "snapshot from door camera.jpg"}
+    assert g.ntotal == 6
+    assert metas["0002_c1s1_000001_00.png"].pid == 2
+    link = metas["0005_c1s1_000001_00.jpg"]  # under its own name, not its target's
+    assert link.path == gal.resolve() / "0005_c1s1_000001_00.jpg" and link.pid == 5
+    odd = metas["snapshot from door camera.jpg"]
+    assert odd.pid is None and odd.camid is None and odd.frame is None
+    assert sorted(g.labels()[1].tolist()) == [-2, 1, 2, 3, 4, 5]
 
 
 def test_nothing_indexable_is_a_one_line_error(tiny_ckpt: Path, tmp_path: Path) -> None:
@@ -301,6 +264,6 @@ def test_cuhk03_gallery_gives_738_rows_and_vectors(tiny_ckpt: Path, tmp_path: Pa
     r = run("-q", "-w", str(ws), "index", str(folder), "--model", str(tiny_ckpt))
     assert r.exit_code == 0 and summary(r).startswith("indexed 738, replaced 0, unchanged 0, removed 0, skipped 0"), r.output
     g = gallery(ws)
-    assert g.ntotal == 738 and g.backend.index.ntotal == 738 and len(g.ids()) == 738
+    assert g.ntotal == 738 and faiss_index(g).ntotal == 738 and len(g.ids()) == 738
     r = run("-q", "-w", str(ws), "index", str(folder), "--model", str(tiny_ckpt))
     assert summary(r).startswith("indexed 0, replaced 0, unchanged 738"), r.output

@@ -1,4 +1,4 @@
-"""The FAISS layer on seeded vectors, checked against brute-force numpy."""
+"""The FAISS layer on seeded vectors, checked against exact numpy search (:func:`tests.helpers.exact_topk`)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,9 @@ from indexer.faiss import params as V
 from indexer.faiss.index import VectorIndex, gpu_count
 from indexer.spec import IndexSpec, parse_index_spec
 from indexer.topk import exact_search
-from tests.conftest import iter_batches
+from tests.helpers import iter_batches
 from reid_search.errors import GalleryError
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+from tests.helpers import exact_topk, unit
 
 
 def clustered(n: int, d: int, nq: int, seed: int = 0, per: int = 20) -> tuple[np.ndarray, np.ndarray]:
@@ -28,12 +25,6 @@ def clustered(n: int, d: int, nq: int, seed: int = 0, per: int = 20) -> tuple[np
     x = centres[rng.integers(0, len(centres), n)] + spread * rng.standard_normal((n, d)).astype(np.float32)
     q = centres[rng.integers(0, len(centres), nq)] + 0.5 * rng.standard_normal((nq, d)).astype(np.float32)
     return unit(x), unit(q)
-
-
-def brute_force(q: np.ndarray, x: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    s = q @ x.T
-    order = np.argsort(-s, axis=1)[:, :k]
-    return np.take_along_axis(s, order, 1), ids[order]
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -48,7 +39,7 @@ def build(spec: IndexSpec, ids: np.ndarray, x: np.ndarray) -> VectorIndex:
 def big() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     x, q = clustered(20_000, 64, 300)
     ids = np.arange(len(x), dtype=np.int64) * 3 + 11  # ids are DB keys, not positions
-    _, truth = brute_force(q, x, ids, 10)
+    _, truth = exact_topk(q, x, ids, 10)
     return x, q, ids, truth
 
 
@@ -58,7 +49,7 @@ def test_flat_is_exact() -> None:
     ids = rng.permutation(10_000)[:3000].astype(np.int64)
     idx = build(IndexSpec("flat"), ids, x)
     sims, got = idx.search(q, 10)
-    want_s, want_i = brute_force(q, x, ids, 10)
+    want_s, want_i = exact_topk(q, x, ids, 10)
     np.testing.assert_array_equal(got, want_i)
     np.testing.assert_allclose(sims, want_s, atol=1e-5)
     # Euclidean² of unit vectors = 2 - 2·sim, so the order is the L2 order too
@@ -71,7 +62,7 @@ def test_exact_search_streams_blocks() -> None:
     x, q = unit(rng.standard_normal((5000, 16))), unit(rng.standard_normal((7, 16)))
     ids = np.arange(5000, dtype=np.int64)
     s1, i1 = exact_search(q, x, ids, 25, max_block_floats=7 * 1024)  # 5 blocks
-    s2, i2 = brute_force(q, x, ids, 25)
+    s2, i2 = exact_topk(q, x, ids, 25)
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_allclose(s1, s2, atol=1e-6)
 
@@ -99,7 +90,7 @@ def test_filtered_ivf_keeps_recall_when_the_filter_is_far_from_the_query(kind: s
     idx = build(IndexSpec(kind), ids, x)
     allowed = np.sort(np.random.default_rng(5).choice(ids, len(ids) // 10, replace=False))
     mask = np.isin(ids, allowed)
-    _, truth = brute_force(q, x[mask], ids[mask], 10)
+    _, truth = exact_topk(q, x[mask], ids[mask], 10)
     _, got = idx.search(q, 10, allowed=allowed)
     assert np.isin(got, allowed).all()
     assert recall(got, truth) >= 0.9
@@ -112,7 +103,7 @@ def test_untrained_ivf_stays_exact_until_threshold() -> None:
     idx = VectorIndex.empty(spec, 16)
     idx.add(ids[:1000], x[:1000])
     assert not idx.trained and idx.rebuild_reason() is None
-    np.testing.assert_array_equal(idx.search(q, 5)[1], brute_force(q, x[:1000], ids[:1000], 5)[1])
+    np.testing.assert_array_equal(idx.search(q, 5)[1], exact_topk(q, x[:1000], ids[:1000], 5)[1])
     idx.add(ids[1000:], x[1000:])
     assert idx.rebuild_reason() and "threshold" in idx.rebuild_reason()
     trained = build(spec, ids, x)
@@ -159,7 +150,7 @@ def test_remove_add_and_file_roundtrip(kind: str, tmp_path: Path) -> None:
     np.testing.assert_array_equal(g2, got)
     np.testing.assert_allclose(s2, sims, atol=1e-6)
     if kind in ("flat", "ivf"):
-        want_s, want_i = brute_force(q, x[expect - 100], expect, 8)
+        want_s, want_i = exact_topk(q, x[expect - 100], expect, 8)
         assert recall(got, want_i) >= (1.0 if kind == "flat" else 0.9)
     if kind == "ivfpq":  # removed images keep dead re-scoring codes until a rebuild
         assert back.remove(ids[1:1200:5]) is False
@@ -247,7 +238,7 @@ def test_rabitq_rescoring_codes(bits: int, tmp_path: Path) -> None:
     idx = build(spec, ids, x)
     codes = faiss.downcast_index(idx.base.refine_index)
     assert isinstance(codes, faiss.IndexRaBitQ) and codes.code_size < 768 * (bits + 1) // 8
-    _, truth = brute_force(q, x, ids, 10)
+    _, truth = exact_topk(q, x, ids, 10)
     sims, got = idx.search(q, 10)
     assert recall(got, truth) >= 0.95
     np.testing.assert_allclose(sims, np.einsum("qd,qkd->qk", q, x[got - 100]), atol=0.05)
@@ -295,7 +286,7 @@ def test_gpu_path_shards_over_all_gpus(kind: str, monkeypatch: pytest.MonkeyPatc
     idx.search(q, 5)
     assert len(calls) == 2
     if kind == "flat":
-        np.testing.assert_array_equal(i, brute_force(q, x, ids, 5)[1])
+        np.testing.assert_array_equal(i, exact_topk(q, x, ids, 5)[1])
 
 
 def test_gpu_failure_falls_back_to_cpu(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("reid_search", "indexer", "trainer")
 MAX_LINES = 500
 # Library files allowed past MAX_LINES, each with its reason.
-LONG_FILES: dict[str, str] = {}
+LONG_FILES: dict[str, str] = {
+    "indexer/coordinator.py": "one class (Gallery) with one job, keeping SQL and the vectors consistent; "
+                              "splitting it would spread its private state over modules (its docstring)",
+    "indexer/metadata.py": "MetadataDB: one class turning gallery operations into SQL (the codecs and "
+                           "the engine factory already live in indexer/db.py and indexer/paths.py)",
+}
 
 
 def test_import_contracts_hold() -> None:

@@ -33,6 +33,9 @@ def test_recorded_store_wins_and_a_different_one_is_refused(tmp_path: Path, monk
         with pytest.raises(GalleryError, match="lives in --store milvus:") as e:
             Workspace(tmp_path / "ws", store_override=other).store()
         assert "\n" not in str(e.value)
+    # and through the CLI: one line, exit 1
+    r = CliRunner().invoke(main, ["-w", str(tmp_path / "ws"), "--store", "faiss", "remove", "--pid", "1"])
+    assert r.exit_code == 1 and "lives in --store milvus:" in r.output and r.output.count("\n") == 1, r.output
     monkeypatch.setenv("REID_SEARCH_STORE", "faiss")
     with pytest.raises(GalleryError, match="REID_SEARCH_STORE"):
         Workspace(tmp_path / "ws").store()

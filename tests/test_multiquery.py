@@ -10,10 +10,7 @@ import pytest
 from reid_search.metrics import evaluate
 from reid_search.multiquery import fuse_distances, fuse_features, group_queries, merge_ranked
 from reid_search.sightings import group_hits
-
-
-def _unit(x):
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+from tests.helpers import unit
 
 
 def test_fuse_features_by_hand():
@@ -48,11 +45,11 @@ def test_fused_tracks_beat_single_crops():
     """Tracks of noisy crops: one fused query per track beats each of its crops alone."""
     rng = np.random.default_rng(0)
     dim, n_ids, crops = 64, 60, 6
-    centres = _unit(rng.standard_normal((n_ids, dim)))
-    gallery = _unit(centres.repeat(3, 0) + 0.12 * rng.standard_normal((n_ids * 3, dim)))
+    centres = unit(rng.standard_normal((n_ids, dim)))
+    gallery = unit(centres.repeat(3, 0) + 0.12 * rng.standard_normal((n_ids * 3, dim)))
     g_pids, g_cams = np.arange(n_ids).repeat(3), np.ones(n_ids * 3, int)
     # Query crops: heavily degraded, each in its own way (occlusion-like noise).
-    q = _unit(centres.repeat(crops, 0) + 0.22 * rng.standard_normal((n_ids * crops, dim)))
+    q = unit(centres.repeat(crops, 0) + 0.22 * rng.standard_normal((n_ids * crops, dim)))
     q_pids, q_cams = np.arange(n_ids).repeat(crops), np.zeros(n_ids * crops, int)
 
     single = evaluate(np.maximum(2 - 2 * q @ gallery.T, 0), q_pids, g_pids, q_cams, g_cams)
@@ -100,15 +97,15 @@ def test_search_crops_against_brute_force_on_a_memory_store(tmp_path) -> None:
     mean = fused feature, max = each item's best crop; sightings group the same hits."""
     from reid_search.engine import SearchEngine
     from reid_search.multiquery import search_crops
-    from tests.test_engine_filters import FakeExtractor, make_store
+    from tests.helpers import PixelExtractor, labelled_store
 
-    store, feats, _ = make_store(90, seed=4)
-    engine = SearchEngine(store, FakeExtractor(), cache_dir=tmp_path)
+    store, feats, _ = labelled_store(90, seed=4)
+    engine = SearchEngine(store, PixelExtractor("fake-model", dim=16), cache_dir=tmp_path)
     ids = np.array(sorted(store._metas))
     metas = store.metadata(ids)
     g = np.stack([store.vectors([i])[0] for i in ids]).astype(np.float64)
     rng = np.random.default_rng(0)
-    crops = _unit(feats[3] + 0.3 * rng.standard_normal((3, feats.shape[1]))).astype(np.float32)
+    crops = unit(feats[3] + 0.3 * rng.standard_normal((3, feats.shape[1]))).astype(np.float32)
     cams = [1, 2, None]
     allowed = np.array([m.camid not in (1, 2) for m in metas])
     for fuse, d in (("mean", 2 - 2 * g @ fuse_features(crops).astype(np.float64)),

@@ -23,7 +23,7 @@ from reid_search.extractors import load_extractor
 from reid_search.images import load_image
 from reid_search.onnx_model import OnnxExtractor, export_onnx
 from reid_search.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, build_eval_transform
-from tests.conftest import SHARED, TINY_PRE, shared_path, write_crop
+from tests.helpers import SHARED, TINY_PRE, shared_path, write_crop
 
 if "export" not in main.commands:
     main.add_command(export)

@@ -13,8 +13,8 @@ from indexer.pipeline import index_folder, parse_time, read_manifest
 from reid_search.gallery import RemoveFilter, SearchFilter
 from reid_search.errors import DataError
 from reid_search.app.workspace import Workspace
-from tests.conftest import write_crop
-from tests.test_store_defects import PixelExtractor
+from tests.helpers import write_crop
+from tests.helpers import PixelExtractor
 
 
 @pytest.fixture()

@@ -21,7 +21,7 @@ from reid_search.extract import extract_features
 from reid_search.extractors import load_extractor
 from reid_search.images import load_image, to_rgb
 from reid_search.precision import choose_precision, parse_cpuinfo, resolve_precision, validate_precision
-from tests.conftest import write_crop
+from tests.helpers import write_crop
 
 EPYC = """processor\t: 0
 vendor_id\t: AuthenticAMD

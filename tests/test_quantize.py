@@ -17,23 +17,14 @@ from reid_search.extract import extract_features
 from reid_search.extractors import load_extractor
 from reid_search.onnx_model import OnnxExtractor
 from reid_search.quantize import Int8Report, MetricCheck, _refuse_if_short, export_int8, split_images
-from tests.conftest import one_line_error, write_crop
+from tests.helpers import one_line_error, write_crop, write_market
 
 
 @pytest.fixture(scope="module")
 def int8_path(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Int8Report, Path]:
-    root = tmp_path_factory.mktemp("m8") / "market"
-    seed = 100
-    for pid in range(1, 9):
-        for cam in (1, 2):
-            seed += 1
-            write_crop(root / "bounding_box_train" / f"{pid:04d}_c{cam}s1_{seed:06d}_00.jpg", seed)
-    for pid in range(20, 26):
-        seed += 1
-        write_crop(root / "query" / f"{pid:04d}_c1s1_{seed:06d}_00.jpg", seed)
-        for k in range(2):
-            seed += 1
-            write_crop(root / "bounding_box_test" / f"{pid:04d}_c2s1_{seed:06d}_00.jpg", seed)
+    # 8 train ids on 2 cameras, 6 test ids: 16 crops to calibrate on, 18 to check with
+    root = write_market(tmp_path_factory.mktemp("m8") / "market", range(1, 9), range(20, 26), per_cam=1, seed=100,
+                        distractors=False)
     out = root.parent / "tiny-int8.onnx"
     report = export_int8(tiny_ckpt, out, root, calibration_images=16, max_metric_drop=100.0)
     return out, report, root

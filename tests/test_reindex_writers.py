@@ -24,8 +24,7 @@ from click.testing import CliRunner
 from reid_search.gallery import NewImage
 from reid_search.app.session import open_workspace_gallery
 from reid_search.errors import GalleryError
-from tests.conftest import store_workspace, write_crop
-from tests.test_store import fake_images, feats
+from tests.helpers import feats, new_images, store_workspace, write_crop
 
 
 def paths(g) -> set[Path]:
@@ -38,7 +37,7 @@ def test_writes_to_the_old_gallery_during_a_reindex_are_not_carried_over(tmp_pat
 
     ws = store_workspace(tmp_path / "ws", store)
     folder = tmp_path / "gal"
-    crops = fake_images(folder, 6, write=True)
+    crops = new_images(folder, 6, write=True)
     writer = open_workspace_gallery(ws)  # e.g. a running `serve` taking POST /gallery
     indexer = open_workspace_gallery(ws)  # `reid-search index FOLDER --reindex`
     try:

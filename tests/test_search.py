@@ -17,7 +17,7 @@ from reid_search.extractors import load_extractor
 from reid_search.metrics import evaluate
 from reid_search.online_rerank import GalleryRerank
 from reid_search.rerank import k_reciprocal
-from tests.conftest import write_crop
+from tests.helpers import write_crop
 
 
 def run(ws: Path, *args: str):
@@ -137,7 +137,7 @@ def test_query_with_another_model_is_refused(indexed, tmp_path: Path) -> None:
 
     from reid_search.checkpoint import save_checkpoint
     from reid_search.model import build_model
-    from tests.conftest import TINY_PRE
+    from tests.helpers import TINY_PRE
 
     torch.manual_seed(7)
     other = tmp_path / "other.pt"

@@ -8,14 +8,15 @@ CLI on the same images; bad inputs must get 4xx JSON and leave it serving.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import json
+import shutil
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,10 +33,10 @@ from reid_search.data import parse_name
 from reid_search.extract import extract_features
 from reid_search.extractors import load_extractor
 from reid_search.images import load_image
-from reid_search.app.service import ApiError, QueryBatcher, create_app, upload_name
+from reid_search.app.service import create_app, upload_name
 from reid_search.app.session import open_engine
 from reid_search.app.workspace import Workspace
-from tests.conftest import write_crop
+from tests.helpers import write_crop
 
 if "serve" not in main.commands:
     main.add_command(serve)
@@ -106,13 +107,36 @@ def running(app: Any) -> Iterator[str]:
         assert not thread.is_alive(), "the test server did not stop"
 
 
+def make_app(ws: Workspace) -> Any:
+    # A 20 ms window makes batches certain in the burst test without slowing the rest much.
+    return create_app(ws, device="cpu", max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS,
+                      max_files=MAX_FILES, max_batch=8, max_wait_ms=20)
+
+
 @pytest.fixture(scope="module")
 def server(workspace: Workspace) -> Iterator[tuple[str, Any]]:
-    # A 20 ms window makes batches certain in the burst test without slowing the rest much.
-    app = create_app(workspace, device="cpu", max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS,
-                     max_files=MAX_FILES, max_batch=8, max_wait_ms=20)
+    """The server of the module's workspace, for the tests that leave its gallery as they found it."""
+    app = make_app(workspace)
     with running(app) as url:
         yield url, app
+
+
+@dataclass
+class Own:
+    """A copy of the module's workspace with its own server, for a test that changes the gallery."""
+
+    ws: Workspace
+    url: str
+    app: Any
+    client: httpx.Client
+
+
+@pytest.fixture()
+def own(workspace: Workspace, tmp_path: Path) -> Iterator[Own]:
+    ws = Workspace(Path(shutil.copytree(workspace.root, tmp_path / "ws")))
+    app = make_app(ws)
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        yield Own(ws, url, app, c)
 
 
 @pytest.fixture(scope="module")
@@ -225,69 +249,70 @@ def test_concurrent_burst(query_paths: list[Path], client: httpx.Client, server:
 
 
 # --------------------------------------------------------------------------- gallery
+# Each test here changes the gallery: it gets its own copy of the workspace and its own server
+# (``own``), so no test depends on what another left.
 
 
-def test_add_query_remove(workspace: Workspace, query_paths: list[Path], client: httpx.Client) -> None:
+def test_add_query_remove(own: Own, query_paths: list[Path]) -> None:
     from reid_search.app.session import open_workspace_gallery
 
     q = query_paths[4]
-    size0 = client.get("/stats").json()["gallery_size"]
-    r = client.post("/gallery", files=upload(q, "../../escape.jpg"), data={"pid": "42", "camid": "7"})
+    size0 = own.client.get("/stats").json()["gallery_size"]
+    r = own.client.post("/gallery", files=upload(q, "../../escape.jpg"), data={"pid": "42", "camid": "7"})
     assert r.status_code == 200, r.text
     body = r.json()
     (new_id,) = body["ids"]
     item = body["items"][0]
     assert item["new"] and item["pid"] == 42 and item["camid"] == 7 and body["gallery_size"] == size0 + 1
     stored = Path(item["path"])
-    assert stored.parent == (workspace.root / "uploads").resolve() and stored.read_bytes() == q.read_bytes()
+    assert stored.parent == (own.ws.root / "uploads").resolve() and stored.read_bytes() == q.read_bytes()
     assert stored.name == upload_name(item["sha256"], ".jpg", 42, 7)
-    assert not (workspace.root.parent / "escape.jpg").exists() and not (workspace.root / "escape.jpg").exists()
+    assert not (own.ws.root.parent / "escape.jpg").exists() and not (own.ws.root / "escape.jpg").exists()
     # Committed through the indexer: another process sees it.
-    with open_workspace_gallery(workspace) as g:
+    with open_workspace_gallery(own.ws) as g:
         m = g.metadata([new_id])[0]
         assert (m.pid, m.camid, m.path) == (42, 7, stored)
 
     # The same bytes and labels again: same id, nothing added.
-    again = client.post("/gallery", files=upload(q), data={"pid": "42", "camid": "7"}).json()
+    again = own.client.post("/gallery", files=upload(q), data={"pid": "42", "camid": "7"}).json()
     assert again["ids"] == [new_id] and not again["items"][0]["new"] and again["gallery_size"] == size0 + 1
 
-    hits = client.post("/query", files=upload(q, "x.jpg"), data={"top_k": "3"}).json()["hits"]
+    hits = own.client.post("/query", files=upload(q, "x.jpg"), data={"top_k": "3"}).json()["hits"]
     assert hits[0]["id"] == new_id and hits[0]["pid"] == 42 and hits[0]["distance"] < 1e-4
     # Its camera is filtered like any other.
-    hits = client.post("/query", files=upload(q, "x.jpg"), data={"top_k": "3", "camid": "7"}).json()["hits"]
+    hits = own.client.post("/query", files=upload(q, "x.jpg"), data={"top_k": "3", "camid": "7"}).json()["hits"]
     assert new_id not in [h["id"] for h in hits]
 
-    r = client.delete(f"/gallery/{new_id}")
+    r = own.client.delete(f"/gallery/{new_id}")
     assert r.status_code == 200 and r.json()["gallery_size"] == size0
     assert not stored.exists()
-    hits = client.post("/query", files=upload(q, "x.jpg"), data={"top_k": "3"}).json()["hits"]
+    hits = own.client.post("/query", files=upload(q, "x.jpg"), data={"top_k": "3"}).json()["hits"]
     assert new_id not in [h["id"] for h in hits]
-    r = client.delete(f"/gallery/{new_id}")
+    r = own.client.delete(f"/gallery/{new_id}")
     assert r.status_code == 404 and r.json()["reason"] == "unknown-id"
 
 
-def test_add_several_unlabelled(workspace: Workspace, client: httpx.Client) -> None:
-    a = write_crop(workspace.root.parent / "extra" / "a.png", 7001)
-    b = write_crop(workspace.root.parent / "extra" / "b.jpg", 7002)
+def test_add_several_unlabelled(own: Own) -> None:
+    a = write_crop(own.ws.root.parent / "extra" / "a.png", 7001)
+    b = write_crop(own.ws.root.parent / "extra" / "b.jpg", 7002)
     files = [("file", ("a.png", a.read_bytes(), "image/png")), ("file", ("b.jpg", b.read_bytes(), "image/jpeg")),
              ("file", ("a-again.png", a.read_bytes(), "image/png"))]
-    r = client.post("/gallery", files=files)
+    r = own.client.post("/gallery", files=files)
     assert r.status_code == 200, r.text
     ids = r.json()["ids"]
     assert len(ids) == 3 and ids[0] == ids[2] != ids[1]
     for item in r.json()["items"]:
         assert item["pid"] is None and parse_name(Path(item["path"]).name) is None
-    hits = client.post("/query", files={"file": ("b.jpg", b.read_bytes())}, data={"top_k": "1"}).json()["hits"]
+    hits = own.client.post("/query", files={"file": ("b.jpg", b.read_bytes())}, data={"top_k": "1"}).json()["hits"]
     assert hits[0]["id"] == ids[1] and hits[0]["pid"] is None
     for i in set(ids):
-        assert client.delete(f"/gallery/{i}").status_code == 200
+        assert own.client.delete(f"/gallery/{i}").status_code == 200
 
 
-def test_concurrent_writes_and_queries(workspace: Workspace, query_paths: list[Path], client: httpx.Client,
-                                       server: tuple[str, Any]) -> None:
-    url = server[0]
-    crops = [write_crop(workspace.root.parent / "burst" / f"{i}.jpg", 8000 + i) for i in range(6)]
-    size0 = client.get("/stats").json()["gallery_size"]
+def test_concurrent_writes_and_queries(own: Own, query_paths: list[Path]) -> None:
+    url = own.url
+    crops = [write_crop(own.ws.root.parent / "burst" / f"{i}.jpg", 8000 + i) for i in range(6)]
+    size0 = own.client.get("/stats").json()["gallery_size"]
 
     def add(p: Path) -> tuple[int, Any]:
         with httpx.Client(base_url=url, timeout=60) as c:
@@ -306,34 +331,34 @@ def test_concurrent_writes_and_queries(workspace: Workspace, query_paths: list[P
     assert [s for s, _ in added] == [200] * len(crops)
     ids = [b["ids"][0] for _, b in added]
     assert len(set(ids)) == len(crops)
-    assert client.get("/stats").json()["gallery_size"] == size0 + len(crops)
+    assert own.client.get("/stats").json()["gallery_size"] == size0 + len(crops)
     for p, i in zip(crops, ids):
-        hit = client.post("/query", files=upload(p, "x.jpg"), data={"top_k": "1"}).json()["hits"][0]
+        hit = own.client.post("/query", files=upload(p, "x.jpg"), data={"top_k": "1"}).json()["hits"][0]
         assert hit["id"] == i
     for i in ids:
-        assert client.delete(f"/gallery/{i}").status_code == 200
-    assert client.get("/stats").json()["gallery_size"] == size0
+        assert own.client.delete(f"/gallery/{i}").status_code == 200
+    assert own.client.get("/stats").json()["gallery_size"] == size0
 
 
-def test_sees_changes_of_other_processes(workspace: Workspace, client: httpx.Client) -> None:
+def test_sees_changes_of_other_processes(own: Own) -> None:
     from reid_search.gallery import NewImage
     from indexer.pipeline import sha256_file
     from reid_search.app.session import open_workspace_gallery
 
-    p = write_crop(workspace.root.parent / "other" / "0055_c4s1_000001_00.jpg", 9100)
-    extractor = load_extractor(workspace.model_path(), device="cpu")
-    with open_workspace_gallery(workspace) as g:  # as `reid-search index` would, from another process
+    p = write_crop(own.ws.root.parent / "other" / "0055_c4s1_000001_00.jpg", 9100)
+    extractor = load_extractor(own.ws.model_path(), device="cpu")
+    with open_workspace_gallery(own.ws) as g:  # as `reid-search index` would, from another process
         feats = extract_features([p], extractor, num_workers=0)[0]
         (new_id,) = g.add_images([NewImage(p, *sha256_file(p))], feats, extractor.fingerprint)
     deadline = time.monotonic() + 10  # the server re-reads the DB generation at most once a second
     while True:
-        hits = client.post("/query", files=upload(p, "x.jpg"), data={"top_k": "1"}).json()["hits"]
+        hits = own.client.post("/query", files=upload(p, "x.jpg"), data={"top_k": "1"}).json()["hits"]
         if hits[0]["id"] == new_id or time.monotonic() > deadline:
             break
         time.sleep(0.3)
     assert hits[0]["id"] == new_id and hits[0]["pid"] == 55
     # Removing an image indexed from a folder keeps its file: only uploads are the service's to delete.
-    assert client.delete(f"/gallery/{new_id}").status_code == 200
+    assert own.client.delete(f"/gallery/{new_id}").status_code == 200
     assert p.is_file()
 
 
@@ -442,31 +467,31 @@ def test_other_bad_requests(workspace: Workspace, query_paths: list[Path], clien
     healthy(client, query_paths)
 
 
-def test_filters_time_track_and_retention(workspace: Workspace, query_paths: list[Path], client: httpx.Client) -> None:
+def test_filters_time_track_and_retention(own: Own, query_paths: list[Path]) -> None:
     """POST /gallery takes time/track, POST /query filters exactly as brute force over the full ranking,
     DELETE /gallery?... removes by filter and deletes the uploaded files."""
     from datetime import datetime, timezone
 
     from reid_search.gallery import SearchFilter
 
-    crops = [write_crop(workspace.root.parent / "timed" / f"{i}.jpg", 9300 + i) for i in range(6)]
+    crops = [write_crop(own.ws.root.parent / "timed" / f"{i}.jpg", 9300 + i) for i in range(6)]
     added = []
     for i, p in enumerate(crops):
         data = {"pid": str(60 + i % 2), "camid": str(5 + i % 3), "time": f"2024-05-0{1 + i}T10:00:00", "track": f"tr{i % 2}"}
-        r = client.post("/gallery", files=upload(p), data=data)
+        r = own.client.post("/gallery", files=upload(p), data=data)
         assert r.status_code == 200, r.text
         item = r.json()["items"][0]
         assert item["time"] == f"2024-05-0{1 + i}T10:00:00Z" and item["track"] == f"tr{i % 2}"
         added.append(item)
     # The same bytes with another time are re-indexed with it (an identical upload keeps its id).
-    again = client.post("/gallery", files=upload(crops[0]), data={"pid": "60", "camid": "5", "time": "2024-05-01T10:00:00Z",
+    again = own.client.post("/gallery", files=upload(crops[0]), data={"pid": "60", "camid": "5", "time": "2024-05-01T10:00:00Z",
                                                                  "track": "tr0"}).json()
     assert again["ids"] == [added[0]["id"]] and not again["items"][0]["new"]
     uploads = [Path(a["path"]) for a in added]
     assert all(p.is_file() for p in uploads)
 
     q = crops[2]
-    full = client.post("/query", files=upload(q, "x.jpg"), data={"top_k": "100", "keep_same_camera": "true"}).json()
+    full = own.client.post("/query", files=upload(q, "x.jpg"), data={"top_k": "100", "keep_same_camera": "true"}).json()
     assert len(full["hits"]) == 16 + 6 and full["filter"]["keep_same_camera"]
     by_id = {h["id"]: h for h in full["hits"]}
     assert by_id[added[2]["id"]]["time"] == "2024-05-03T10:00:00Z" and by_id[added[2]["id"]]["track"] == "tr0"
@@ -484,37 +509,37 @@ def test_filters_time_track_and_retention(workspace: Workspace, query_paths: lis
     ]
     for data, flt in cases:
         for k in (2, 100):
-            r = client.post("/query", files=upload(q, "x.jpg"), data={**data, "top_k": str(k), "keep_same_camera": "true"})
+            r = own.client.post("/query", files=upload(q, "x.jpg"), data={**data, "top_k": str(k), "keep_same_camera": "true"})
             assert r.status_code == 200, r.text
             want = [h["id"] for h in full["hits"] if flt.allows(h["camid"], t(h), h["track"])][:k]
             assert [h["id"] for h in r.json()["hits"]] == want, data
     # the query's own camera is dropped unless keep_same_camera
-    r = client.post("/query", files=upload(q, "x.jpg"), data={"top_k": "100", "camid": "7", "since": "2024-05-01"})
+    r = own.client.post("/query", files=upload(q, "x.jpg"), data={"top_k": "100", "camid": "7", "since": "2024-05-01"})
     assert [h["id"] for h in r.json()["hits"]] == [h["id"] for h in full["hits"] if h["time"] and h["camid"] != 7]
     # in the query string too
-    r = client.post("/query?cameras=6&exclude_track=tr1", files=upload(q, "x.jpg"))
+    r = own.client.post("/query?cameras=6&exclude_track=tr1", files=upload(q, "x.jpg"))
     assert {h["id"] for h in r.json()["hits"]} == {a["id"] for a in added if a["camid"] == 6 and a["track"] != "tr1"}
 
     # retention: dry run counts, then removes rows and the uploaded files
-    r = client.delete("/gallery", params={"before": "2024-05-03T00:00:00Z", "dry_run": "true"})
+    r = own.client.delete("/gallery", params={"before": "2024-05-03T00:00:00Z", "dry_run": "true"})
     assert r.status_code == 200, r.text
     assert r.json()["matched"] == 2 and r.json()["removed"] == 0 and all(p.is_file() for p in uploads)
-    r = client.delete("/gallery", params={"before": "2024-05-03T00:00:00Z"})
+    r = own.client.delete("/gallery", params={"before": "2024-05-03T00:00:00Z"})
     assert r.json()["removed"] == 2 and r.json()["files_deleted"] == 2
     assert sorted(r.json()["ids"]) == sorted(a["id"] for a in added[:2])
     assert not uploads[0].exists() and not uploads[1].exists() and uploads[2].is_file()
     # erasure by pid and track, ANDed
-    r = client.delete("/gallery", params={"pid": "60", "track": "tr0"})
+    r = own.client.delete("/gallery", params={"pid": "60", "track": "tr0"})
     assert sorted(r.json()["ids"]) == sorted(a["id"] for a in added[2:] if a["pid"] == 60)
-    r = client.delete("/gallery", params={"camid": "6"})
+    r = own.client.delete("/gallery", params={"camid": "6"})
     assert sorted(r.json()["ids"]) == sorted(a["id"] for a in added[2:] if a["camid"] == 6 and a["pid"] != 60)
     left = [a for a in added[2:] if a["pid"] != 60 and a["camid"] != 6]
     for a in left:
-        assert client.delete(f"/gallery/{a['id']}").status_code == 200
+        assert own.client.delete(f"/gallery/{a['id']}").status_code == 200
     assert all(not p.exists() for p in uploads)
-    hits = client.post("/query", files=upload(q, "x.jpg"), data={"top_k": "100"}).json()["hits"]
+    hits = own.client.post("/query", files=upload(q, "x.jpg"), data={"top_k": "100"}).json()["hits"]
     assert not {a["id"] for a in added} & {h["id"] for h in hits}
-    assert client.get("/stats").json()["gallery_size"] == 16
+    assert own.client.get("/stats").json()["gallery_size"] == 16
 
 
 def test_bad_filters_and_huge_ints_are_422(query_paths: list[Path], client: httpx.Client) -> None:
@@ -549,11 +574,12 @@ def test_bad_filters_and_huge_ints_are_422(query_paths: list[Path], client: http
     healthy(client, query_paths)
 
 
-def test_track_length_is_the_db_column_s(workspace: Workspace, query_paths: list[Path], client: httpx.Client) -> None:
+def test_track_length_is_the_db_column_s(own: Own, query_paths: list[Path]) -> None:
     """POST /gallery takes a track of MAX_TRACK_CHARS (255, the DB column) and refuses a longer one like
     any other bad value (422, FastAPI's list), as a form field and in the query string."""
     from reid_search.limits import MAX_TRACK_CHARS
 
+    client = own.client
     q = query_paths[5]
     longest, too_long = "t" * MAX_TRACK_CHARS, "t" * (MAX_TRACK_CHARS + 1)
     assert MAX_TRACK_CHARS == 255
@@ -572,12 +598,12 @@ def test_track_length_is_the_db_column_s(workspace: Workspace, query_paths: list
     assert client.get("/stats").json()["gallery_size"] == 16
 
 
-def test_orphan_upload_files_are_swept_at_start(workspace: Workspace, client: httpx.Client) -> None:
+def test_orphan_upload_files_are_swept_at_start(own: Own) -> None:
     """A kill between a removal's commit and its file deletion leaves a file no row names; the next start deletes it."""
     import os
 
-    uploads = workspace.root / "uploads"
-    kept = client.post("/gallery", files={"file": ("k.jpg", write_crop(workspace.root.parent / "k.jpg", 9501).read_bytes())})
+    uploads = own.ws.root / "uploads"
+    kept = own.client.post("/gallery", files={"file": ("k.jpg", write_crop(own.ws.root.parent / "k.jpg", 9501).read_bytes())})
     kept_path, kept_id = Path(kept.json()["items"][0]["path"]), kept.json()["ids"][0]
     orphan, young = uploads / ("ab" * 32 + ".jpg"), uploads / ("cd" * 32 + ".jpg")
     old_tmp, new_tmp = uploads / ".upload-old.tmp", uploads / ".upload-new.tmp"
@@ -585,14 +611,14 @@ def test_orphan_upload_files_are_swept_at_start(workspace: Workspace, client: ht
         p.write_bytes(b"left by a crash")
     for p in (orphan, old_tmp, kept_path):
         os.utime(p, (time.time() - 7200, time.time() - 7200))
-    app = create_app(workspace, device="cpu")
+    app = create_app(own.ws, device="cpu")
     app.state.close()
     assert not orphan.exists() and not old_tmp.exists()
     # young files may belong to an add in flight in another server; a row's file stays however old
     assert young.exists() and new_tmp.exists() and kept_path.is_file()
     young.unlink()
     new_tmp.unlink()
-    assert client.delete(f"/gallery/{kept_id}").status_code == 200
+    assert own.client.delete(f"/gallery/{kept_id}").status_code == 200
 
 
 # --------------------------------------------------------------------------- API key, schema, CLI
@@ -662,95 +688,3 @@ def test_serve_wiring(workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> 
     r = CliRunner().invoke(main, ["-w", str(workspace.root), "serve", "--device", "cpu", "--host", "0.0.0.0"])
     assert r.exit_code == 0 and "without --api-key" in r.output
     assert seen["app"].state.settings["api_key_required"] is False
-
-
-# --------------------------------------------------------------------------- the batcher alone
-
-
-def _run_batcher(n: int, max_batch: int, max_wait_s: float, fail: set[int] = frozenset()) -> tuple[list, list[int]]:
-    sizes: list[int] = []
-
-    def run(items: list[int]) -> list[Any]:
-        sizes.append(len(items))
-        time.sleep(0.01)
-        return [ValueError(i) if i in fail else 2 * i for i in items]
-
-    async def go() -> list[Any]:
-        with ThreadPoolExecutor(1) as ex:
-            b: QueryBatcher[int, int] = QueryBatcher(run, ex, max_batch=max_batch, max_wait_s=max_wait_s)
-            b.start()
-            try:
-                return await asyncio.wait_for(asyncio.gather(*(b.submit(i) for i in range(n)),
-                                                             return_exceptions=True), 30)
-            finally:
-                await b.stop()
-
-    return asyncio.run(go()), sizes
-
-
-def test_batcher_groups_and_keeps_order() -> None:
-    out, sizes = _run_batcher(10, max_batch=4, max_wait_s=0.05)
-    assert out == [2 * i for i in range(10)]
-    assert sizes == [4, 4, 2]
-    out, sizes = _run_batcher(5, max_batch=1, max_wait_s=0.05)
-    assert out == [0, 2, 4, 6, 8] and sizes == [1] * 5
-
-
-def test_batcher_waits_only_for_announced_requests() -> None:
-    sizes: list[int] = []
-
-    def run(items: list[int]) -> list[int]:
-        sizes.append(len(items))
-        return items
-
-    async def go() -> tuple[float, list[int]]:
-        with ThreadPoolExecutor(1) as ex:
-            b: QueryBatcher[int, int] = QueryBatcher(run, ex, max_batch=8, max_wait_s=1.0)
-            b.start()
-
-            async def arrive(i: int, delay: float, announce: bool) -> int:
-                with b.coming() if announce else contextlib.nullcontext():
-                    await asyncio.sleep(delay)  # decoding the upload
-                return await b.submit(i)
-
-            try:
-                t0 = time.perf_counter()
-                assert await b.submit(0) == 0  # alone: no waiting for company
-                lone = time.perf_counter() - t0
-                # Announced while the first is queued: they go together.
-                assert await asyncio.gather(arrive(1, 0.0, True), arrive(2, 0.1, True)) == [1, 2]
-                # Not announced: the first goes at once, the latecomer on its own.
-                assert await asyncio.gather(arrive(3, 0.0, False), arrive(4, 0.1, False)) == [3, 4]
-            finally:
-                await b.stop()
-            return lone, sizes
-
-    lone, sizes = asyncio.run(go())
-    assert lone < 0.5 and sizes == [1, 2, 1, 1]
-
-
-def test_batcher_isolates_failures() -> None:
-    out, sizes = _run_batcher(6, max_batch=8, max_wait_s=0.05, fail={3})
-    assert sizes == [6]
-    assert isinstance(out[3], ValueError) and [o for i, o in enumerate(out) if i != 3] == [0, 2, 4, 8, 10]
-
-
-def test_batcher_whole_batch_failure_and_full_queue() -> None:
-    def boom(items: list[int]) -> list[int]:
-        raise RuntimeError("model crashed")
-
-    async def go() -> tuple[list[Any], Any]:
-        with ThreadPoolExecutor(1) as ex:
-            b: QueryBatcher[int, int] = QueryBatcher(boom, ex, max_batch=4, max_wait_s=0.01, max_queue=3)
-            b.start()
-            try:
-                tasks = [asyncio.ensure_future(b.submit(i)) for i in range(4)]
-                out = await asyncio.gather(*tasks, return_exceptions=True)
-            finally:
-                await b.stop()
-            return out, b.stats.to_dict()
-
-    out, stats = asyncio.run(go())
-    assert [type(o) for o in out] == [ApiError] * 4
-    assert [o.status for o in out] == [500, 500, 500, 503]  # the 4th found the queue full
-    assert stats["queries"] == 3

@@ -1,10 +1,11 @@
-"""Filtered search inside the store equals brute force over every DB row; count; remove_where.
+"""Filtered search inside the store equals brute force over every row; count; remove_where;
+times and tracks round-trip.
 
-Every test runs on both stores (FAISS and Milvus Lite, see ``tests/conftest.py``)."""
+Every test runs on both stores (FAISS and Milvus Lite, see ``tests/conftest.py``); the oracle
+is :func:`tests.helpers.brute_force` (the store's rows copied into a ``MemoryStore``)."""
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -14,53 +15,31 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from indexer import IndexSpec
-from reid_search.app.session import open_workspace_gallery
-from reid_search.gallery import NewImage
-from reid_search.gallery import GalleryWriter, RemoveFilter, SearchFilter
 from reid_search.app.workspace import Workspace
-from tests.conftest import STORE_KINDS, store_value, store_workspace
+from reid_search.gallery import GalleryWriter, NewImage, RemoveFilter, SearchFilter
+from tests.conftest import STORE_KINDS, store_value
+from tests.helpers import T0, all_rows, allowed, brute_force, faiss_index, new_images, open_ws, store_workspace, unit
 
-T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
-TRACKS = ["a", "b", "c", None]
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def crops(folder: Path, n: int, seed: int = 0) -> list[NewImage]:
-    """Crops with cameras 0-4 (some unknown), times over 10 hours (some unknown), tracks a/b/c/none."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        cam = None if rng.random() < 0.1 else int(rng.integers(0, 5))
-        t = None if rng.random() < 0.15 else T0 + timedelta(minutes=int(rng.integers(0, 600)))
-        out.append(NewImage(folder / f"img{seed}_{i:05d}.jpg", hashlib.sha256(b"%d %d" % (seed, i)).hexdigest(), 1,
-                            pid=int(rng.integers(0, 20)), camid=cam, time=t, track=TRACKS[int(rng.integers(0, 4))]))
-    return out
-
-
-def brute_force(g, x: np.ndarray, k: int, f: SearchFilter | None) -> tuple[np.ndarray, np.ndarray]:
-    """Every DB row, filtered with the reference semantics, ranked by cosine."""
-    metas = [m for b in g.iter_metadata() for m in b]
-    keep = [m for m in metas if f is None or f.allows(m.camid, m.time, m.track)]
-    ids = np.array([m.id for m in keep], np.int64)
-    feats = g.vectors(ids) if len(ids) else np.zeros((0, x.shape[1]), np.float32)
-    sims = x @ feats.T
-    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-    out_s = np.full((len(x), k), -np.inf, np.float32)
-    out_i = np.full((len(x), k), -1, np.int64)
-    out_s[:, : order.shape[1]] = np.take_along_axis(sims, order, 1)
-    out_i[:, : order.shape[1]] = ids[order]
-    return out_s, out_i
+REMOVED = [2, 3, 50]  # ids removed from the module's gallery after its two batches
 
 
 @pytest.fixture(scope="module", params=STORE_KINDS)
 def gallery(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """300 crops with random cameras, times and tracks, added in two batches, 3 of them then removed."""
     tmp = tmp_path_factory.mktemp("filters")
-    g = open_workspace_gallery(store_workspace(tmp / "ws", store_value(request.param, request)))
-    imgs = crops(tmp / "gal", 300)
-    g.add_images(imgs, unit(np.random.default_rng(1).standard_normal((300, 12))), "m")
+    g = open_ws(store_workspace(tmp / "ws", store_value(request.param, request)))
+    imgs = new_images(tmp / "gal", 300, labels="random")
+    x = unit(np.random.default_rng(1).standard_normal((300, 12)))
+    first = g.add_images(imgs[:200], x[:200], "m")
+    second = g.add_images(imgs[200:], x[200:], "m")
+    ids = np.concatenate([first, second])
+    assert g.remove_ids(ids[REMOVED]) == 3
+    assert g.ntotal == g.count() == g.backend.ntotal == 297
+    np.testing.assert_array_equal(g.ids(), np.delete(ids, REMOVED))
+    np.testing.assert_array_equal(g.vectors(ids[[10, 4]]), x[[10, 4]])  # exact, in the order asked
+    all_ids, all_x = g.all_vectors()
+    np.testing.assert_array_equal(all_ids, np.delete(ids, REMOVED))
+    np.testing.assert_array_equal(all_x, np.delete(x, REMOVED, axis=0))
     yield g
     g.close()
 
@@ -87,38 +66,48 @@ def test_flat_filtered_search_equals_brute_force(gallery, f: SearchFilter, k: in
     want_s, want_i = brute_force(gallery, x, k, f)
     np.testing.assert_array_equal(ids, want_i)  # same crops, same order, padding only when fewer pass
     np.testing.assert_allclose(sims, want_s, rtol=1e-5, atol=1e-5)
-    assert gallery.count(f) == sum(1 for b in gallery.iter_metadata() for m in b if f.allows(m.camid, m.time, m.track))
+    assert gallery.count(f) == allowed(gallery, f)
 
 
 def test_one_filter_per_query_and_selective_filters_fill_k(gallery) -> None:
-    x = unit(np.random.default_rng(5).standard_normal((4, 12)))
+    x = unit(np.random.default_rng(5).standard_normal((12, 12)))
     fs = [None, SearchFilter(cameras=frozenset({1})), SearchFilter(exclude_tracks=frozenset({"a", "b"})),
-          SearchFilter(since=T0 + timedelta(minutes=590))]
+          SearchFilter(since=T0 + timedelta(minutes=590)),
+          SearchFilter(cameras=frozenset({1, 2})), SearchFilter(exclude_cameras=frozenset({3})),
+          SearchFilter(since=T0 + timedelta(minutes=20), until=T0 + timedelta(minutes=70)),
+          SearchFilter(exclude_tracks=frozenset({"a", "c"})), SearchFilter(cameras=frozenset({9})),  # none pass
+          SearchFilter(cameras=frozenset({4}), since=T0), None, SearchFilter()]
     sims, ids = gallery.search(x, 25, fs)
+    want_s, want_i = brute_force(gallery, x, 25, fs)
+    np.testing.assert_array_equal(ids, want_i)
+    np.testing.assert_allclose(sims, want_s, rtol=1e-5, atol=1e-5)
     for j, f in enumerate(fs):
-        np.testing.assert_array_equal(ids[j], brute_force(gallery, x[j : j + 1], 25, f)[1][0])
         assert (ids[j] >= 0).sum() == min(25, gallery.count(f))
+    assert (ids[8] == -1).all()
+    for w in (None, SearchFilter(cameras=frozenset({1})), RemoveFilter(camid=2)):
+        want = allowed(gallery, w) if not isinstance(w, RemoveFilter) else sum(w.matches(m) for m in all_rows(gallery))
+        assert gallery.count(w) == want
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivfpq"])
 def test_approximate_indexes_filter_inside_and_still_return_k(kind: str, store: str, tmp_path: Path) -> None:
     if kind == "ivfpq" and store != "faiss":
         pytest.skip("Milvus Lite cannot build IVF_PQ (a Milvus server can)")
-    g = open_workspace_gallery(store_workspace(tmp_path / "ws", store),
+    g = open_ws(store_workspace(tmp_path / "ws", store),
                      spec=IndexSpec(kind, min_train=700) if kind != "hnsw" else IndexSpec(kind))
-    imgs = crops(tmp_path / "gal", 1500, seed=3)
+    imgs = new_images(tmp_path / "gal", 1500, labels="random", seed=3)
     x = unit(np.random.default_rng(2).standard_normal((1500, 16)))
     g.add_images(imgs, x, "m")
     if store == "faiss":
-        assert g.backend.index.trained
+        assert faiss_index(g).trained
     else:
         assert g.backend.index_type() == {"hnsw": "HNSW", "ivf": "IVF_FLAT"}[kind]
     q = x[:10]
+    metas = {m.id: m for m in all_rows(g)}
     for f in (SearchFilter(cameras=frozenset({2})), SearchFilter(cameras=frozenset({3}), exclude_tracks=frozenset({"a"}),
                                                                  since=T0 + timedelta(minutes=550))):
         n = g.count(f)
         sims, ids = g.search(q, 20, f)
-        metas = {m.id: m for b in g.iter_metadata() for m in b}
         assert all(f.allows(metas[i].camid, metas[i].time, metas[i].track) for i in ids[ids >= 0])
         assert ((ids >= 0).sum(axis=1) == min(20, n)).all(), "k hits whenever k crops pass"
         want = brute_force(g, q, 20, f)[1]
@@ -127,8 +116,8 @@ def test_approximate_indexes_filter_inside_and_still_return_k(kind: str, store: 
 
 
 def test_count_and_remove_where(store: str, tmp_path: Path) -> None:
-    g = open_workspace_gallery(store_workspace(tmp_path / "ws", store))
-    imgs = crops(tmp_path / "gal", 200, seed=7)
+    g = open_ws(store_workspace(tmp_path / "ws", store))
+    imgs = new_images(tmp_path / "gal", 200, labels="random", seed=7)
     ids = g.add_images(imgs, unit(np.random.default_rng(0).standard_normal((200, 8))), "m")
     by_id = dict(zip(ids.tolist(), imgs))
     assert g.count() == 200
@@ -142,21 +131,24 @@ def test_count_and_remove_where(store: str, tmp_path: Path) -> None:
     gen = g.generation
     gone = g.remove_where(where)
     assert sorted(m.id for m in gone) == want and g.generation == gen + 1
-    assert g.ntotal == g.count() == 200 - len(want)
+    assert g.ntotal == g.count() == g.backend.ntotal == 200 - len(want)
     assert not np.isin(g.search(unit(np.ones((1, 8))), 200)[1], want).any()
+    before = RemoveFilter(before=T0 + timedelta(minutes=30))
+    early = sorted(m.id for m in all_rows(g) if before.matches(m))
+    assert early and sorted(m.id for m in g.remove_where(before)) == early
     track_b = RemoveFilter(track="b", pid=int(imgs[0].pid))  # type: ignore[arg-type]
-    left = [m for b in g.iter_metadata() for m in b]
+    left = all_rows(g)
     assert sorted(m.id for m in g.remove_where(track_b)) == sorted(m.id for m in left if track_b.matches(m))
     np.testing.assert_array_equal(g.backend.ids(), g.ids())
     with pytest.raises(ValueError, match="at least one"):
         RemoveFilter()
     g.close()
-    g2 = open_workspace_gallery(Workspace(tmp_path / "ws"))
+    g2 = open_ws(Workspace(tmp_path / "ws"))
     assert g2.ntotal == g.count() and not np.isin(g2.ids(), want).any()
 
 
 def test_time_and_track_round_trip(store: str, tmp_path: Path) -> None:
-    g = open_workspace_gallery(store_workspace(tmp_path / "ws", store))
+    g = open_ws(store_workspace(tmp_path / "ws", store))
     naive = datetime(2024, 5, 1, 13, 45, 0, 123456)
     paris = datetime(2024, 5, 1, 15, 45, 0, 123456, tzinfo=timezone(timedelta(hours=2)))
     ids = g.add_images([NewImage(tmp_path / "a.jpg", "0" * 64, 1, camid=1, time=naive, track="t1"),

@@ -24,7 +24,7 @@ from reid_search.data import load_market
 from reid_search.errors import ModelError
 from reid_search.model import build_model
 from reid_search.synthetic import generate
-from tests.conftest import one_line_error, write_crop
+from tests.helpers import one_line_error, write_crop
 from trainer.config import RECIPES, TrainConfig, config_to_dict, resolve_config
 from trainer.train import evaluate, preprocess_of
 

@@ -1,9 +1,9 @@
-"""The coordinator drives any VectorBackend: a backend that holds the only copy of the vectors
-(as Milvus will) gets none stored in SQL, and repair treats it as the truth for vectors."""
+"""The backend SPI (:class:`indexer.protocol.VectorBackend`): the coordinator drives any backend. One
+that holds the only copy of the vectors (as Milvus does) gets none stored in SQL, and repair treats
+it as the truth for vectors."""
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -12,13 +12,10 @@ from typing import Iterator, Sequence
 import numpy as np
 import pytest
 
-from reid_search.gallery import NewImage
-from reid_search.app.session import open_workspace_gallery
 from indexer.protocol import BackendFactory, RowFields, VectorBackend
-from reid_search.gallery import SearchFilter
 from reid_search.app.workspace import Workspace
-
-T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+from reid_search.gallery import SearchFilter
+from tests.helpers import T0, brute_force, new_images, open_ws, unit
 
 
 class DictBackend(VectorBackend):
@@ -97,15 +94,6 @@ class DictFactory(BackendFactory):
 factory = DictFactory()
 
 
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def images(folder: Path, n: int, start: int = 0) -> list[NewImage]:
-    return [NewImage(folder / f"{i}.jpg", hashlib.sha256(b"%d" % i).hexdigest(), 1, camid=i % 3,
-                     time=T0 + timedelta(hours=i), track=f"t{i % 2}") for i in range(start, start + n)]
-
-
 @pytest.fixture(autouse=True)
 def _fresh_stores() -> None:
     DictBackend.stores.clear()
@@ -114,10 +102,10 @@ def _fresh_stores() -> None:
 
 def test_a_vector_holding_backend_plugs_into_the_coordinator(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ws")
-    g = open_workspace_gallery(ws, backend_factory=factory)
+    g = open_ws(ws, backend_factory=factory)
     assert g.backend is None and g.kind == "dict"  # no dimension yet
     x = unit(np.random.default_rng(0).standard_normal((30, 6)))
-    ids = g.add_images(images(tmp_path / "g", 30), x, "m")
+    ids = g.add_images(new_images(tmp_path / "g", 30, labels="random"), x, "m")
     assert g.kind == "dict" and isinstance(g.backend, VectorBackend) and g.ntotal == 30
     con = sqlite3.connect(ws.root / "reid.db")
     assert con.execute("SELECT count(*) FROM embeddings").fetchone()[0] == 0  # never in SQL
@@ -126,10 +114,12 @@ def test_a_vector_holding_backend_plugs_into_the_coordinator(tmp_path: Path) -> 
     sims, got = g.search(x[:3], 4, f)
     metas = {m.id: m for m in g.metadata(ids)}
     assert all(f.allows(metas[i].camid, metas[i].time, metas[i].track) for i in got[got >= 0])
+    np.testing.assert_array_equal(got, brute_force(g, x[:3], 4, f)[1])
+    assert (got >= 0).any()
     np.testing.assert_array_equal(g.vectors(ids[[4, 2]]), x[[4, 2]])
     assert g.remove_ids(ids[:3]) == 3 and g.ntotal == 27
     with g.replacing() as new:
-        new_ids = new.add_images(images(tmp_path / "h", 5, start=100), x[:5], "m")
+        new_ids = new.add_images(new_images(tmp_path / "h", 5, labels="random", seed=100), x[:5], "m")
     assert g.ntotal == 5 and len(DictBackend.stores) == 2 and all(
         not rows for key, rows in DictBackend.stores.items() if key[1] != g.version)
     np.testing.assert_array_equal(g.ids(), new_ids)
@@ -140,7 +130,7 @@ def test_a_vector_holding_backend_plugs_into_the_coordinator(tmp_path: Path) -> 
     key = (g.meta.state().store_id, g.version)
     DictBackend.stores[key].pop(int(new_ids[0]))
     DictBackend.stores[key][10**9] = (x[0], 1, float("nan"), None)
-    g2 = open_workspace_gallery(ws, backend_factory=factory)
+    g2 = open_ws(ws, backend_factory=factory)
     np.testing.assert_array_equal(g2.ids(), new_ids[1:])  # the row without a vector is dropped
     np.testing.assert_array_equal(g2.backend.ids(), new_ids[1:])  # the vector without a row too
     assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 4
