@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -57,8 +56,8 @@ from reid_search.devices import cpu_fallback, cuda_visible, device_from_name
 from reid_search.errors import DataError, ModelError
 from reid_search.images import ImageLoadError, load_image
 from reid_search.limits import DEFAULT_OPSET, MIN_OPSET, VERIFY_MAX_IMAGES
-from reid_search.preprocess import legacy_preprocess, preprocess_tag, read_sidecar, resolve_preprocess
-from reid_search.transforms import DEFAULT_SCALE, Preprocess, build_eval_transform
+from reid_search.preprocess import declaration_metadata, legacy_preprocess, preprocess_tag, read_sidecar, resolve_preprocess
+from reid_search.transforms import Preprocess, build_eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +120,8 @@ def export_metadata(meta: ModelMeta, *, fp16: bool, batch: int | None) -> dict[s
         "last_stride": str(meta.last_stride),
         "feature_dim": str(meta.feat_dim),
         "fingerprint": meta.fingerprint,
-        "input_height": str(pre.height),
-        "input_width": str(pre.width),
-        "mean": json.dumps(list(pre.mean)),
-        "std": json.dumps(list(pre.std)),
-        "color": pre.color,
-        "input_scale": "1/255" if pre.scale == DEFAULT_SCALE else repr(float(pre.scale)),
-        "layout": "NCHW",  # what torch.onnx traces, whatever the checkpoint says
+        **declaration_metadata(pre),
+        "layout": "NCHW",  # what torch.onnx traces
         "output_normalized": "false",
         "precision": "fp16" if fp16 else "fp32",
         "batch": "dynamic" if batch is None else str(batch),

@@ -319,6 +319,19 @@ def preprocess_tag(pre: Preprocess) -> str:
     return hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def declaration_metadata(pre: Preprocess) -> dict[str, str]:
+    """``pre`` as ``metadata_props`` strings in the declaration keys (what :func:`resolve_preprocess` reads back)."""
+    return {
+        "input_height": str(pre.height),
+        "input_width": str(pre.width),
+        "mean": json.dumps(list(pre.mean)),
+        "std": json.dumps(list(pre.std)),
+        "color": pre.color,
+        "input_scale": "1/255" if pre.scale == DEFAULT_SCALE else repr(float(pre.scale)),
+        "layout": pre.layout,
+    }
+
+
 def legacy_preprocess(shape: Sequence[Any], metadata: Mapping[str, str]) -> Preprocess | None:
     """What reid-search fed a third-party graph before preprocessing could be declared (None: it refused the graph).
 

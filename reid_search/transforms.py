@@ -54,11 +54,6 @@ class Preprocess:
         if any(not s > 0 for s in self.std):
             raise ValueError(f"std {tuple(self.std)} has a value that is not positive")
 
-    @property
-    def is_default_pixels(self) -> bool:
-        """RGB, 0..1 and NCHW: what every checkpoint and older reid-search version assumes."""
-        return (self.layout, self.color, self.scale) == ("NCHW", "RGB", DEFAULT_SCALE)
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form.
 

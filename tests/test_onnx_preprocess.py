@@ -18,7 +18,7 @@ from reid_search.errors import ModelError
 from reid_search.extract import extract_features
 from reid_search.images import load_image
 from reid_search.onnx_model import OnnxExtractor, export_onnx, file_fingerprint
-from reid_search.preprocess import sidecar_path
+from reid_search.preprocess import declaration_metadata, sidecar_path
 from reid_search.transforms import (
     DEFAULT_SCALE, IMAGENET_MEAN, IMAGENET_STD, Preprocess, build_eval_transform, denormalize,
 )
@@ -173,6 +173,12 @@ def test_metadata_declares_and_takes_precedence(tmp_path: Path) -> None:
         write_sidecar(model, {"color": "RGB"})
         OnnxExtractor(model, device="cpu")
     assert "\n" not in str(info.value)
+
+
+def test_written_metadata_reads_back(tmp_path: Path) -> None:
+    pre = Preprocess(H, W, (0.5, 0.25, 0.125), (0.5, 2.0, 4.0), "NHWC", "BGR", 1 / 127.5)
+    model = pixel_graph(tmp_path / "w.onnx", ["n", "h", "w", 3], declaration_metadata(pre))
+    assert OnnxExtractor(model, device="cpu").preprocess == pre
 
 
 def test_our_exports_are_unchanged(tiny_ckpt: Path, tmp_path: Path) -> None:
