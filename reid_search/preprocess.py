@@ -244,9 +244,9 @@ def resolve_preprocess(
     if sidecar is not None:
         sources.append((f"sidecar {sidecar[0].name}", dict(sidecar[1])))
     if isinstance(explicit, Preprocess):
-        sources.append(("declared", {f: getattr(explicit, f) for f in _KEY_OF}))
+        sources.append(("declared preprocessing", {f: getattr(explicit, f) for f in _KEY_OF}))
     elif explicit is not None:
-        sources.append(("declared", parse_declaration(explicit, f"{name}: declared preprocessing",
+        sources.append(("declared preprocessing", parse_declaration(explicit, f"{name}: declared preprocessing",
                                                       f"use the keys {', '.join(KEYS)}", strict=True)))
 
     values: dict[str, Any] = {}

@@ -208,7 +208,7 @@ def test_our_exports_are_unchanged(tiny_ckpt: Path, tmp_path: Path) -> None:
     write_sidecar(old, {"color": "BGR"})
     with pytest.raises(ModelError, match="color=BGR but metadata says RGB"):
         OnnxExtractor(old, device="cpu")
-    with pytest.raises(ModelError, match="declared says layout=NHWC but metadata says NCHW"):
+    with pytest.raises(ModelError, match="declared preprocessing says layout=NHWC but metadata says NCHW"):
         OnnxExtractor(out, device="cpu", preprocess=Preprocess(64, 32, layout="NHWC"))
 
 
@@ -246,7 +246,7 @@ def test_layout_inference(tmp_path: Path) -> None:
         ([1, H, W, 3], {**DECL, "input_height": "tall"}, None, "input_height='tall' is not a positive integer"),
         ([1, H, W, 3], {**DECL, "input_height": 8}, None, "says input_height=8 but the graph's input .* fixes it at 4"),
         ([1, H, W, 3], {**DECL, "layout": "NCHW"}, None, "says layout=NCHW but the input .* has 4 channels there"),
-        ([1, H, W, 3], DECL, {"color": "RGB"}, "declared says color=RGB but sidecar pix.onnx.json says BGR"),
+        ([1, H, W, 3], DECL, {"color": "RGB"}, "declared preprocessing says color=RGB but sidecar pix.onnx.json says BGR"),
         ([1, H, W, 3], None, {"colour": "RGB"}, "declared preprocessing: unknown key 'colour'"),
         ([1, 3, H, W], {"input_scale": 1}, None, "input_scale=1 is declared without both mean and std"),
         ([1, 1, H, W], None, None, "neither 3 channels first .*1 channels.* nor last"),
