@@ -8,31 +8,36 @@ third-party ReID graphs (OSNet, fast-reid exports) return raw features too.
 The extractor always normalises.
 
 What a graph expects is written into the model's ``metadata_props`` (all
-values are strings; ``mean``/``std`` are JSON lists)::
+values are strings; ``mean``/``std`` are JSON lists; exports before ``layout``
+was written are NCHW all the same)::
 
     producer=reid-search  format=reid-search-onnx/1  producer_version
     arch  neck  last_stride  feature_dim  fingerprint
-    input_height  input_width  mean  std  color=RGB  input_scale=1/255
+    input_height  input_width  mean  std  color=RGB  input_scale=1/255  layout=NCHW
     output_normalized=false  precision=fp32|fp16  batch=dynamic|N
 
-:class:`OnnxExtractor` also runs third-party files: the input size comes from
-the graph's static dimensions (else ``input_height``/``input_width``
-metadata), a fixed batch dimension is handled by splitting and padding, and
-ImageNet mean/std apply unless the metadata carries ``mean``/``std``.
+:class:`OnnxExtractor` also runs third-party files, NCHW or NHWC, whose
+preprocessing (layout, channel order, scale, mean, std, input size) is
+declared by ``metadata_props``, a sidecar ``MODEL.onnx.json`` or the caller,
+or read off the graph's shape where that is unambiguous: the keys and rules
+are in :mod:`reid_search.preprocess`. A fixed batch dimension is handled by
+splitting and padding.
 
 Fingerprints. An export keeps its checkpoint's fingerprint: its features
 equal PyTorch's to a cosine ≥ 0.9999 (checked at export), so a gallery indexed
 with the ``.pt`` can be queried with the ``.onnx`` and vice versa, just as the
 CUDA extractor (autocast fp16) shares the fingerprint of the CPU one. fp16
 exports share it for the same reason. A third-party file gets
-``onnx:`` + the first 16 hex digits of the sha256 of its bytes.
+``onnx:`` + the first 16 hex digits of the sha256 of its bytes, and, when its
+preprocessing is not what reid-search assumed before it could be declared
+(:func:`reid_search.preprocess.legacy_preprocess`), ``+pre-`` + 8 hex digits
+of that preprocessing: a gallery indexed with BGR is not queried with RGB.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -51,7 +56,8 @@ from reid_search.devices import cpu_fallback, cuda_visible, device_from_name
 from reid_search.errors import DataError, ModelError, first_line
 from reid_search.images import ImageLoadError, load_image
 from reid_search.limits import DEFAULT_OPSET, MIN_OPSET, VERIFY_MAX_IMAGES
-from reid_search.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, build_eval_transform
+from reid_search.preprocess import declaration_metadata, legacy_preprocess, preprocess_tag, read_sidecar, resolve_preprocess
+from reid_search.transforms import Preprocess, build_eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +70,6 @@ OUTPUT_NAME = "features"
 # ResNets), so their bar is lower.
 MIN_COSINE_FP32 = 0.9999
 MIN_COSINE_FP16 = 0.999
-# When a graph has symbolic H/W and no metadata: the ReID convention.
-FALLBACK_SIZE = (256, 128)
-
 _CUDA_EP = "CUDAExecutionProvider"
 _CPU_EP = "CPUExecutionProvider"
 _INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -117,12 +120,8 @@ def export_metadata(meta: ModelMeta, *, fp16: bool, batch: int | None) -> dict[s
         "last_stride": str(meta.last_stride),
         "feature_dim": str(meta.feat_dim),
         "fingerprint": meta.fingerprint,
-        "input_height": str(pre.height),
-        "input_width": str(pre.width),
-        "mean": json.dumps(list(pre.mean)),
-        "std": json.dumps(list(pre.std)),
-        "color": "RGB",
-        "input_scale": "1/255",
+        **declaration_metadata(pre),
+        "layout": "NCHW",  # what torch.onnx traces
         "output_normalized": "false",
         "precision": "fp16" if fp16 else "fp32",
         "batch": "dynamic" if batch is None else str(batch),
@@ -300,20 +299,6 @@ def _static(d: Any) -> int | None:
     return d if isinstance(d, int) and d > 0 else None
 
 
-def _float_triple(meta: Mapping[str, str], key: str, source: str) -> tuple[float, float, float] | None:
-    raw = meta.get(key)
-    if raw is None:
-        return None
-    try:
-        vals = json.loads(raw) if raw.strip().startswith("[") else [float(v) for v in raw.replace(",", " ").split()]
-        vals = [float(v) for v in vals]
-    except (ValueError, TypeError):
-        vals = []
-    if len(vals) != 3 or not all(np.isfinite(vals)):
-        raise ModelError(f"{source}: metadata {key}={raw!r} is not three numbers; fix or remove it from metadata_props")
-    return (vals[0], vals[1], vals[2])
-
-
 def file_fingerprint(path: str | os.PathLike[str]) -> str:
     """``onnx:`` + 16 hex digits of the sha256 of the file's bytes."""
     h = hashlib.sha256()
@@ -331,13 +316,22 @@ class OnnxExtractor:
     ``None``), ``providers`` (those the session actually uses).
     """
 
-    def __init__(self, path: str | os.PathLike[str], device: str | None = "auto", flip: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], device: str | None = "auto", flip: bool = False,
+                 preprocess: Preprocess | Mapping[str, Any] | None = None) -> None:
         """Open ``path`` (``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N``).
+
+        ``preprocess`` declares what the graph expects where neither its
+        metadata nor its sidecar ``MODEL.onnx.json`` does: a full
+        :class:`Preprocess` (e.g. remembered with a gallery) or some of the
+        keys of :mod:`reid_search.preprocess` (e.g. from options).
 
         Raises:
             ModelError: missing or unreadable file, not an ONNX model, a graph
-                that does not take one ``[B, 3, H, W]`` float image batch or does
-                not return ``[B, D]`` features, or CUDA asked for and unavailable.
+                that does not take one ``[B, 3, H, W]`` or ``[B, H, W, 3]`` float
+                image batch or does not return ``[B, D]`` features, a bad or
+                contradictory sidecar/metadata/``preprocess`` declaration, an
+                undeclared preprocessing that cannot be inferred, or CUDA asked
+                for and unavailable.
         """
         path = Path(path)
         if not path.is_file():
@@ -346,7 +340,7 @@ class OnnxExtractor:
             fingerprint = file_fingerprint(path)
         except OSError as exc:
             raise ModelError(f"cannot read {path}: {exc.strerror}") from None
-        self._setup(str(path), path, fingerprint, device, flip)
+        self._setup(str(path), path, fingerprint, device, flip, read_sidecar(path), preprocess)
 
     @classmethod
     def _from_bytes(cls, data: bytes, name: str, device: str | None = "cpu", flip: bool = False) -> "OnnxExtractor":
@@ -355,7 +349,9 @@ class OnnxExtractor:
         self._setup(data, Path(name), "onnx:" + hashlib.sha256(data).hexdigest()[:16], device, flip)
         return self
 
-    def _setup(self, model: str | bytes, path: Path, file_fp: str, device: str | None, flip: bool) -> None:
+    def _setup(self, model: str | bytes, path: Path, file_fp: str, device: str | None, flip: bool,
+               sidecar: tuple[Path, dict[str, Any]] | None = None,
+               declared: Preprocess | Mapping[str, Any] | None = None) -> None:
         ort = _ort()
         providers, self.device = select_providers(device)
         opts = ort.SessionOptions()
@@ -381,13 +377,12 @@ class OnnxExtractor:
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             names = ", ".join(i.name for i in inputs)
-            raise ModelError(f"{path} takes {len(inputs)} inputs ({names}); reid-search feeds one image batch [B, 3, H, W]")
+            raise ModelError(f"{path} takes {len(inputs)} inputs ({names}); reid-search feeds one image batch [B, 3, H, W] or [B, H, W, 3]")
         inp = inputs[0]
         shape = list(inp.shape or [])
         if len(shape) != 4:
-            raise ModelError(f"{path}: input {inp.name!r} has shape {shape}; a ReID model must take a 4-D image batch [B, 3, H, W]")
-        if _static(shape[1]) not in (None, 3):
-            raise ModelError(f"{path}: input {inp.name!r} has {shape[1]} channels; reid-search feeds RGB [B, 3, H, W] (NCHW) batches")
+            raise ModelError(f"{path}: input {inp.name!r} has shape {shape}; a ReID model must take a 4-D image batch "
+                             "[B, 3, H, W] or [B, H, W, 3]")
         if inp.type not in _INPUT_DTYPES:
             raise ModelError(f"{path}: input {inp.name!r} is {inp.type}; reid-search feeds float32 or float16 images")
         self.input_name, self._in_dtype = inp.name, _INPUT_DTYPES[inp.type]
@@ -399,39 +394,21 @@ class OnnxExtractor:
         self.output_name = outputs[0].name
         self.output_normalized = self.metadata.get("output_normalized", "false").lower() == "true"
 
-        self.preprocess = Preprocess(
-            *self._input_size(shape, path),
-            _float_triple(self.metadata, "mean", str(path)) or IMAGENET_MEAN,
-            _float_triple(self.metadata, "std", str(path)) or IMAGENET_STD,
-        )
+        resolved = resolve_preprocess(shape, str(path), metadata=self.metadata, sidecar=sidecar, explicit=declared, ours=ours)
+        self.preprocess = resolved.preprocess
+        log.info("%s preprocessing: %s", path.name, resolved.describe())
         self.dim = self._feature_dim(outputs[0].shape, path)
-        base_fp = self.metadata.get("fingerprint") if ours and self.metadata.get("fingerprint") else file_fp
+        if ours and self.metadata.get("fingerprint"):
+            base_fp = self.metadata["fingerprint"]
+        elif self.preprocess == legacy_preprocess(shape, self.metadata):
+            base_fp = file_fp  # what this file's fingerprint always was
+        else:
+            base_fp = f"{file_fp}+pre-{preprocess_tag(self.preprocess)}"
         # Flip TTA changes the embedding, so it is part of the fingerprint.
         self.fingerprint = base_fp + ("+flip" if flip else "")
         what = self.metadata.get("arch", path.name) if ours else path.name
         ep = "CUDA" if _CUDA_EP in self.providers else "CPU"
         self.description = f"ONNX {what} ({'flip TTA, ' if flip else ''}onnxruntime {ep})"
-
-    def _input_size(self, shape: list[Any], path: Path) -> tuple[int, int]:
-        h, w = _static(shape[2]), _static(shape[3])
-        meta_hw = []
-        for key in ("input_height", "input_width"):
-            raw = self.metadata.get(key)
-            try:
-                meta_hw.append(int(raw) if raw is not None else None)
-            except ValueError:
-                raise ModelError(f"{path}: metadata {key}={raw!r} is not an integer; fix or remove it") from None
-        if h is not None and w is not None:
-            if None not in meta_hw and tuple(meta_hw) != (h, w):
-                log.warning("%s: metadata says %sx%s but the graph takes %dx%d; using the graph's", path.name, *meta_hw, h, w)
-            return h, w
-        mh, mw = meta_hw
-        h, w = h or mh, w or mw
-        if h is None or w is None:
-            log.warning("%s: input height/width are not fixed in the graph nor given as metadata; assuming %dx%d",
-                        path.name, *FALLBACK_SIZE)
-            h, w = h or FALLBACK_SIZE[0], w or FALLBACK_SIZE[1]
-        return h, w
 
     def _feature_dim(self, out_shape: Sequence[Any] | None, path: Path) -> int:
         dims = list(out_shape or [])[1:]
@@ -460,12 +437,16 @@ class OnnxExtractor:
     def raw_features(self, batch: torch.Tensor) -> np.ndarray:
         """The graph's output for a normalised ``[B, 3, H, W]`` batch, float32, not normalised.
 
-        A fixed batch dimension ``N`` is served in chunks of ``N``, the last padded with zeros.
+        An NHWC graph gets the batch transposed to ``[B, H, W, 3]``. A fixed
+        batch dimension ``N`` is served in chunks of ``N``, the last padded with zeros.
 
         Raises:
             ModelError: ONNX Runtime fails or returns something that is not ``[B, D]``.
         """
-        x = np.ascontiguousarray(batch.detach().to("cpu", torch.float32).numpy(), dtype=self._in_dtype)
+        x = batch.detach().to("cpu", torch.float32).numpy()
+        if self.preprocess.layout == "NHWC":
+            x = x.transpose(0, 2, 3, 1)
+        x = np.ascontiguousarray(x, dtype=self._in_dtype)
         n = x.shape[0]
         if n == 0:
             return np.zeros((0, getattr(self, "dim", 0)), np.float32)

@@ -13,25 +13,96 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+LAYOUTS = ("NCHW", "NHWC")
+COLORS = ("RGB", "BGR")
+# ToTensor's pixel range (0..1); a scale of 1 feeds 0..255.
+DEFAULT_SCALE = 1 / 255
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """What a model expects of its input; stored inside every checkpoint and export."""
+    """What a model expects of its input; stored inside every checkpoint and export.
+
+    A decoded crop is resized to ``height``x``width``, put in ``color`` channel
+    order, multiplied by ``scale`` (pixel values 0..255 times 1/255 give 0..1;
+    a scale of 1 keeps 0..255), normalised as ``(x - mean) / std`` (both in
+    the scaled units) and fed to the graph in ``layout`` (``NCHW`` or
+    ``NHWC``). The defaults are the ReID convention (RGB, 0..1, ImageNet
+    statistics, NCHW). Eval batches stay ``[B, 3, H, W]`` inside reid-search;
+    only an extractor whose graph is ``NHWC`` transposes them.
+
+    Raises:
+        ValueError: an unknown layout or channel order, a scale that is not a
+            positive finite number, a non-positive size or std.
+    """
 
     height: int = 256
     width: int = 128
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    layout: str = "NCHW"
+    color: str = "RGB"
+    scale: float = DEFAULT_SCALE
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+        if self.color not in COLORS:
+            raise ValueError(f"channel order {self.color!r} is not one of {', '.join(COLORS)}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not 0 < self.scale < math.inf:
+            raise ValueError(f"scale {self.scale!r} is not a positive number")
+        if any(not s > 0 for s in self.std):
+            raise ValueError(f"std {tuple(self.std)} has a value that is not positive")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe form."""
+        """JSON-safe form.
+
+        ``layout``, ``color`` and ``scale`` are written only when they differ
+        from the defaults, so a checkpoint of a default model is what older
+        versions wrote (and read).
+        """
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        for key in ("layout", "color", "scale"):
+            if d[key] == getattr(Preprocess, key):
+                del d[key]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
-        """Inverse of :meth:`to_dict`."""
-        return cls(int(d["height"]), int(d["width"]), tuple(d["mean"]), tuple(d["std"]))  # type: ignore[arg-type]
+        """Inverse of :meth:`to_dict`; a dict without ``layout``/``color``/``scale`` gets the defaults.
+
+        Raises:
+            KeyError: no height, width, mean or std.
+            ValueError: see the class.
+        """
+        return cls(int(d["height"]), int(d["width"]), tuple(d["mean"]), tuple(d["std"]),  # type: ignore[arg-type]
+                   str(d.get("layout", "NCHW")), str(d.get("color", "RGB")), float(d.get("scale", DEFAULT_SCALE)))
+
+
+class ToModelPixels(torch.nn.Module):
+    """After ``ToTensor`` (RGB, 0..1, CHW): reorder channels to BGR if asked, and rescale by ``scale * 255``."""
+
+    def __init__(self, color: str = "RGB", scale: float = DEFAULT_SCALE) -> None:
+        super().__init__()
+        self.color, self.scale = color, scale
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if self.color == "BGR":
+            img = img.flip(-3)
+        if self.scale != DEFAULT_SCALE:
+            img = img * (self.scale * 255.0)
+        return img
+
+    def extra_repr(self) -> str:
+        return f"color={self.color}, scale={self.scale}"
+
+
+def _pixel_ops(pre: Preprocess) -> list[Any]:
+    # Nothing is added for RGB 0..1, so the default pipeline is exactly the one before these fields existed.
+    if pre.color == "RGB" and pre.scale == DEFAULT_SCALE:
+        return []
+    return [ToModelPixels(pre.color, pre.scale)]
 
 
 # The strong baseline pads 256x128 crops by 10 px before its random crop.
@@ -131,11 +202,15 @@ class RandomErasing(torch.nn.Module):
 
 
 def build_eval_transform(pre: Preprocess) -> T.Compose:
-    """Resize to the model's input size, to tensor, normalise."""
+    """Resize to the model's input size, to tensor, channel order and scale, normalise.
+
+    The result is always ``[3, H, W]``; an ``NHWC`` graph's extractor transposes the batch.
+    """
     return T.Compose(
         [
             T.Resize((pre.height, pre.width), interpolation=T.InterpolationMode.BILINEAR),
             T.ToTensor(),
+            *_pixel_ops(pre),
             T.Normalize(pre.mean, pre.std),
         ]
     )
@@ -153,7 +228,7 @@ def build_train_transform(pre: Preprocess, aug: AugmentConfig = AugmentConfig())
     pad_x, pad_y = aug.padding(pre)
     if pad_x > 0 or pad_y > 0:
         ops += [T.Pad((pad_x, pad_y)), T.RandomCrop((pre.height, pre.width))]
-    ops += [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
+    ops += [T.ToTensor(), *_pixel_ops(pre), T.Normalize(pre.mean, pre.std)]
     if aug.random_erasing_p > 0:
         ops.append(RandomErasing(aug.random_erasing_p, aug.erasing_scale, aug.erasing_min_aspect,
                                  aug.erasing_value, aug.erasing_attempts))
@@ -161,7 +236,10 @@ def build_train_transform(pre: Preprocess, aug: AugmentConfig = AugmentConfig())
 
 
 def denormalize(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    """Undo :func:`build_eval_transform`'s normalisation (for pictures)."""
+    """Undo :func:`build_eval_transform`'s normalisation, scale and channel order: RGB in 0..1 (for pictures)."""
     mean = torch.tensor(pre.mean, dtype=x.dtype).view(-1, 1, 1)
     std = torch.tensor(pre.std, dtype=x.dtype).view(-1, 1, 1)
-    return x * std + mean
+    x = x * std + mean
+    if pre.scale != DEFAULT_SCALE:
+        x = x / (pre.scale * 255.0)
+    return x.flip(-3) if pre.color == "BGR" else x
