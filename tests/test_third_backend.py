@@ -308,6 +308,7 @@ def faiss_cli(tmp_path_factory: pytest.TempPathFactory, market: Path, tiny_ckpt:
     return run_cli("faiss", tmp_path_factory.mktemp("cli"), market, tiny_ckpt, oracle)
 
 
+@pytest.mark.slow  # ~20 s a store: some 20 CLI runs, each loading the model
 @pytest.mark.parametrize("kind", STORES)
 def test_cli_on_store(kind: str, tmp_path: Path, market: Path, tiny_ckpt: Path, oracle: Oracle,
                       faiss_cli: dict[str, Any]) -> None:
