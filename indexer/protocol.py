@@ -38,10 +38,10 @@ class RowFields:
     """The scalar fields of a batch of crops that a vector backend keeps for filtering."""
 
     ids: np.ndarray  # int64 [n]
-    camids: np.ndarray  # int64 [n], UNKNOWN where none
+    camids: np.ndarray  # int64 [n], reid_search.gallery.UNKNOWN where none
     pids: np.ndarray  # int64 [n], UNKNOWN where none
     times: np.ndarray  # float64 [n], seconds since the epoch (UTC), NaN where none
-    tracks: list[str | None] = field(default_factory=list)
+    tracks: list[str | None] = field(default_factory=list)  # one per id (None: none); [] when no row has one
 
 
 class VectorSource(Protocol):
@@ -67,7 +67,12 @@ class VectorBackend(Protocol):
     ``holds_vectors`` tells the coordinator how to repair: a backend that is a
     cache (FAISS; the SQL DB holds every vector) is refilled from SQL; one that
     holds the only copy (Milvus) is the truth for vectors, so SQL rows without a
-    vector are dropped and backend ids without a SQL row are deleted.
+    vector are dropped and backend ids without a SQL row are deleted. It must
+    equal its factory's ``holds_vectors`` (the coordinator asks the factory
+    before the first backend exists, the backend afterwards).
+
+    ``kind`` names the backend in the gallery's one-line description and in logs.
+    Ids are the SQL row ids (int64, never reused by the SQL DB).
     """
 
     kind: str
@@ -81,29 +86,54 @@ class VectorBackend(Protocol):
         """Every id held (int64, sorted)."""
 
     def add(self, fields: RowFields, feats: np.ndarray) -> None:
-        """Insert (or overwrite) vectors with their scalar fields."""
+        """Insert (or overwrite) vectors with their scalar fields; ``feats[j]`` (float32, L2-normalised)
+        is the vector of ``fields.ids[j]``."""
 
     def remove(self, ids: np.ndarray) -> None:
         """Delete ids (ids not held are ignored)."""
 
     def search(self, feats: np.ndarray, k: int, filters: Sequence[SearchFilter | None]) -> tuple[np.ndarray, np.ndarray]:
         """As :meth:`reid_search.gallery.GalleryReader.search`, with one filter (or ``None``) per query,
-        evaluated in the backend."""
+        evaluated in the backend.
+
+        ``feats`` is ``[q, dim]`` float32, ``k >= 1``, ``len(filters) == q``. A row passes
+        ``f`` when ``f.allows(camid, time, track)`` with its UNKNOWN camera and NaN time
+        given as ``None`` (:func:`reid_search.filters.filter_mask` is that test on arrays,
+        with times as epoch microseconds).
+        """
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
-        """Stored vectors of ``ids`` (``[n, dim]`` float32, given order)."""
+        """Stored vectors of ``ids`` (``[n, dim]`` float32, given order).
+
+        Raises:
+            GalleryError: an id not held (the coordinator then checks whether another
+                process replaced the gallery, and retries on the new one).
+        """
 
     def iter_vectors(self, batch_size: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every ``(ids, feats)``, id order."""
 
     def flush(self, generation: int) -> None:
-        """Make everything added or removed durable, stamped with the store's ``generation``."""
+        """Make everything added or removed durable, stamped with the store's ``generation``.
+
+        A backend that holds the only copy is flushed after every commit; a cache when
+        :meth:`flush_due` says so, on close, and by ``GalleryWriter.save``.
+        """
 
     def stamp(self) -> int | None:
-        """The generation of the last :meth:`flush` (``None`` if never): tells a lagging or foreign index."""
+        """The generation of the last :meth:`flush` (``None`` if never): tells a lagging or foreign index.
+
+        Durable with what it stamps: a backend opened later on the same version reports the
+        stamp of the last flush (one that differs from the DB's generation makes every open
+        repair and flush again).
+        """
 
     def drop(self) -> None:
-        """Delete every vector and the backend's files or collection."""
+        """Delete every vector and the backend's files or collection.
+
+        The object stays usable, empty: the coordinator may drop a backend it distrusts
+        (one stamped later than the DB) and refill the same object.
+        """
 
     def set_spec(self, spec: Any) -> bool:
         """Take a new :class:`indexer.spec.IndexSpec`; returns True when that rebuilt the index.
@@ -126,6 +156,7 @@ class VectorBackend(Protocol):
     def refill(self, reason: str) -> bool:
         """Fill an empty backend from its source in one pass (a repair shortcut); False when it has none.
 
+        Asked only of a cache (``holds_vectors = False``): ``reason`` says why, for the log.
         The coordinator then adds the rows SQL has and the backend lacks itself, in batches.
         """
         return False
@@ -158,14 +189,22 @@ class BackendFactory(Protocol):
 
         ``spec`` is the gallery's :class:`indexer.spec.IndexSpec`; ``store_id``
         identifies the SQL DB, so that a backend can tell its own data from
-        another DB's; ``source`` reads the version's rows and vectors from SQL.
+        another DB's (``None`` for a read-only DB made before DBs had ids);
+        ``source`` reads the version's rows and vectors from SQL (empty for a
+        store whose backends hold the only copy). Opening must be cheap and must
+        not fail when nothing is stored yet: the coordinator also opens a version
+        only to :meth:`VectorBackend.drop` it (a replaced or abandoned one). Every
+        open of a gallery (each CLI command) opens its backend anew, so what must
+        outlive the object (another command, another process) is the backend's to
+        keep, durably from :meth:`VectorBackend.flush` on.
 
         Raises:
             GalleryError: the backend cannot be opened (unreachable, another shape).
         """
 
     def check_spec(self, spec: Any) -> None:
-        """Raise ``GalleryError`` for an index type this store cannot build, before the gallery records it."""
+        """Raise ``GalleryError`` for an index type this store cannot build, before the gallery records it
+        (``spec.kind`` is the type: :data:`reid_search.limits.INDEX_KINDS`)."""
 
     def leftovers(self, workspace_dir: str | os.PathLike[str] | None) -> list[Path]:
         """Files of this store that hold a gallery (asked when the metadata DB is empty: a lost

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from reid_search.engine import SearchEngine
     from reid_search.evaluation import EvalResult
     from reid_search.extract import Extractor
-    from reid_search.gallery import SearchFilter
+    from reid_search.gallery import GalleryReader, SearchFilter
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def open_extractor(ws: Workspace, model: Path | None = None, *, device: str = "a
     return model_file, load_extractor(model_file, device=device, flip=flip, precision=precision)
 
 
-def search_engine(ws: Workspace, gallery: Gallery, extractor: Extractor) -> SearchEngine:
+def search_engine(ws: Workspace, gallery: GalleryReader, extractor: Extractor) -> SearchEngine:
     """A search engine over ``gallery`` with ``extractor``, caching re-ranking structures in the workspace.
 
     Raises:
@@ -443,7 +443,7 @@ def _no_progress(_total: int, _what: str):
     yield lambda _n: None
 
 
-def refresh_rerank(ws: Workspace, store: Gallery) -> None:
+def refresh_rerank(ws: Workspace, store: GalleryReader) -> None:
     """Keep the gallery's k-reciprocal structures (used by `query --rerank`) in step with the gallery.
 
     Runs after the change is committed, so it never fails the command: a cache

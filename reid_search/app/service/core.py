@@ -21,7 +21,8 @@ from torchvision.transforms import Resize
 
 from reid_search.gallery import NewImage, RemoveFilter, SearchFilter
 from reid_search.atomic import fsync_dir
-from reid_search.app.session import calibrated_threshold, open_extractor, open_workspace_gallery, search_engine
+from reid_search.app import session
+from reid_search.app.session import calibrated_threshold, open_extractor, search_engine
 from reid_search.engine import Hit, SearchEngine, query_filter
 from reid_search.errors import GalleryError
 from reid_search.timeutil import format_time
@@ -81,7 +82,8 @@ class SearchCore:
         self.workspace = workspace
         self.model_file, self.extractor = open_extractor(workspace, model, device=device, flip=flip,
                                                          precision=precision)
-        self.gallery = open_workspace_gallery(workspace)
+        # Looked up when called, as the CLI commands do: every app path opens its gallery through this one function.
+        self.gallery = session.open_workspace_gallery(workspace)
         self.gallery.check_model(self.extractor.fingerprint, self.extractor.dim)
         self.uploads = workspace.uploads_dir.resolve()
         self.refresh_interval_s = refresh_interval_s
