@@ -37,7 +37,7 @@ from click.testing import CliRunner, Result
 from reid_search.app import session
 from reid_search.app.workspace import Workspace
 from reid_search.data import parse_name
-from tests.conftest import write_crop
+from tests.helpers import write_crop
 from tests.memory_store import MemoryStore
 from tests.spi_backend import NumpyFactory
 from tests.test_service import running
