@@ -58,7 +58,10 @@ def demo(app: App, data_root: Path | None, ids: int, epochs: int, max_steps: int
     ws = app.workspace.ensure()
     run_dir = ws.runs_dir / "demo"
     if fresh:
-        for p in (run_dir, ws.root / "demo-data", ws.index_dir, ws.root / "reid.db"):
+        # The demo's own files only: the gallery is replaced through its store by step 4's
+        # `index --reindex` (deleting the DB or index files here would leave the vectors of
+        # a Milvus or plug-in store behind an empty DB).
+        for p in (run_dir, ws.root / "demo-data"):
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
