@@ -96,7 +96,7 @@ def store_names() -> list[str]:
 def unknown_store(value: str | None, names: list[str]) -> GalleryError:
     """The one-line error for a ``--store`` value that names no store, listing the names there are."""
     return GalleryError(f"--store {value!r}: use faiss, milvus: (Milvus Lite in the workspace), milvus:PATH.db, "
-                        f"or http://HOST:19530 (a Milvus server), or NAME:URI for a plug-in store; the stores "
+                        f"http://HOST:19530 (a Milvus server), or NAME:URI for a plug-in store; the stores "
                         f"here are {', '.join(names)} (plug-ins: entry points in group {PLUGIN_GROUP})")
 
 

@@ -111,14 +111,14 @@ def _held_elsewhere(meta: MetadataDB, factory: BackendFactory) -> str | None:
     dim = st.model_of(st.active)[1]
     if dim is None:
         return None
-    rows = meta.count(st.active)
-    if rows == 0:
+    if next(meta.iter_metadata(st.active, batch_size=1), None) is None:  # one-row reads: cheap on every open
         return None
     sql_has = next(meta.iter_vectors(st.active, dim, batch_size=1), None) is not None
     if sql_has != factory.holds_vectors:
         return None  # the rows are of this kind of store
     if factory(st.active, dim, st.spec, st.store_id, SqlSource(meta, st.active, dim)).ntotal:
         return None  # it holds vectors of them after all: the coordinator reconciles
+    rows = meta.count(st.active)
     if sql_has:
         return f"keeps the vectors of its {rows} images itself (a cache store such as faiss indexed them)"
     return f"records {rows} images whose vectors live in a store that holds them (SQL has none)"
