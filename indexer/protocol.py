@@ -19,6 +19,27 @@ nothing else. Members with a body are optional capabilities: a class that
 subclasses the protocol explicitly inherits that body as its default (e.g.
 no index rebuild, nothing left outside the vectors); the coordinator calls
 every member and never probes for one.
+
+Plugging a store in (no change to reid-search): a package declares an entry
+point in the group ``reid_search.backends``, e.g. in its ``pyproject.toml``::
+
+    [project.entry-points."reid_search.backends"]
+    qdrant = "reid_qdrant.store:QdrantFactory"
+
+The value is a :class:`BackendFactory` class, or a function, called with one
+:class:`indexer.location.StoreLocation` and returning a :class:`BackendFactory`.
+``--store qdrant:URI`` (or ``qdrant`` alone) selects it: the location's
+``kind`` is the entry point's name (lower case), ``uri`` the text after the
+first colon as written (``None`` when empty), and ``home`` the gallery's own
+folder (the workspace's index folder), for a store that keeps files there. The
+entry points are read when a store is parsed or opened (never at import time)
+and the entry point is loaded only when its store is opened; an unknown name,
+or a plug-in that fails to load, is a one-line ``GalleryError`` naming the
+stores there are. The workspace records the store (``store.json``) like a
+built-in one. ``holds_vectors`` must be right from the first commit: it decides
+whether SQL keeps the vectors, and a later open with the other kind of store is
+refused (:func:`indexer.store.open_gallery`). ``tests/spi_backend.py`` is a
+complete example.
 """
 
 from __future__ import annotations

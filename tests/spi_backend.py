@@ -16,6 +16,11 @@ Search is exact cosine over every row its filter passes, the filter evaluated
 row by row with :meth:`reid_search.gallery.SearchFilter.allows` (the reference
 semantics). Only ``flat`` is built: other index types are refused up front.
 Nothing here imports the coordinator, FAISS or Milvus.
+
+:func:`open_store` and :func:`open_cache_store` are the plug-in's entry points
+(group ``reid_search.backends``, see :mod:`indexer.protocol`): each takes the
+:class:`~indexer.location.StoreLocation` of ``--store numpy:[FOLDER]`` and returns
+the factory, its folder the URI, else ``numpy-vectors`` in the gallery's own folder.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from indexer.location import StoreLocation
 from indexer.protocol import BackendFactory, RowFields, VectorBackend, VectorSource
 from reid_search.errors import GalleryError
 from reid_search.gallery import UNKNOWN, SearchFilter
@@ -225,3 +231,27 @@ class NumpyFactory(BackendFactory):
                 p.unlink(missing_ok=True)
         for p in self.folder.glob(".*.tmp") if self.folder.is_dir() else ():
             p.unlink(missing_ok=True)  # an interrupted flush
+
+
+# ---- the plug-in's entry points ------------------------------------------------------------------------
+
+OPENED: list[StoreLocation] = []  # every location an entry point was called with (a test counts the opens)
+
+
+def store_folder(location: StoreLocation) -> Path:
+    """The folder of a ``numpy:[FOLDER]`` store: FOLDER, else ``numpy-vectors`` in the gallery's own folder."""
+    if location.uri:
+        return Path(location.uri).expanduser()
+    return Path(location.home or ".") / "numpy-vectors"
+
+
+def open_store(location: StoreLocation) -> NumpyFactory:
+    """Entry point ``numpy``: the file is the only copy of the vectors."""
+    OPENED.append(location)
+    return NumpyFactory(store_folder(location), holds_vectors=True)
+
+
+def open_cache_store(location: StoreLocation) -> NumpyFactory:
+    """Entry point ``numpy-cache``: a cache of the vectors SQL holds."""
+    OPENED.append(location)
+    return NumpyFactory(store_folder(location), holds_vectors=False)

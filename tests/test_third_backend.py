@@ -1,8 +1,6 @@
 """The CLI and the HTTP service on stores that are neither FAISS nor Milvus (issue 20, point 2).
 
-Every app path opens its gallery through
-:func:`reid_search.app.session.open_workspace_gallery`; here that function is
-replaced by one that opens, for the same workspace,
+The stores:
 
 - ``numpy``: the coordinator over :class:`tests.spi_backend.NumpyFactory`, a backend
   written only against :mod:`indexer.protocol`, holding the only copy of the vectors;
@@ -10,6 +8,14 @@ replaced by one that opens, for the same workspace,
 - ``memory``: :class:`tests.memory_store.MemoryStore`, the brute-force reference store
   (one per workspace, kept for the test, as a store that outlives the command);
 - ``faiss``: the default store, unchanged (the control).
+
+The two numpy stores are a plug-in installed the way pip installs one (a
+``*.dist-info`` folder whose ``entry_points.txt`` declares them in the group
+``reid_search.backends``, on ``sys.path``) and chosen with ``--store numpy:``
+on the first command; nothing of reid-search is patched. ``memory`` (a whole
+store, not a backend) and ``faiss`` are opened by a stand-in for
+:func:`reid_search.app.session.open_workspace_gallery`, the one function every
+app path opens its gallery through, which counts the opens.
 
 The same commands and requests run on each (``index`` twice, ``query --json`` with a
 camera filter, ``eval``, ``remove --camid/--pid`` after ``--dry-run``, ``index``
@@ -23,6 +29,7 @@ on the same data: the same hits in the same order, distances within 1e-5.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sqlite3
 from dataclasses import dataclass, field
@@ -39,7 +46,11 @@ from reid_search.app.workspace import Workspace
 from reid_search.data import parse_name
 from tests.helpers import write_crop
 from tests.memory_store import MemoryStore
-from tests.spi_backend import NumpyFactory
+from indexer.location import StoreLocation, parse_store
+from reid_search.errors import GalleryError
+from tests import spi_backend
+from tests.helpers import one_line_error
+from tests.spi_backend import NumpyFactory, store_folder
 from tests.test_service import running
 
 STORES = ("faiss", "numpy", "numpy-cache", "memory")
@@ -134,36 +145,76 @@ def oracle(market: Path, tiny_ckpt: Path) -> Oracle:
                   [p.resolve() for p in gallery], [p.resolve() for p in queries])
 
 
-# ---- the injected stores ------------------------------------------------------------------------------
+# ---- the stores: the numpy plug-in installed, the others opened by a stand-in ----------------------------
+
+
+def install_plugin(mp: pytest.MonkeyPatch, site: Path, entry_points: dict[str, str],
+                   dist: str = "reid_search_numpy") -> None:
+    """Install a store plug-in as pip would: ``site/DIST-0.1.dist-info/{METADATA,entry_points.txt}``
+    with ``entry_points`` (name: ``module:attr``) in the group ``reid_search.backends``, ``site`` on
+    ``sys.path`` (until ``mp`` is undone)."""
+    info = site / f"{dist}-0.1.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist.replace('_', '-')}\nVersion: 0.1\n")
+    lines = [f"{name} = {value}" for name, value in entry_points.items()]
+    (info / "entry_points.txt").write_text("[reid_search.backends]\n" + "\n".join(lines) + "\n")
+    mp.syspath_prepend(str(site))
+    importlib.invalidate_caches()  # importlib.metadata's cached folder listings
+
+
+def install_numpy(mp: pytest.MonkeyPatch, site: Path) -> None:
+    """Install :mod:`tests.spi_backend` as the plug-ins ``numpy`` and ``numpy-cache``."""
+    install_plugin(mp, site, {"numpy": "tests.spi_backend:open_store",
+                              "numpy-cache": "tests.spi_backend:open_cache_store"})
 
 
 @dataclass
-class Injected:
-    """``open_workspace_gallery`` for one store kind; counts the opens (every app path must come here)."""
+class Stores:
+    """How the app opens store ``kind`` in this test; counts the opens (every app path must open its gallery so)."""
 
     kind: str
-    opens: int = 0
+    injected: int = 0
+    plugin_opens_before: int = 0
     memory: dict[Path, MemoryStore] = field(default_factory=dict)
-    factories: list[NumpyFactory] = field(default_factory=list)
+
+    @property
+    def plugin(self) -> bool:
+        return self.kind.startswith("numpy")
+
+    @property
+    def opens(self) -> int:
+        """Gallery opens so far: the plug-in's entry point calls, or the stand-in's."""
+        return len(spi_backend.OPENED) - self.plugin_opens_before if self.plugin else self.injected
+
+    @property
+    def store_option(self) -> tuple[str, ...]:
+        """The global options of the first command (the workspace records the store then)."""
+        return ("--store", f"{self.kind}:") if self.plugin else ()
 
     def open(self, ws: Workspace, *, spec: Any = None, save_interval: float = 30.0,
              backend_factory: Any = None) -> Any:
-        self.opens += 1
+        """The stand-in for ``open_workspace_gallery`` (memory and faiss)."""
+        self.injected += 1
         if self.kind == "memory":
             store = self.memory.setdefault(ws.root.resolve(), MemoryStore())
             if spec is not None and spec != store.spec:
                 store.set_spec(spec)
             return store
-        if self.kind.startswith("numpy"):
-            backend_factory = NumpyFactory(ws.root / "numpy-vectors", holds_vectors=self.kind == "numpy")
-            self.factories.append(backend_factory)
         return ORIGINAL_OPEN(ws, spec=spec, save_interval=save_interval, backend_factory=backend_factory)
 
 
-def injecting(kind: str, mp: pytest.MonkeyPatch) -> Injected:
-    inj = Injected(kind)
-    mp.setattr(session, "open_workspace_gallery", inj.open)
-    return inj
+def opening(kind: str, mp: pytest.MonkeyPatch, site: Path) -> Stores:
+    st = Stores(kind, plugin_opens_before=len(spi_backend.OPENED))
+    if st.plugin:
+        install_numpy(mp, site)  # the real plug-in path: nothing of reid-search is patched
+    else:
+        mp.setattr(session, "open_workspace_gallery", st.open)
+    return st
+
+
+def numpy_files(ws: Path) -> list[tuple[Path, str, int]]:
+    """The version files of the numpy store of workspace ``ws`` (``--store numpy:``: in its index folder)."""
+    return NumpyFactory(store_folder(StoreLocation("numpy", None, str(ws / "index")))).files()
 
 
 def store_name(kind: str) -> str:
@@ -212,11 +263,13 @@ def run_cli(kind: str, root: Path, market: Path, ckpt: Path, oracle: Oracle) -> 
     folder = market / "bounding_box_test"
     out: dict[str, Any] = {}
     with pytest.MonkeyPatch.context() as mp:
-        inj = injecting(kind, mp)
+        inj = opening(kind, mp, root / "site")
         index = ("index", str(folder), "--model", str(ckpt), "--workers", "0", "--device", "cpu")
         n = len(oracle.gallery)
-        r = cli(ws, *index)
+        r = cli(ws, *inj.store_option, *index)
         out["index1"] = summary(r)
+        if inj.plugin:  # recorded: the later commands need no --store
+            assert json.loads((ws / "store.json").read_text()) == {"store": f"{kind}:"}
         assert out["index1"] == f"indexed {n}, replaced 0, unchanged 0, removed 0, skipped 0"
         assert store_name(kind) in gallery_line(r) and f"gallery: {n} images" in gallery_line(r)
         r = cli(ws, *index)  # incremental: nothing new
@@ -274,10 +327,10 @@ def run_cli(kind: str, root: Path, market: Path, ckpt: Path, oracle: Oracle) -> 
         r = cli(ws, "eval", "--json", "--device", "cpu")
         assert json.loads(r.output.strip().splitlines()[-1]) == ev
 
-        assert inj.opens >= 14  # every command opened its gallery through the injected function
-        if kind.startswith("numpy"):
+        assert inj.opens >= 14  # every command opened its gallery through the plug-in (or the stand-in)
+        if inj.plugin:
             assert sql_vectors(ws) == (0 if kind == "numpy" else n)
-            files = inj.factories[-1].files()
+            files = numpy_files(ws)
             assert len(files) == 1 and files[0][2] != 0  # the re-index's version; the old one cleaned up
     return out
 
@@ -337,10 +390,10 @@ def run_service(kind: str, root: Path, market: Path, ckpt: Path, oracle: Oracle)
     new = write_crop(root / "new" / "person.jpg", 4242)
     (new_feat,), _, _ = extract_features([new], load_extractor(ckpt, device="cpu"), num_workers=0)
     with pytest.MonkeyPatch.context() as mp:
-        inj = injecting(kind, mp)
-        cli(ws, "index", str(folder), "--model", str(ckpt), "--workers", "0", "--device", "cpu")
+        inj = opening(kind, mp, root / "site")
+        cli(ws, *inj.store_option, "index", str(folder), "--model", str(ckpt), "--workers", "0", "--device", "cpu")
         opens = inj.opens
-        app = create_app(Workspace(ws), device="cpu", max_batch=4, max_wait_ms=0)
+        app = create_app(Workspace(ws), device="cpu", max_batch=4, max_wait_ms=0)  # the recorded store
         assert inj.opens == opens + 1, "the service did not open its gallery through open_workspace_gallery"
         with running(app) as url, httpx.Client(base_url=url, timeout=60) as c:
             st = c.get("/stats").json()
@@ -390,7 +443,7 @@ def run_service(kind: str, root: Path, market: Path, ckpt: Path, oracle: Oracle)
                 assert all(h["camid"] != 2 for h in hits)
                 with_new.check_hits(hits, q, [g for g in left if with_new.label(g)[1] != qc], 5)
                 out[f"hits:q2:{q.name}"] = [[{**h, "path": rel(h["path"], ws)} for h in hits]]
-        if kind.startswith("numpy"):
+        if inj.plugin:
             assert sql_vectors(ws) == (0 if kind == "numpy" else n + 1 - len(cam2))
     return out
 
@@ -425,31 +478,31 @@ def new_images(folder: Path, ids: range) -> list[Any]:
             for i in ids]
 
 
-@pytest.mark.parametrize("holds", [True, False], ids=["only-copy", "cache"])
-def test_a_crash_that_loses_the_backends_last_writes_is_repaired_on_open(holds: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["numpy", "numpy-cache"], ids=["only-copy", "cache"])
+def test_a_crash_that_loses_the_backends_last_writes_is_repaired_on_open(kind: str, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The vector file is put back to its state before the last commit (a crash between the SQL
     commit and the backend's write): a cache is refilled from SQL, the only copy's rows without a
     vector are dropped, and a vector whose row was removed goes in both; searches then equal brute
     force over what the gallery holds."""
     import shutil
 
-    ws = Workspace(tmp_path / "ws")
+    install_numpy(monkeypatch, tmp_path / "site")
+    holds = kind == "numpy"
+    ws = Workspace(tmp_path / "ws", store_override=f"{kind}:")
     ws.ensure()
     x = unit_rows(12)
 
-    def factory() -> NumpyFactory:
-        return NumpyFactory(ws.root / "numpy-vectors", holds_vectors=holds)
-
-    with ORIGINAL_OPEN(ws, backend_factory=factory()) as g:
+    with ORIGINAL_OPEN(ws) as g:
         g.add_images(new_images(tmp_path, range(8)), x[:8], "m")
-    (path, _, _), = factory().files()
+    (path, _, _), = numpy_files(ws.root)
     shutil.copy(path, tmp_path / "before.npz")
-    with ORIGINAL_OPEN(ws, backend_factory=factory()) as g:
+    with ORIGINAL_OPEN(ws) as g:
         late = g.add_images(new_images(tmp_path, range(8, 12)), x[8:], "m")
         g.remove_ids([1])
     shutil.copy(tmp_path / "before.npz", path)  # the backend lost the last commits; SQL has them
 
-    with ORIGINAL_OPEN(ws, backend_factory=factory()) as g:
+    with ORIGINAL_OPEN(Workspace(ws.root)) as g:  # the recorded store
         # Both drop the removed id 1; the only copy is the truth for vectors: the late rows had none.
         want_ids = np.arange(2, 9) if holds else np.arange(2, 13)
         np.testing.assert_array_equal(g.ids(), want_ids)
@@ -464,36 +517,189 @@ def test_a_crash_that_loses_the_backends_last_writes_is_repaired_on_open(holds: 
 
 
 def test_an_index_type_the_backend_cannot_build_is_refused_by_the_cli(tmp_path: Path, market: Path,
-                                                                    tiny_ckpt: Path) -> None:
+                                                                    tiny_ckpt: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from reid_search.app.cli import main
 
+    install_numpy(monkeypatch, tmp_path / "site")
     ws = tmp_path / "ws"
-    with pytest.MonkeyPatch.context() as mp:
-        injecting("numpy", mp)
-        index = ("index", str(market / "query"), "--model", str(tiny_ckpt), "--workers", "0", "--device", "cpu")
-        cli(ws, *index)
-        r = CliRunner().invoke(main, ["-q", "-w", str(ws), *index, "--index-type", "hnsw"])
-        assert r.exit_code == 1 and r.output.strip().splitlines()[-1] == \
-            "Error: the numpy store builds only flat indexes, not hnsw", r.output
-        assert "flat index in numpy" in gallery_line(cli(ws, *index))  # nothing recorded
+    index = ("index", str(market / "query"), "--model", str(tiny_ckpt), "--workers", "0", "--device", "cpu")
+    cli(ws, "--store", "numpy:", *index)
+    r = CliRunner().invoke(main, ["-q", "-w", str(ws), *index, "--index-type", "hnsw"])
+    assert r.exit_code == 1 and r.output.strip().splitlines()[-1] == \
+        "Error: the numpy store builds only flat indexes, not hnsw", r.output
+    assert "flat index in numpy" in gallery_line(cli(ws, *index))  # nothing recorded
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the SQL DB does not record which backend holds its vectors: a gallery that a vector-holding "
-    "backend injected through open_workspace_gallery(backend_factory=...) keeps, opened later without "
-    "it, is taken for a FAISS one (reid_search/app/workspace.py Workspace.store: a workspace with a "
-    "reid.db and no store.json is FAISS; session.open_workspace_gallery records nothing for an injected "
-    "factory) and reads as empty, silently (FAISS refills from SQL, which has no vectors)"))
+# ---- the store is recorded: never opened with the wrong kind of store ------------------------------------
+
+
+def images_in_db(ws: Path) -> int:
+    con = sqlite3.connect(ws / "reid.db")
+    try:
+        return con.execute("SELECT count(*) FROM images").fetchone()[0]
+    finally:
+        con.close()
+
+
 def test_a_gallery_held_by_another_backend_is_not_opened_as_an_empty_faiss_one(tmp_path: Path) -> None:
-    from reid_search.errors import GalleryError
+    """A gallery that a vector-holding backend injected through ``open_workspace_gallery(backend_factory=...)``
+    keeps (nothing recorded: a workspace with a DB and no ``store.json`` is FAISS), opened later without it,
+    is refused in one line: its rows have no vector in SQL, and the FAISS store has none either. Nothing is
+    changed: the right backend opens it whole."""
+    from indexer.faiss.backend import FaissFactory
 
     ws = Workspace(tmp_path / "ws")
     ws.ensure()
     with ORIGINAL_OPEN(ws, backend_factory=NumpyFactory(ws.root / "numpy-vectors")) as g:
         g.add_images(new_images(tmp_path, range(5)), unit_rows(5), "m")
-    try:
-        g = ORIGINAL_OPEN(ws)
-    except GalleryError:
-        return  # refused: fine
-    with g:
+    assert not ws.store_pointer.exists()
+    with pytest.raises(GalleryError) as e:
+        ORIGINAL_OPEN(ws)
+    msg = str(e.value)
+    assert "\n" not in msg and "records 5 images whose vectors live in a store that holds them" in msg, msg
+    assert "the faiss store holds none of them" in msg and "--store" in msg, msg
+    assert FaissFactory(ws.index_dir).leftovers(None) == [] and not ws.store_pointer.exists()
+    with ORIGINAL_OPEN(ws, backend_factory=NumpyFactory(ws.root / "numpy-vectors")) as g:
         assert g.ntotal == g.count() == 5
+
+
+def test_a_plugin_gallery_whose_record_is_lost_is_refused_by_the_cli(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--store numpy:`` records the plug-in; with ``store.json`` deleted the workspace looks like a FAISS
+    one, and the DB's rows (no vector in SQL) make the open a one-line error, not an empty gallery."""
+    from reid_search.app.cli import main
+
+    install_numpy(monkeypatch, tmp_path / "site")
+    ws = Workspace(tmp_path / "ws", store_override="numpy:")
+    with ORIGINAL_OPEN(ws) as g:
+        g.add_images(new_images(tmp_path, range(5)), unit_rows(5), "m")
+    assert json.loads(ws.store_pointer.read_text()) == {"store": "numpy:"}
+    with ORIGINAL_OPEN(Workspace(ws.root)) as g:  # the record is enough
+        assert g.kind == "numpy" and g.ntotal == g.count() == 5
+    ws.store_pointer.unlink()
+    r = CliRunner().invoke(main, ["-w", str(ws.root), "remove", "--pid", "1"])
+    one_line_error(r, "records 5 images whose vectors live in a store that holds them", "faiss store holds none")
+    assert images_in_db(ws.root) == 5 and len(numpy_files(ws.root)) == 1
+
+
+def test_a_faiss_gallery_is_not_opened_by_a_store_that_holds_the_vectors(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FAISS gallery's DB (vectors in SQL) shared with ``--db`` and opened from another workspace with
+    ``--store numpy:`` is refused in one line; the only copy's repair would otherwise delete every row."""
+    from reid_search.app.cli import main
+
+    install_numpy(monkeypatch, tmp_path / "site")
+    ws = Workspace(tmp_path / "ws")
+    with ORIGINAL_OPEN(ws) as g:
+        g.add_images(new_images(tmp_path, range(5)), unit_rows(5), "m")
+    r = CliRunner().invoke(main, ["-w", str(tmp_path / "other"), "--db", ws.db_url, "--store", "numpy:",
+                                  "remove", "--pid", "1"])
+    one_line_error(r, "keeps the vectors of its 5 images itself", "the numpy store holds none of them")
+    assert images_in_db(ws.root) == 5 and sql_vectors(ws.root) == 5
+    assert not (tmp_path / "other" / "store.json").exists()
+
+
+def test_a_recorded_plugin_that_is_not_installed_is_refused(tmp_path: Path) -> None:
+    from reid_search.app.cli import main
+
+    ws = Workspace(tmp_path / "ws", store_override="numpy:")
+    with pytest.MonkeyPatch.context() as mp:
+        install_numpy(mp, tmp_path / "site")
+        with ORIGINAL_OPEN(ws) as g:
+            g.add_images(new_images(tmp_path, range(3)), unit_rows(3), "m")
+    r = CliRunner().invoke(main, ["-w", str(ws.root), "remove", "--pid", "1"])  # the plug-in is gone
+    one_line_error(r, "store.json", "not here", "'numpy:'", "the stores here are faiss, milvus (")
+    assert images_in_db(ws.root) == 3
+
+
+# ---- plug-in names: listed, loaded when opened, failures in one line -------------------------------------
+
+
+def test_an_unknown_store_name_is_one_line_listing_the_stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from reid_search.app.cli import main
+
+    with pytest.raises(GalleryError, match="the stores here are faiss, milvus \\(") as e:
+        parse_store("numpy:")  # not installed yet
+    assert "\n" not in str(e.value) and "reid_search.backends" in str(e.value)
+    install_numpy(monkeypatch, tmp_path / "site")
+    assert parse_store("numpy:") == StoreLocation("numpy")  # read when parsed, not at import
+    r = CliRunner().invoke(main, ["-w", str(tmp_path / "ws"), "--store", "qdrant:http://q:6333",
+                                  "remove", "--pid", "1"])
+    one_line_error(r, "--store 'qdrant:http://q:6333'", "the stores here are faiss, milvus, numpy, numpy-cache (")
+    for bad in ("faiss:/x", "redis://x", "sqlite"):
+        with pytest.raises(GalleryError, match="--store") as e:
+            parse_store(bad)
+        assert "\n" not in str(e.value)
+
+
+def test_a_plugin_that_fails_to_load_is_one_line_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from reid_search.app.cli import main
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "boom_plugin.py").write_text("raise RuntimeError('no client library\\nsecond line')\n")
+    install_plugin(monkeypatch, site, {"missing": "reid_search_no_such_module.store:Factory",
+                                       "boom": "boom_plugin:Factory",
+                                       "notafactory": "tests.spi_backend:store_folder"}, dist="reid_search_broken")
+    assert parse_store("missing:").kind == "missing"  # parsing loads nothing
+    for name, needles in {"missing": ["'missing'", "reid_search_no_such_module.store:Factory", "ModuleNotFoundError"],
+                          "boom": ["'boom'", "boom_plugin:Factory", "RuntimeError: no client library second line"],
+                          "notafactory": ["'notafactory'", "returned a", "not an indexer.protocol.BackendFactory"]
+                          }.items():
+        r = CliRunner().invoke(main, ["-w", str(tmp_path / name), "--store", f"{name}:", "remove", "--pid", "1"])
+        one_line_error(r, *needles)
+        assert not (tmp_path / name / "store.json").exists()
+    r = CliRunner().invoke(main, ["-w", str(tmp_path / "m"), "--store", "missing:", "remove", "--pid", "1"])
+    one_line_error(r, "failed to load", "from reid-search-broken", "reinstall it, or choose another --store")
+
+
+# ---- today's values and records parse as before ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, want, back", [
+    (None, StoreLocation("faiss"), "faiss"),
+    ("faiss", StoreLocation("faiss"), "faiss"),
+    ("FAISS", StoreLocation("faiss"), "faiss"),
+    ("milvus:", StoreLocation("milvus", None), "milvus:"),
+    ("milvus://h:19530", StoreLocation("milvus", "http://h:19530"), "http://h:19530"),
+    ("http://h:19530/", StoreLocation("milvus", "http://h:19530"), "http://h:19530"),
+    ("https://milvus.example:443", StoreLocation("milvus", "https://milvus.example:443"), "https://milvus.example:443"),
+])
+def test_todays_store_values_parse_as_before(value: str | None, want: StoreLocation, back: str) -> None:
+    got = parse_store(value)
+    assert got == want and (got.kind, got.uri, got.home) == (want.kind, want.uri, None)
+    assert got.to_str() == back and parse_store(back) == got
+
+
+def test_lite_paths_and_plugin_values_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lite = parse_store(f"milvus:{tmp_path}/g.db")
+    assert lite == StoreLocation("milvus", str(tmp_path / "g.db")) and lite.is_lite
+    assert parse_store(lite.to_str()) == lite
+    install_numpy(monkeypatch, tmp_path / "site")
+    for value, want in {"numpy:": StoreLocation("numpy"), "numpy": StoreLocation("numpy"),
+                        "NUMPY:/data/vec": StoreLocation("numpy", "/data/vec"),
+                        "numpy-cache:s3://b/k": StoreLocation("numpy-cache", "s3://b/k")}.items():
+        got = parse_store(value)
+        assert got == want and not got.is_lite and parse_store(got.to_str()) == got
+        assert got.resolved(tmp_path) == got  # a plug-in resolves its own URI
+    assert StoreLocation("numpy", None, "/a") == StoreLocation("numpy", None, "/b")  # home is not identity
+
+
+@pytest.mark.parametrize("record", ["faiss", "milvus:", "http://h:19530", "LITE", "numpy:"])
+def test_store_json_files_already_written_still_read_the_same(record: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REID_SEARCH_STORE", raising=False)
+    install_numpy(monkeypatch, tmp_path / "site")
+    root = tmp_path / "ws"
+    record = f"milvus:{tmp_path / 'shared.db'}" if record == "LITE" else record
+    want = {"faiss": StoreLocation("faiss"), "milvus:": StoreLocation("milvus", str(root.resolve() / "milvus.db")),
+            "http://h:19530": StoreLocation("milvus", "http://h:19530"), "numpy:": StoreLocation("numpy")
+            }.get(record, StoreLocation("milvus", str(tmp_path / "shared.db")))
+    root.mkdir()
+    (root / "store.json").write_text(json.dumps({"store": record}))  # as earlier versions wrote it
+    before = (root / "store.json").read_bytes()
+    ws = Workspace(root)
+    assert ws.store() == want
+    ws.record_store(ws.store())
+    assert (root / "store.json").read_bytes() == before  # nothing to rewrite

@@ -39,10 +39,12 @@ def open_workspace_gallery(ws: Workspace, *, spec: IndexSpec | None = None, save
     """Open (creating if needed) the gallery of workspace ``ws``.
 
     The vectors live in the workspace's store (``--store``: FAISS files under
-    its index folder by default, or Milvus), recorded in the workspace the first
-    time a writable gallery is opened; ``backend_factory`` opens another backend
-    instead (and records nothing). A workspace's own Milvus Lite file counts as
-    a gallery beside an empty DB, as the FAISS files do.
+    its index folder by default, Milvus, or an installed plug-in's ``NAME:URI``),
+    recorded in the workspace the first time a writable gallery is opened;
+    ``backend_factory`` opens another backend instead (and records nothing: the
+    DB's rows then still tell a later open with the wrong kind of store, which is
+    refused). A workspace's own Milvus Lite file counts as a gallery beside an
+    empty DB, as the FAISS files do.
 
     Raises:
         GalleryError: a ``--store`` that disagrees with the recorded one, and

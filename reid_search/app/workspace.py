@@ -106,10 +106,13 @@ class Workspace:
         """Where the gallery lives, as an :class:`indexer.location.StoreLocation` (workspace default resolved).
 
         The recorded store wins; ``--store``/``$REID_SEARCH_STORE`` picks one for a new
-        gallery and must otherwise agree with the record.
+        gallery and must otherwise agree with the record. A plug-in store (``NAME:URI``) is
+        recorded like a built-in one, so a record naming a plug-in that is not installed
+        is refused, never opened as another store.
 
         Raises:
-            GalleryError: a ``--store`` that is not where this workspace's gallery lives, or a bad value.
+            GalleryError: a ``--store`` that is not where this workspace's gallery lives, a bad value,
+                or a record naming a store that is not here.
         """
         from indexer.location import parse_store
 
@@ -119,7 +122,11 @@ class Workspace:
             recorded = "faiss"
         want = parse_store(asked).resolved(self.root) if asked else None
         if recorded is not None:
-            have = parse_store(recorded).resolved(self.root)
+            try:
+                have = parse_store(recorded).resolved(self.root)
+            except GalleryError as exc:
+                raise GalleryError(f"the gallery of workspace {self.root} is recorded in {self.store_pointer} as "
+                                   f"living in a store that is not here: {exc}") from None
             if want is not None and want != have:
                 raise GalleryError(
                     f"the gallery of workspace {self.root} lives in --store {have.to_str()}, not {want.to_str()}; "
@@ -129,7 +136,7 @@ class Workspace:
         return want if want is not None else parse_store("faiss")
 
     def record_store(self, location: Any) -> None:
-        """Write ``store.json`` (atomically) naming ``location``; no-op when it says so already."""
+        """Write ``store.json`` (atomically) naming ``location`` (any kind, plug-ins too); no-op when it says so already."""
         value = location.to_str()
         if location.kind == "milvus" and location.uri == str(self.root.resolve() / "milvus.db"):
             value = "milvus:"  # the workspace's own Lite file: stays right if the workspace moves

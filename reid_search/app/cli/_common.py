@@ -54,7 +54,8 @@ pass_app = click.make_pass_decorator(App)
               help="SQLAlchemy URL of the metadata DB [default: SQLite inside the workspace].")
 @click.option("--store", "store", envvar=STORE_ENV, show_envvar=True, default=None, metavar="STORE",
               help="Where the gallery's vectors live: faiss (default), milvus: (Milvus Lite in the workspace), "
-                   "milvus:PATH.db, or http://HOST:19530 (a Milvus server; token from $REID_SEARCH_MILVUS_TOKEN). "
+                   "milvus:PATH.db, http://HOST:19530 (a Milvus server; token from $REID_SEARCH_MILVUS_TOKEN), "
+                   "or NAME:URI for an installed plug-in store (entry point group reid_search.backends). "
                    "The workspace remembers it.")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
