@@ -187,3 +187,26 @@ def test_retail_0288_on_cuhk03_labeled(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     hits = json.loads(r.output)["hits"]
     assert len(hits) == 5 and all(h["distance"] >= 0 for h in hits)
+
+
+def test_service_uploads_record_the_declared_preprocessing(setup) -> None:  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    from reid_search.app.service import create_app
+
+    ws_dir, model, pixels, _ = setup
+    ws = Workspace(ws_dir)
+    gallery = sorted(p for p in pixels if p.parent.name == "bounding_box_test")
+    with TestClient(create_app(ws, model=model, device="cpu", preprocess=SIDECAR)) as client:
+        for p in gallery:
+            r = client.post("/gallery", files={"file": (p.name, p.read_bytes(), "image/png")},
+                            data={"pid": p.name[:4], "camid": p.name[6]})
+            assert r.status_code == 200, r.text
+    assert ws.gallery_preprocess(model) == PRE.to_dict()
+    # Served again without the declaration: the record supplies it.
+    query = sorted(p for p in pixels if p.parent.name == "query")[0]
+    with TestClient(create_app(ws, device="cpu")) as client:
+        r = client.post("/query", files={"file": (query.name, query.read_bytes(), "image/png")}, data={"top_k": "3"})
+        assert r.status_code == 200, r.text
+    d = ((np.stack([by_hand(pixels[p]) for p in gallery]) - by_hand(pixels[query])) ** 2).sum(1)
+    assert [h["distance"] for h in r.json()["hits"]] == pytest.approx(np.sort(d)[:3], abs=1e-5)
