@@ -76,7 +76,8 @@ def open_extractor(ws: Workspace, model: Path | None = None, *, device: str = "a
     model that built the gallery is fed the preprocessing recorded with it
     (:func:`record_gallery_model`), so a query embeds as the gallery did even where the
     sidecar it was indexed with is not beside the file; ``preprocess`` may repeat that, not
-    change it.
+    change it. Without ``for_gallery`` (a re-index) ``preprocess`` replaces the record, and
+    without ``preprocess`` the record is used where the model's own declaration agrees.
 
     Raises:
         ModelError: no model, an unreadable one, a precision it cannot run at, a bad
@@ -86,7 +87,7 @@ def open_extractor(ws: Workspace, model: Path | None = None, *, device: str = "a
     from reid_search.extractors import load_extractor
 
     model_file = ws.model_path(model, gallery=for_gallery)
-    recorded = _recorded_preprocess(ws, model_file) if for_gallery else None
+    recorded = None if not for_gallery and preprocess else _recorded_preprocess(ws, model_file)
     if recorded is None:
         return model_file, load_extractor(model_file, device=device, flip=flip, precision=precision,
                                           preprocess=preprocess or None)
@@ -100,6 +101,8 @@ def open_extractor(ws: Workspace, model: Path | None = None, *, device: str = "a
         text = str(exc)
         if "declared preprocessing says" not in text:
             raise
+        if not for_gallery:  # a re-index follows the model's own (changed) declaration
+            return model_file, load_extractor(model_file, device=device, flip=flip, precision=precision)
         # The model's own declaration (sidecar, metadata) changed since the gallery was indexed.
         raise ModelError(f"{text.split('; ')[0]}, where the declared preprocessing is the one the gallery was indexed "
                          f"with (recorded in {ws.model_pointer}); restore the model's declaration, or re-index with "
