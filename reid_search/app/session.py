@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping, Sequence
 
 from reid_search.app.workspace import Workspace
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from reid_search.evaluation import EvalResult
     from reid_search.extract import Extractor
     from reid_search.gallery import GalleryReader, SearchFilter
+    from reid_search.transforms import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +68,104 @@ def open_workspace_gallery(ws: Workspace, *, spec: IndexSpec | None = None, save
 
 
 def open_extractor(ws: Workspace, model: Path | None = None, *, device: str = "auto", flip: bool = False,
-                   precision: str = "auto", for_gallery: bool = True) -> tuple[Path, Extractor]:
+                   precision: str = "auto", for_gallery: bool = True,
+                   preprocess: Mapping[str, Any] | None = None) -> tuple[Path, Extractor]:
     """The model file to use (``model``, else the workspace's: see :meth:`Workspace.model_path`,
     ``for_gallery`` is its ``gallery``) and the extractor opened from it.
 
+    ``preprocess``: what an ONNX model expects, in the keys of a ``MODEL.onnx.json`` sidecar
+    (:mod:`reid_search.preprocess`; the ``--input-*`` options). With ``for_gallery``, the
+    model that built the gallery is fed the preprocessing recorded with it
+    (:func:`record_gallery_model`), so a query embeds as the gallery did even where the
+    sidecar it was indexed with is not beside the file; ``preprocess`` may repeat that, not
+    change it. Without ``for_gallery`` (a re-index) ``preprocess`` replaces the record, and
+    without ``preprocess`` the record is used where the model's own declaration agrees.
+
     Raises:
-        ModelError: no model, an unreadable one, or a precision it cannot run at.
+        ModelError: no model, an unreadable one, a precision it cannot run at, a bad
+            ``preprocess`` or one given for a checkpoint, or a ``preprocess`` (or a
+            sidecar, or metadata) that contradicts the one recorded with the gallery.
     """
     from reid_search.extractors import load_extractor
 
     model_file = ws.model_path(model, gallery=for_gallery)
-    return model_file, load_extractor(model_file, device=device, flip=flip, precision=precision)
+    recorded = None if not for_gallery and preprocess else _recorded_preprocess(ws, model_file)
+    if recorded is None:
+        return model_file, load_extractor(model_file, device=device, flip=flip, precision=precision,
+                                          preprocess=preprocess or None)
+    if preprocess:
+        _check_against_recorded(ws, model_file, recorded, preprocess)
+    from reid_search.errors import ModelError
+
+    try:
+        extractor = load_extractor(model_file, device=device, flip=flip, precision=precision, preprocess=recorded)
+    except ModelError as exc:
+        text = str(exc)
+        if "declared preprocessing says" not in text:
+            raise
+        if not for_gallery:  # a re-index follows the model's own (changed) declaration
+            return model_file, load_extractor(model_file, device=device, flip=flip, precision=precision)
+        # The model's own declaration (sidecar, metadata) changed since the gallery was indexed.
+        raise ModelError(f"{text.split('; ')[0]}, where the declared preprocessing is the one the gallery was indexed "
+                         f"with (recorded in {ws.model_pointer}); restore the model's declaration, or re-index with "
+                         "`reid-search index FOLDER --reindex`") from None
+    return model_file, extractor
+
+
+def record_gallery_model(ws: Workspace, model_file: Path, extractor: Extractor) -> None:
+    """Record in ``ws`` that ``model_file`` built the gallery, with an ONNX model's resolved preprocessing
+    (checkpoints carry theirs), which :func:`open_extractor` then feeds it again.
+
+    Raises:
+        ModelError: an unreadable ``model.json``.
+        OSError: it cannot be written.
+    """
+    pre = extractor.preprocess.to_dict() if model_file.suffix.lower() == ".onnx" else None
+    ws.set_gallery_model(model_file, extractor.fingerprint, pre)
+
+
+def _recorded_preprocess(ws: Workspace, model_file: Path) -> Preprocess | None:
+    from reid_search.errors import ModelError
+    from reid_search.transforms import Preprocess
+
+    raw = ws.gallery_preprocess(model_file)
+    if raw is None:
+        return None
+    try:
+        return Preprocess.from_dict(raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"the preprocessing recorded in {ws.model_pointer} is unusable ({type(exc).__name__}: {exc}); "
+                         "re-index with `reid-search index FOLDER --reindex`") from None
+
+
+def _check_against_recorded(ws: Workspace, model_file: Path, recorded: Preprocess, declared: Mapping[str, Any]) -> None:
+    """Refuse declared values that differ from the preprocessing the gallery was indexed with."""
+    from reid_search.errors import ModelError
+    from reid_search.preprocess import KEYS, parse_declaration
+
+    values = parse_declaration(declared, f"{model_file.name}: declared preprocessing",
+                               f"use the keys {', '.join(KEYS)}", strict=True)
+    for key, field in KEYS.items():
+        if field in values and not _same(values[field], getattr(recorded, field)):
+            raise ModelError(f"{model_file.name}: {key}={_show(values[field])} is not the preprocessing the gallery "
+                             f"was indexed with ({key}={_show(getattr(recorded, field))}, recorded in "
+                             f"{ws.model_pointer}); drop it, or re-index with `reid-search index FOLDER --reindex`")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+    return bool(a == b)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" for v in value)
+    if isinstance(value, float):
+        return "1/255" if math.isclose(value, 1 / 255) else f"{value:g}"
+    return str(value)
 
 
 def search_engine(ws: Workspace, gallery: GalleryReader, extractor: Extractor) -> SearchEngine:
@@ -90,9 +179,11 @@ def search_engine(ws: Workspace, gallery: GalleryReader, extractor: Extractor) -
     return SearchEngine(gallery, extractor, cache_dir=ws.index_dir)
 
 
-def open_engine(ws: Workspace, model: Path | None = None, device: str = "auto", precision: str = "auto"
-                ) -> SearchEngine:
+def open_engine(ws: Workspace, model: Path | None = None, device: str = "auto", precision: str = "auto",
+                preprocess: Mapping[str, Any] | None = None) -> SearchEngine:
     """The workspace's gallery with ``model``, else the model that built the gallery (close ``engine.store``).
+
+    ``preprocess``: see :func:`open_extractor`.
 
     Raises:
         GalleryError: the gallery is empty (run ``reid-search index``) or of another model.
@@ -104,7 +195,7 @@ def open_engine(ws: Workspace, model: Path | None = None, device: str = "auto", 
             from reid_search.errors import GalleryError
 
             raise GalleryError(f"the gallery of workspace {ws.root} is empty: run `reid-search index FOLDER` first")
-        _, extractor = open_extractor(ws, model, device=device, precision=precision)
+        _, extractor = open_extractor(ws, model, device=device, precision=precision, preprocess=preprocess)
         return search_engine(ws, gallery, extractor)
     except BaseException:
         gallery.close()
@@ -195,12 +286,13 @@ def answer_json(names: Sequence[str], camids: Sequence[int | None], rerank: bool
 def search_images(ws: Workspace, images: Sequence[Path], *, top_k: int = 10, rerank: bool = False,
                   camid: int | None = None, where: SearchFilter | None = None, keep_same_camera: bool = False,
                   fuse: str = "mean", threshold: float | None = None, group_by: str | None = None,
-                  model: Path | None = None, device: str = "auto", precision: str = "auto") -> SearchAnswer:
+                  model: Path | None = None, device: str = "auto", precision: str = "auto",
+                  preprocess: Mapping[str, Any] | None = None) -> SearchAnswer:
     """Find the person in ``images`` (one crop, or several of one person fused by ``fuse``) in the gallery.
 
     ``threshold`` None: the one calibrated for this model and distance kind, if any. With
     ``group_by`` (``camera``, ``track``) ``top_k`` counts sightings, taken from the best
-    ``max(20 x top_k, 200)`` hits (at most 1000).
+    ``max(20 x top_k, 200)`` hits (at most 1000). ``preprocess``: see :func:`open_extractor`.
 
     Raises:
         DataError: a missing or unusable image.
@@ -221,7 +313,7 @@ def search_images(ws: Workspace, images: Sequence[Path], *, top_k: int = 10, rer
     imgs = [load_image(p) for p in images]
     recs = [record_for(p) for p in images]
     cams = [camid if camid is not None else r.camid for r in recs]
-    engine = open_engine(ws, model, device, precision)
+    engine = open_engine(ws, model, device, precision, preprocess)
     try:
         if threshold is None:
             threshold = calibrated_threshold(ws, engine.extractor.fingerprint, rerank)
@@ -243,11 +335,12 @@ def search_images(ws: Workspace, images: Sequence[Path], *, top_k: int = 10, rer
 
 def evaluate_workspace(ws: Workspace, query_dir: Path | None = None, *, rerank: str | None = None,
                        multi_query: str | None = None, model: Path | None = None, device: str = "auto",
-                       precision: str = "auto", progress: Progress | None = None) -> tuple[Path, EvalResult]:
+                       precision: str = "auto", progress: Progress | None = None,
+                       preprocess: Mapping[str, Any] | None = None) -> tuple[Path, EvalResult]:
     """Score a labelled query folder (default: ``query/`` beside the indexed gallery) against the gallery.
 
-    ``rerank``: None, ``"batch"`` or ``"online"`` (see :func:`reid_search.evaluation.evaluate_queries`).
-    Returns the query folder and the metrics.
+    ``rerank``: None, ``"batch"`` or ``"online"`` (see :func:`reid_search.evaluation.evaluate_queries`);
+    ``preprocess``: see :func:`open_extractor`. Returns the query folder and the metrics.
 
     Raises:
         DataError: no query folder.
@@ -257,7 +350,7 @@ def evaluate_workspace(ws: Workspace, query_dir: Path | None = None, *, rerank: 
     from reid_search.data import list_images
     from reid_search.evaluation import evaluate_queries
 
-    engine = open_engine(ws, model, device, precision)
+    engine = open_engine(ws, model, device, precision, preprocess)
     try:
         if query_dir is None:
             query_dir = default_query_dir(engine, "pass --query DIR")
@@ -293,9 +386,11 @@ class CalibrationRun:
 
 def calibrate_workspace(ws: Workspace, query_dir: Path | None, target_fpr: float, *, rerank: bool = False,
                         save: bool = True, model: Path | None = None, device: str = "auto", precision: str = "auto",
-                        progress: Progress | None = None) -> CalibrationRun:
+                        progress: Progress | None = None, preprocess: Mapping[str, Any] | None = None
+                        ) -> CalibrationRun:
     """The distance threshold at ``target_fpr`` on a labelled query folder (default: ``query/`` beside
     the indexed gallery), saved in the workspace for this model and distance kind with ``save``.
+    ``preprocess``: see :func:`open_extractor`.
 
     Raises:
         DataError: no query folder, no images in it, or labels that do not pair with the gallery's.
@@ -315,7 +410,7 @@ def calibrate_workspace(ws: Workspace, query_dir: Path | None, target_fpr: float
     from reid_search.evaluation import query_distances
     from reid_search.thresholds import Calibration, save_calibration
 
-    engine = open_engine(ws, model, device, precision)
+    engine = open_engine(ws, model, device, precision, preprocess)
     try:
         if query_dir is None:
             query_dir = default_query_dir(engine, "pass the query folder as an argument")
@@ -396,11 +491,13 @@ def index_workspace(
     commit_every: int = 1024,
     progress: Progress | None = None,
     on_done: Callable[[IndexResult], None] | None = None,
+    preprocess: Mapping[str, Any] | None = None,
 ) -> IndexResult:
     """Add the images under ``folder`` to the workspace's gallery (see ``reid-search index``), or with
     ``reindex`` build a new gallery of it beside the old one and switch to it.
 
-    The model that indexed is recorded in the workspace. ``on_done`` is called once the change
+    The model that indexed is recorded in the workspace, with an ONNX model's preprocessing
+    (``preprocess``, the model's sidecar or metadata: see :func:`open_extractor`). ``on_done`` is called once the change
     is committed, before the re-ranking cache is brought up to date (which never fails the run).
 
     Raises:
@@ -416,7 +513,7 @@ def index_workspace(
 
     check_index_args(folder, manifest)
     model_file, extractor = open_extractor(ws, model, device=device, flip=flip, precision=precision,
-                                           for_gallery=not reindex)
+                                           for_gallery=not reindex, preprocess=preprocess)
     ws.ensure()
     store = open_workspace_gallery(ws)
     try:
@@ -430,7 +527,7 @@ def index_workspace(
                                   commit_every=commit_every, progress=advance, **extra)
         if report.usable == 0:  # an incremental run (a re-index refuses this itself, keeping the old gallery)
             raise GalleryError(report.nothing_indexed())
-        ws.set_gallery_model(model_file, extractor.fingerprint)
+        record_gallery_model(ws, model_file, extractor)
         result = IndexResult(report, store.describe(), getattr(extractor, "compile_seconds", None))
         if on_done is not None:
             on_done(result)

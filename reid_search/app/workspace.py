@@ -152,7 +152,8 @@ class Workspace:
         return self
 
     def _pointer(self) -> dict[str, Any]:
-        """``model.json``: ``{"path": trained model, "gallery": {"path", "fingerprint"}}`` (either may be absent)."""
+        """``model.json``: ``{"path": trained model, "gallery": {"path", "fingerprint"[, "preprocess"]}}``
+        (either may be absent; ``preprocess`` only for ONNX models, written since it could be declared)."""
         try:
             data = json.loads(self.model_pointer.read_text())
         except FileNotFoundError:
@@ -174,11 +175,18 @@ class Workspace:
         atomic_write_json(self.model_pointer, data)
         log.info("workspace %s now uses model %s", self.root, path)
 
-    def set_gallery_model(self, path: str | os.PathLike[str], fingerprint: str) -> None:
-        """Record that the model at ``path`` (with ``fingerprint``) built the gallery (atomically)."""
+    def set_gallery_model(self, path: str | os.PathLike[str], fingerprint: str,
+                          preprocess: dict[str, Any] | None = None) -> None:
+        """Record that the model at ``path`` (with ``fingerprint``) built the gallery (atomically).
+
+        ``preprocess``: the ONNX model's resolved preprocessing (``Preprocess.to_dict()``),
+        so that later commands feed it the same (:meth:`gallery_preprocess`).
+        """
         self.ensure()
         data = self._pointer()
-        entry = {"path": str(Path(path).resolve()), "fingerprint": fingerprint}
+        entry: dict[str, Any] = {"path": str(Path(path).resolve()), "fingerprint": fingerprint}
+        if preprocess is not None:
+            entry["preprocess"] = dict(preprocess)
         if data.get("gallery") == entry:
             return
         data["gallery"] = entry
@@ -191,6 +199,25 @@ class Workspace:
         if not isinstance(g, dict) or "path" not in g:
             return None
         return Path(g["path"]), str(g.get("fingerprint", ""))
+
+    def gallery_preprocess(self, path: str | os.PathLike[str]) -> dict[str, Any] | None:
+        """The preprocessing recorded with the gallery for the model file at ``path`` (a symlink counts
+        as its target), as ``Preprocess.to_dict()`` wrote it; None when the gallery is another model's,
+        or its record has none (a checkpoint, or a workspace from before it was recorded).
+
+        Raises:
+            ModelError: an unreadable ``model.json``, or a recorded preprocessing that is not an object.
+        """
+        g = self._pointer().get("gallery")
+        if not isinstance(g, dict) or "preprocess" not in g or not g.get("path"):
+            return None
+        if Path(g["path"]) != Path(path).resolve():
+            return None
+        pre = g["preprocess"]
+        if not isinstance(pre, dict):
+            raise ModelError(f"the workspace's model record {self.model_pointer} holds a preprocess that is not an "
+                             "object; re-index with `reid-search index FOLDER --reindex` (or delete the record)")
+        return pre
 
     def model_path(self, explicit: str | os.PathLike[str] | None = None, *, gallery: bool = True) -> Path:
         """The model to use: ``explicit`` if given, else the workspace's.

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from reid_search.app.cli._common import App, pass_app, precision_option, progress_bar
+from reid_search.app.cli._model_options import model_input_options
 
 if TYPE_CHECKING:
     from reid_search.app.session import CalibrationRun
@@ -24,11 +25,13 @@ if TYPE_CHECKING:
 @click.option("--save/--no-save", default=True, show_default=True, help="Store the threshold in the workspace.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--model", "-m", type=click.Path(dir_okay=False, path_type=Path), default=None, help="[default: the workspace's model]")
+@model_input_options
 @click.option("--device", default="auto", show_default=True)
 @precision_option
 @pass_app
 def calibrate(app: App, query_dir: Path | None, target_fpr: float, rerank: bool, plot: Path | None, save: bool,
-              as_json: bool, model: Path | None, device: str, precision: str = "auto") -> dict:
+              as_json: bool, model: Path | None, device: str, precision: str = "auto",
+              preprocess: dict | None = None) -> dict:
     """Find the distance below which a hit is a match, on a labelled query folder.
 
     Pairs as `eval` (same pid and camera, and junk, left out): genuine pairs share
@@ -52,7 +55,7 @@ def calibrate(app: App, query_dir: Path | None, target_fpr: float, rerank: bool,
         return progress_bar(total, what, quiet=app.quiet or as_json)
 
     run = calibrate_workspace(app.workspace, query_dir, target_fpr, rerank=rerank, save=save, model=model,
-                              device=device, precision=precision, progress=bar)
+                              device=device, precision=precision, progress=bar, preprocess=preprocess)
     if plot is not None:
         from reid_search.calibration import roc_curve
         from reid_search.show import render_calibration, save_png

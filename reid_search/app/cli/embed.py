@@ -11,6 +11,7 @@ import numpy as np
 
 from reid_search.atomic import atomic_write, atomic_write_bytes
 from reid_search.app.cli._common import App, pass_app, precision_option, progress_bar
+from reid_search.app.cli._model_options import model_input_options
 from reid_search.data import list_images, record_for
 from reid_search.errors import DataError
 
@@ -19,6 +20,7 @@ from reid_search.errors import DataError
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--model", "-m", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Checkpoint (.pt) or ONNX file [default: the workspace's model].")
+@model_input_options
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="For a folder: write features to .npy (names to NAME.paths.txt) or .npz (features, paths, pids, camids).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per image).")
@@ -28,7 +30,7 @@ from reid_search.errors import DataError
 @precision_option
 @pass_app
 def embed(app: App, target: Path, model: Path | None, out: Path | None, as_json: bool,
-          flip: bool, batch_size: int, device: str, precision: str) -> None:
+          flip: bool, batch_size: int, device: str, precision: str, preprocess: dict | None = None) -> None:
     """Print the L2-normalised feature of one image, or save a folder's features.
 
     \b
@@ -45,7 +47,8 @@ def embed(app: App, target: Path, model: Path | None, out: Path | None, as_json:
         raise DataError(f"no such image or folder: {target}")
     if not target.is_dir():
         load_image(target)  # a single unusable image is an error, not a skip
-    _, extractor = open_extractor(app.workspace, model, device=device, flip=flip, precision=precision)
+    _, extractor = open_extractor(app.workspace, model, device=device, flip=flip, precision=precision,
+                                  preprocess=preprocess)
     records = list_images(target) if target.is_dir() else [record_for(target)]
     if target.is_dir() and out is None and not as_json:
         raise DataError(f"{target} is a folder: pass --out FEATS.npy (or .npz) to save its features, or --json to print them")

@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from reid_search.app.cli._common import App, pass_app, precision_option, progress_bar
+from reid_search.app.cli._model_options import model_input_options
 from reid_search.app.cli._params import Label, TrackName
 from reid_search.app.cli._report import MAX_SKIPPED_LINES, print_index_result
 from reid_search.errors import DataError, GalleryError
@@ -20,6 +21,7 @@ from reid_search.limits import INDEX_KINDS, MIN_PID
 @click.option("--model", "-m", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Checkpoint (.pt) or ONNX file [default: the model that built the gallery, else the workspace's; "
                    "with --reindex the one `train` made last]. Recorded: query, eval, embed and serve then use it.")
+@model_input_options
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="CSV or JSON Lines file with a `path` column (relative to FOLDER) and any of camid, time "
                    "(ISO 8601, UTC when no zone), track, pid. Bad rows are reported and skipped.")
@@ -46,7 +48,7 @@ from reid_search.limits import INDEX_KINDS, MIN_PID
 @pass_app
 def index(app: App, folder: Path, model: Path | None, manifest: Path | None, index_type: str | None,
           index_params: tuple[str, ...], batch_size: int, workers: int | None, device: str, flip: bool, prune: bool,
-          reindex: bool, commit_every: int, precision: str = "auto") -> None:
+          reindex: bool, commit_every: int, precision: str = "auto", preprocess: dict | None = None) -> None:
     """Add the images under FOLDER (recursively) to the workspace's gallery.
 
     Incremental: unchanged files are skipped, changed files (by content hash)
@@ -77,7 +79,7 @@ def index(app: App, folder: Path, model: Path | None, manifest: Path | None, ind
     index_workspace(app.workspace, folder, model=model, manifest=manifest, index_type=index_type,
                     index_params=index_params, batch_size=batch_size, workers=workers, device=device, flip=flip,
                     precision=precision, prune=prune, reindex=reindex, commit_every=commit_every, progress=bar,
-                    on_done=print_index_result)
+                    on_done=print_index_result, preprocess=preprocess)
 
 
 @click.command()

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from reid_search.app.cli._common import App, pass_app, precision_option, progress_bar
+from reid_search.app.cli._model_options import model_input_options
 from reid_search.app.cli._params import Label, filter_options
 from reid_search.app.cli._report import print_answer, print_eval, save_answer_picture
 from reid_search.multiquery import FUSE_MODES
@@ -31,6 +32,7 @@ from reid_search.sightings import GROUP_BY
                    "distance, time, track, match}]} (+ fuse, sightings).")
 @click.option("--show", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a picture of the ranking (PNG).")
 @click.option("--model", "-m", type=click.Path(dir_okay=False, path_type=Path), default=None, help="[default: the model that built the gallery]")
+@model_input_options
 @click.option("--device", default="auto", show_default=True)
 @precision_option
 @pass_app
@@ -38,7 +40,8 @@ def query(app: App, images: tuple[Path, ...], top_k: int, rerank: bool, camid: i
           cameras: frozenset[int] | None, exclude_cameras: frozenset[int] | None, since: datetime | None,
           until: datetime | None, exclude_tracks: tuple[str, ...],
           keep_same_camera: bool, fuse: str, threshold: float | None, group_by: str | None, as_json: bool,
-          show: Path | None, model: Path | None, device: str, precision: str = "auto") -> None:
+          show: Path | None, model: Path | None, device: str, precision: str = "auto",
+          preprocess: dict | None = None) -> None:
     """Find the person in IMAGES among the indexed gallery, other cameras first.
 
     Gallery crops from the query's own camera are dropped (camid from a
@@ -71,7 +74,7 @@ def query(app: App, images: tuple[Path, ...], top_k: int, rerank: bool, camid: i
     where = make_search_filter(cameras, exclude_cameras, since, until, exclude_tracks)
     ans = search_images(app.workspace, images, top_k=top_k, rerank=rerank, camid=camid, where=where,
                         keep_same_camera=keep_same_camera, fuse=fuse, threshold=threshold, group_by=group_by,
-                        model=model, device=device, precision=precision)
+                        model=model, device=device, precision=precision, preprocess=preprocess)
     if show is not None:
         save_answer_picture(show, ans)
     print_answer(ans, as_json, picture=show)
@@ -89,11 +92,13 @@ def query(app: App, images: tuple[Path, ...], top_k: int, rerank: bool, camid: i
               help="Print the metrics as JSON (fractions in [0, 1]), with tpr_at_fpr {\"0.0001\", \"0.001\", \"0.01\"}.")
 @click.option("--model", "-m", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="[default: the model that built the gallery]")
+@model_input_options
 @click.option("--device", default="auto", show_default=True)
 @precision_option
 @pass_app
 def evaluate_cmd(app: App, query_dir: Path | None, rerank: bool, rerank_mode: str, multi_query: str | None,
-                 as_json: bool, model: Path | None, device: str, precision: str = "auto"):
+                 as_json: bool, model: Path | None, device: str, precision: str = "auto",
+                 preprocess: dict | None = None):
     """CMC rank-1/5/10, mAP and mINP of a query folder against the indexed gallery.
 
     Market-1501 protocol: per query, gallery images of the same pid and camera
@@ -114,5 +119,5 @@ def evaluate_cmd(app: App, query_dir: Path | None, rerank: bool, rerank_mode: st
 
     query_dir, res = evaluate_workspace(app.workspace, query_dir, rerank=rerank_mode if rerank else None,
                                         multi_query=multi_query, model=model, device=device, precision=precision,
-                                        progress=bar)
+                                        progress=bar, preprocess=preprocess)
     print_eval(res, query_dir, multi_query, as_json)

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from reid_search.app.cli._common import App, pass_app, precision_option
+from reid_search.app.cli._model_options import model_input_options
 from reid_search.limits import (
     API_KEY_ENV,
     API_KEY_HEADER,
@@ -43,6 +44,7 @@ def run_server(app: Any, host: str, port: int, access_log: bool, log_level: str)
               help=f"Require this key in header {API_KEY_HEADER} on every route, /healthz and /docs included.")
 @click.option("--model", "-m", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Checkpoint (.pt) or ONNX file [default: the model that built the gallery, else the workspace's].")
+@model_input_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--flip/--no-flip", default=False, show_default=True,
               help="Average with the flipped image; must match how the gallery was indexed.")
@@ -65,7 +67,8 @@ def run_server(app: Any, host: str, port: int, access_log: bool, log_level: str)
 @pass_app
 def serve(app: App, host: str, port: int, api_key: str | None, model: Path | None, device: str, flip: bool,
           max_batch: int, max_wait_ms: float, max_queue: int, max_upload_bytes: int, max_pixels: int,
-          max_files: int, threads: int | None, access_log: bool, precision: str = "auto") -> None:
+          max_files: int, threads: int | None, access_log: bool, precision: str = "auto",
+          preprocess: dict | None = None) -> None:
     """Serve the workspace's gallery over HTTP/JSON (OpenAPI docs at /docs).
 
     POST /query (an image in multipart field `file`; top_k, rerank, camid)
@@ -94,7 +97,8 @@ def serve(app: App, host: str, port: int, api_key: str | None, model: Path | Non
                    "and change the gallery", err=True)
     service = create_app(app.workspace, model=model, device=device, flip=flip, api_key=api_key,
                          max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, max_files=max_files,
-                         max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, precision=precision)
+                         max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, precision=precision,
+                         preprocess=preprocess)
     stats = service.state.core.stats()
     click.echo(f"workspace {app.workspace.root}: {stats['gallery']}; search on {stats['search_device']}; "
                f"model {stats['model']['description']}", err=True)

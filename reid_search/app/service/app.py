@@ -13,7 +13,7 @@ import contextlib
 import logging
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from fastapi import Depends, FastAPI, Request
 
@@ -48,11 +48,14 @@ def create_app(
     max_queue: int = DEFAULT_MAX_QUEUE,
     refresh_interval_s: float = 1.0,
     precision: str = "auto",
+    preprocess: Mapping[str, Any] | None = None,
 ) -> FastAPI:
     """The search service of ``workspace`` as a FastAPI app (serve it with uvicorn, one worker).
 
     The gallery and the model are opened here, so misconfiguration fails before
     serving; they are closed when the app shuts down.
+    ``preprocess``: an ONNX model's declared preprocessing (the ``--input-*`` options; see
+    :func:`reid_search.app.session.open_extractor`).
 
     Raises:
         ReidSearchError: no or unreadable model, unusable DB, a gallery of another model.
@@ -63,7 +66,7 @@ def create_app(
                 "api_key_required": api_key is not None}
     _check_settings(settings, api_key)
     limits = ServiceLimits(max_upload_bytes, max_pixels, max_files)
-    core = SearchCore(workspace, model, device, flip, refresh_interval_s, precision)
+    core = SearchCore(workspace, model, device, flip, refresh_interval_s, precision, preprocess)
     try:
         core.uploads.mkdir(parents=True, exist_ok=True)
         core.sweep_uploads()

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -22,7 +22,7 @@ from torchvision.transforms import Resize
 from reid_search.gallery import NewImage, RemoveFilter, SearchFilter
 from reid_search.atomic import fsync_dir
 from reid_search.app import session
-from reid_search.app.session import calibrated_threshold, open_extractor, search_engine
+from reid_search.app.session import calibrated_threshold, open_extractor, record_gallery_model, search_engine
 from reid_search.engine import Hit, SearchEngine, query_filter
 from reid_search.errors import GalleryError
 from reid_search.timeutil import format_time
@@ -72,16 +72,21 @@ class SearchCore:
     """The gallery, the model and the search engine; every method but :meth:`stage` and
     the read-only properties runs on the single model thread.
 
+    ``preprocess``: an ONNX model's declared preprocessing (see
+    :func:`reid_search.app.session.open_extractor`); the gallery's model is fed the one
+    recorded with the gallery, and uploads into an empty gallery record it.
+
     Raises:
         ReidSearchError: (constructor) no model, an unreadable model, an unusable DB,
             or a gallery indexed with another model.
     """
 
     def __init__(self, workspace: Workspace, model: Path | None = None, device: str = "auto", flip: bool = False,
-                 refresh_interval_s: float = 1.0, precision: str = "auto") -> None:
+                 refresh_interval_s: float = 1.0, precision: str = "auto",
+                 preprocess: Mapping[str, Any] | None = None) -> None:
         self.workspace = workspace
         self.model_file, self.extractor = open_extractor(workspace, model, device=device, flip=flip,
-                                                         precision=precision)
+                                                         precision=precision, preprocess=preprocess)
         # Looked up when called, as the CLI commands do: every app path opens its gallery through this one function.
         self.gallery = session.open_workspace_gallery(workspace)
         self.gallery.check_model(self.extractor.fingerprint, self.extractor.dim)
@@ -283,7 +288,7 @@ class SearchCore:
         if was_empty and new:
             # The gallery is now this server's model's: `reid-search query` without --model uses it too.
             try:
-                self.workspace.set_gallery_model(self.model_file, self.extractor.fingerprint)
+                record_gallery_model(self.workspace, self.model_file, self.extractor)
             except OSError as exc:
                 log.warning("could not record the gallery's model in %s (%s)", self.workspace.model_pointer, exc)
         return items
