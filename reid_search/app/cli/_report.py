@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
-    from reid_search.app.session import IndexResult, SearchAnswer
+    from reid_search.app.session import IndexResult
+    from reid_search.app.searching import SearchAnswer
     from reid_search.evaluation import EvalResult
 
 MAX_SKIPPED_LINES = 20

@@ -12,7 +12,7 @@ from reid_search.app.cli._common import App, pass_app, precision_option, progres
 from reid_search.app.cli._model_options import model_input_options
 
 if TYPE_CHECKING:
-    from reid_search.app.session import CalibrationRun
+    from reid_search.app.searching import CalibrationRun
 
 
 @click.command()
@@ -49,7 +49,7 @@ def calibrate(app: App, query_dir: Path | None, target_fpr: float, rerank: bool,
       reid-search calibrate Market-1501/query --rerank --json
       reid-search calibrate --precision fp32
     """
-    from reid_search.app.session import calibrate_workspace
+    from reid_search.app.searching import calibrate_workspace
 
     def bar(total: int, what: str):
         return progress_bar(total, what, quiet=app.quiet or as_json)

@@ -141,7 +141,8 @@ def _index_eval_query(app: App, data_root: Path) -> tuple[dict[str, Any], Path]:
     """Steps 4-6, as `index --reindex`, `eval` (with and without re-ranking) and `query --rerank --show`."""
     from reid_search.app.cli._common import progress_bar
     from reid_search.app.cli._report import print_answer, print_eval, print_index_result, save_answer_picture
-    from reid_search.app.session import evaluate_workspace, index_workspace, search_images
+    from reid_search.app.searching import evaluate_workspace, search_images
+    from reid_search.app.session import index_workspace
 
     ws = app.workspace
 

@@ -66,7 +66,7 @@ def query(app: App, images: tuple[Path, ...], top_k: int, rerank: bool, camid: i
       reid-search query person.jpg --cameras 1,3 --since 2024-05-01T08:00:00Z --until 2024-05-01T18:00:00Z
       reid-search query crop.jpg --exclude-cameras 4,5 --exclude-track cam2-0042 --keep-same-camera
     """
-    from reid_search.app.session import search_images
+    from reid_search.app.searching import search_images
     from reid_search.filters import make_search_filter
 
     # The options are checked as they are parsed (reid_search.app.cli._params); this checks
@@ -112,7 +112,7 @@ def evaluate_cmd(app: App, query_dir: Path | None, rerank: bool, rerank_mode: st
       reid-search eval --precision fp32
       reid-search eval --multi-query mean
     """
-    from reid_search.app.session import evaluate_workspace
+    from reid_search.app.searching import evaluate_workspace
 
     def bar(total: int, what: str):
         return progress_bar(total, what, quiet=app.quiet or as_json)

@@ -12,7 +12,7 @@ from reid_search.app.service.guard import ApiError
 from reid_search.app.service.params import QUERY_PARAMS, QueryParams, only, query_params
 from reid_search.app.service.schemas import QueryOut
 from reid_search.app.service.schemas import ERROR_RESPONSES
-from reid_search.app.session import answer_json
+from reid_search.app.searching import answer_json
 from reid_search.errors import DataError
 from reid_search.filters import make_search_filter
 from reid_search.limits import MAX_LABEL
