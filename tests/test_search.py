@@ -158,3 +158,26 @@ def test_index_and_remove_keep_the_rerank_cache_current(indexed) -> None:
     assert run(ws, "remove", str(victim)).exit_code == 0
     after = np.load(cache)["ids"]
     assert len(after) == len(before) - 1
+
+
+def test_a_gallery_indexed_with_flip_is_queried_with_flip(tmp_path: Path, tiny_ckpt: Path, market_dir: Path) -> None:
+    """Flip TTA enters the fingerprint, so `query` and `eval` use it when the gallery was indexed with it."""
+    ws = tmp_path / "ws"
+    r = run(ws, "index", str(market_dir / "bounding_box_test"), "--model", str(tiny_ckpt), "--flip")
+    assert r.exit_code == 0, r.output
+    q = sorted((market_dir / "query").iterdir())[0]
+    r = run(ws, "query", str(q), "--top-k", "5", "--json")
+    assert r.exit_code == 0, r.output
+    hits = json.loads(r.output)["hits"]
+    flipped = load_extractor(tiny_ckpt, "cpu", flip=True)
+    recs = list_images(market_dir / "bounding_box_test")
+    gf = extract_features([x.path for x in recs], flipped)[0]
+    qf = extract_features([q], flipped)[0][0]
+    qcam = next(x.camid for x in list_images(market_dir / "query") if x.path == q)
+    d = np.maximum(2 - 2 * gf @ qf, 0)
+    keep = [i for i, x in enumerate(recs) if x.camid != qcam]
+    want = [keep[i] for i in np.argsort(d[keep], kind="stable")[:5]]
+    assert [Path(h["path"]).name for h in hits] == [recs[i].path.name for i in want]
+    np.testing.assert_allclose([h["distance"] for h in hits], d[want], atol=1e-4)
+    r = run(ws, "eval", "--query", str(market_dir / "query"), "--json")
+    assert r.exit_code == 0, r.output

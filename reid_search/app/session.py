@@ -89,6 +89,10 @@ def open_extractor(ws: Workspace, model: Path | None = None, *, device: str = "a
     from reid_search.extractors import load_extractor
 
     model_file = ws.model_path(model, gallery=for_gallery)
+    if for_gallery and not flip and _gallery_flipped(ws, model_file):
+        # Flip TTA enters the fingerprint: the gallery's model embeds queries as it embedded the gallery.
+        log.info("the gallery was indexed with flip TTA: queries use it too")
+        flip = True
     recorded = None if not for_gallery and preprocess else _recorded_preprocess(ws, model_file)
     if recorded is None:
         return model_file, load_extractor(model_file, device=device, flip=flip, precision=precision,
@@ -110,6 +114,12 @@ def open_extractor(ws: Workspace, model: Path | None = None, *, device: str = "a
                          f"with (recorded in {ws.model_pointer}); restore the model's declaration, or re-index with "
                          "`reid-search index FOLDER --reindex`") from None
     return model_file, extractor
+
+
+def _gallery_flipped(ws: Workspace, model_file: Path) -> bool:
+    """Whether the gallery was embedded by ``model_file`` with flip TTA (its recorded fingerprint says so)."""
+    rec = ws.gallery_model()
+    return rec is not None and rec[0] == model_file.resolve() and rec[1].endswith("+flip")
 
 
 def record_gallery_model(ws: Workspace, model_file: Path, extractor: Extractor) -> None:
