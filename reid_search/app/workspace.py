@@ -43,6 +43,66 @@ class Workspace:
         """Folder where the HTTP service keeps the images uploaded to the gallery."""
         return self.root / "uploads"
 
+    @property
+    def crops_dir(self) -> Path:
+        """Folder of the crops that footage runs keep (one gallery root, ``cam{N}/{source}/``)."""
+        return self.root / "crops"
+
+    @property
+    def detector_pointer(self) -> Path:
+        """JSON file naming the person detector footage runs use by default (:meth:`detector`)."""
+        return self.root / "detector.json"
+
+    def set_detector(self, settings: dict[str, Any]) -> None:
+        """Record the detector a footage run used (its absolute path and settings), atomically."""
+        self.ensure()
+        data = dict(settings)
+        data["path"] = str(Path(data["path"]).resolve())
+        try:
+            if json.loads(self.detector_pointer.read_text()) == data:
+                return
+        except (OSError, ValueError):
+            pass
+        atomic_write_json(self.detector_pointer, data)
+        log.info("workspace %s now detects people with %s", self.root, data["path"])
+
+    def detector(self) -> dict[str, Any] | None:
+        """The recorded detector settings, or None when no footage run recorded one.
+
+        Raises:
+            ModelError: the record is unreadable.
+        """
+        try:
+            data = json.loads(self.detector_pointer.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"the workspace's detector record {self.detector_pointer} is unreadable ({exc}); "
+                             "delete it and pass --detector FILE.onnx") from None
+        if not isinstance(data, dict) or not data.get("path"):
+            raise ModelError(f"the workspace's detector record {self.detector_pointer} names no detector; "
+                             "delete it and pass --detector FILE.onnx")
+        return data
+
+    def remove_owned_files(self, paths: Iterable[str | os.PathLike[str]]) -> int:
+        """Delete those of ``paths`` the workspace itself stored (uploads and footage crops); the user's
+        own files stay. Call after the rows are committed gone. Returns how many were deleted."""
+        paths = list(paths)
+        n = self.remove_uploads(paths)
+        crops = self.crops_dir.resolve()
+        for p in paths:
+            p = Path(p)
+            if not p.resolve().is_relative_to(crops):
+                continue
+            try:
+                p.unlink()
+                n += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("could not delete the crop %s (%s)", p, exc.strerror)
+        return n
+
     def remove_uploads(self, paths: Iterable[str | os.PathLike[str]]) -> int:
         """Delete those of ``paths`` that the service stored under :attr:`uploads_dir` (others are the
         user's own files and stay); call after the rows are committed gone. Returns how many were deleted."""

@@ -90,6 +90,7 @@ class FrameSource:
         self.last_pts: float | None = None
         self.duration_s: float | None = None
         self._container = None
+        self._stream = None
         self._read = False
         self._frame_files: list[Path] | None = None
         self._frames_fps = frames_fps
@@ -99,7 +100,7 @@ class FrameSource:
             self._open_av(timeout_s)
         elif path.is_dir():
             self.kind = "frames"
-            self._frame_files = _numbered_frames(path)
+            self._frame_files = numbered_frames(path)
             self.duration_s = len(self._frame_files) / frames_fps
         elif path.is_file():
             if path.stat().st_size == 0:
@@ -164,6 +165,19 @@ class FrameSource:
         t = datetime.fromtimestamp(mtime, timezone.utc) - timedelta(seconds=self.duration_s or 0.0)
         log.info("%s: no start time given or stored; taking the file time (%s)", self.name, t.isoformat())
         return t, "file time"
+
+    @property
+    def expected_frames(self) -> int | None:
+        """About how many frames iteration will yield (for a progress bar); None for a live source."""
+        if self.live or self.duration_s is None:
+            return None
+        if self._frame_files is not None:
+            rate = self._frames_fps
+        else:
+            rate = float(self._stream.average_rate) if self._stream is not None and self._stream.average_rate else 25.0
+        if self.fps is not None:
+            rate = min(rate, self.fps)
+        return max(1, round(self.duration_s * rate))
 
     # -- reading ----------------------------------------------------------
     def __iter__(self) -> Iterator[Frame]:
@@ -295,7 +309,12 @@ def open_source(
     return FrameSource(source, fps=fps, start=start, timeout_s=timeout_s, frames_fps=frames_fps)
 
 
-def _numbered_frames(folder: Path) -> list[Path]:
+def numbered_frames(folder: Path) -> list[Path]:
+    """The frame images of ``folder`` in the order of the last number in their names.
+
+    Raises:
+        DataError: no frames, or a frame without a number in its name.
+    """
     files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES]
     if not files:
         raise DataError(f"{folder} holds no frames ({', '.join(FRAME_SUFFIXES)})")

@@ -136,9 +136,9 @@ def remove(app: App, paths: tuple[Path, ...], pid: int | None, camid: int | None
                 if len(metas) > MAX_SKIPPED_LINES:
                     click.echo(f"  ... and {len(metas) - MAX_SKIPPED_LINES} more")
                 return
-            files = app.workspace.remove_uploads(m.path for m in metas)
+            files = app.workspace.remove_owned_files(m.path for m in metas)
             click.echo(f"removed {len(metas)} image(s) matching {what}"
-                       + (f" ({files} uploaded file(s) deleted)" if files else ""))
+                       + (f" ({files} stored file(s) deleted: uploads, footage crops)" if files else ""))
         else:
             removed, unmatched = store.remove([str(p) for p in paths])
             if removed == 0 and unmatched:

@@ -307,7 +307,7 @@ class SearchCore:
         files = 0
         if not dry_run:
             # After the commit: a crash here leaves orphan files (swept at the next start), never a row without its file.
-            files = self.workspace.remove_uploads(m.path for m in metas)
+            files = self.workspace.remove_owned_files(m.path for m in metas)
             self.gallery.maybe_save()
         return {"removed": 0 if dry_run else len(metas), "matched": len(metas), "dry_run": dry_run,
                 "ids": [m.id for m in metas], "files_deleted": files}
